@@ -1,0 +1,89 @@
+"""The root command: global options, error reporting, `run` and `status`."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Annotated
+
+import typer
+
+from edge_agent import __version__
+from edge_agent.clock import SystemClock
+from edge_agent.cli import display
+from edge_agent.cli.log import log_app
+from edge_agent.cli.options import ConfigOption, DbOption, JsonOption, open_log
+from edge_agent.config import load_config
+from edge_agent.domain.view import state_view
+from edge_agent.errors import EdgeAgentError
+from edge_agent.log.journal import replay
+
+app = typer.Typer(
+    name="edge-agent",
+    help="Durable, event-sourced controller for a small factory cell.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(log_app, name="log")
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"edge-agent {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logging.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Durable, event-sourced controller for a small factory cell."""
+
+
+@app.command()
+def run(config: ConfigOption = None) -> None:
+    """Run the agent in the foreground (what systemd runs)."""
+    from edge_agent.agent import run_agent  # the CLI's other commands need none of the runtime
+
+    settings = load_config(config)
+    logging.basicConfig(
+        level=logging.DEBUG if "--debug" in sys.argv else settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stdout,
+    )
+    run_agent(settings)
+
+
+@app.command()
+def status(config: ConfigOption = None, db: DbOption = None, as_json: JsonOption = False) -> None:
+    """Live work items, stations, lane, e-stop and log position (read-only; works while the agent runs)."""
+    with open_log(config, db) as log_:
+        state = replay(log_, verify=False)
+    view = state_view(state, SystemClock().now())
+    if as_json:
+        display.print_json(view)
+    else:
+        display.print_state(view)
+
+
+def main() -> None:
+    """The console script: errors become one line on stderr and an exit code."""
+    debug = "--debug" in sys.argv[1:]
+    try:
+        app()
+    except EdgeAgentError as error:
+        if debug:
+            raise
+        display.err.print(f"error: {error}", markup=False)
+        sys.exit(error.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as error:  # a bug or an environment fault: still one line, unless --debug
+        if debug:
+            raise
+        display.err.print(f"error: {type(error).__name__}: {error} (run with --debug for details)", markup=False)
+        sys.exit(1)

@@ -1,0 +1,156 @@
+"""`edge-agent log ...`: inspect, replay, verify, export and compact the event log."""
+
+from __future__ import annotations
+
+import sys
+import time
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from edge_agent.cli import display
+from edge_agent.cli.options import ConfigOption, DbOption, JsonOption, open_log, parse_time
+from edge_agent.config import load_config
+from edge_agent.domain.view import state_view
+from edge_agent.errors import ConfigError
+from edge_agent.log.compact import Retention
+from edge_agent.log.compact import compact as compact_log
+from edge_agent.log.compact import row_json
+from edge_agent.log.journal import replay as replay_log
+from edge_agent.log.store import Row
+from edge_agent.log.verify import verify as verify_log
+
+log_app = typer.Typer(help="Inspect, replay, verify, export and compact the event log.", no_args_is_help=True)
+
+FOLLOW_POLL_S = 0.2
+
+
+def _print_row(row: Row, as_json: bool) -> None:
+    if as_json:
+        sys.stdout.buffer.write(row_json(row) + b"\n")
+    else:
+        sys.stdout.write(f"{row.seq:>8}  {row.ts}  {row.type:<16} {row.subject:<20} {row.data}\n")
+
+
+@log_app.command()
+def show(
+    config: ConfigOption = None,
+    db: DbOption = None,
+    from_seq: Annotated[int, typer.Option("--from", min=1, help="First seq to show.")] = 1,
+    to_seq: Annotated[int | None, typer.Option("--to", min=1, help="Last seq to show.")] = None,
+    type_: Annotated[str | None, typer.Option("--type", help="Only events of this type.")] = None,
+    subject: Annotated[str | None, typer.Option("--subject", help="Only events about this order, station or lane.")] = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new events as they are logged.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Print events, one per line."""
+    with open_log(config, db) as log_:
+        next_seq = from_seq
+        while True:
+            for row in log_.rows(next_seq, to_seq, type_=type_, subject=subject):
+                _print_row(row, as_json)
+                next_seq = row.seq + 1
+            sys.stdout.flush()
+            if not follow or (to_seq is not None and next_seq > to_seq):
+                return
+            # Filtered rows may lag behind the head: resume after the last seq looked at.
+            next_seq = max(next_seq, log_.head().seq + 1)
+            time.sleep(FOLLOW_POLL_S)  # SQLite has no cross-process change notification
+
+
+@log_app.command()
+def replay(
+    config: ConfigOption = None,
+    db: DbOption = None,
+    to_seq: Annotated[int | None, typer.Option("--to", min=0, help="Replay up to and including this seq.")] = None,
+    until: Annotated[
+        str | None, typer.Option("--until", help="Replay the events logged at or before this time (ISO 8601; UTC if no zone).")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Rebuild the state from the log up to a point and show it."""
+    if to_seq is not None and until is not None:
+        raise ConfigError("give --to or --until, not both", key="--until")
+    until_ts = parse_time(until, "--until") if until is not None else None
+    with open_log(config, db) as log_:
+        total = log_.count(to_seq=to_seq)
+        with display.progress("Replaying", total) as advance:
+            state = replay_log(log_, to_seq, until=until_ts, progress=advance)
+    view = state_view(state)
+    if as_json:
+        display.print_json(view)
+    else:
+        display.print_state(view)
+
+
+@log_app.command()
+def verify(config: ConfigOption = None, db: DbOption = None, as_json: JsonOption = False) -> None:
+    """Check seq continuity, the hash chain, and that every snapshot equals replay. Exit 1 on a fault."""
+    with open_log(config, db) as log_:
+        with display.progress("Verifying", log_.count()) as advance:
+            verdict = verify_log(log_, progress=advance)
+    fault = verdict.fault
+    if as_json:
+        display.print_json(
+            {
+                "ok": fault is None,
+                "first_seq": verdict.first_seq,
+                "last_seq": verdict.last_seq,
+                "events": verdict.events,
+                "snapshots": verdict.snapshots,
+                "fault": None if fault is None else {"seq": fault.seq, "reason": str(fault)},
+            }
+        )
+    elif fault is None:
+        display.out.print(
+            f"ok: events {verdict.first_seq}..{verdict.last_seq} ({verdict.events}) chained and contiguous; "
+            f"{verdict.snapshots} snapshot(s) equal replay"
+        )
+    if fault is not None:
+        display.err.print(f"error: log verify failed at {fault}", markup=False)
+        raise typer.Exit(1)
+
+
+class ExportFormat(StrEnum):
+    jsonl = "jsonl"
+
+
+@log_app.command()
+def export(
+    config: ConfigOption = None,
+    db: DbOption = None,
+    format_: Annotated[ExportFormat, typer.Option("--format", help="Output format.")] = ExportFormat.jsonl,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to this file instead of stdout.")] = None,
+) -> None:
+    """Write every stored event, with its hash, as JSON lines."""
+    with open_log(config, db) as log_:
+        target = open(output, "wb") if output else sys.stdout.buffer  # noqa: SIM115 - closed below
+        try:
+            for row in log_.rows():
+                target.write(row_json(row, with_hash=True) + b"\n")
+        finally:
+            if output:
+                target.close()
+            else:
+                target.flush()
+
+
+@log_app.command()
+def compact(
+    config: ConfigOption = None,
+    db: DbOption = None,
+    retention: Annotated[
+        Retention | None, typer.Option("--retention", help="What to do with old events [default: log.retention].")
+    ] = None,
+) -> None:
+    """Archive or drop the events before the newest snapshot, per log.retention."""
+    chosen = retention or Retention(load_config(config).log.retention)
+    with open_log(config, db, write=True) as log_:
+        result = compact_log(log_, chosen, log_.path.parent / "archive")
+    if result.up_to_seq is None:
+        display.out.print(f"nothing to compact (retention {chosen}, or no snapshot past the log's start)")
+        return
+    where = f" to {result.archive}" if result.archive else ""
+    display.out.print(f"{chosen}: removed {result.removed} events up to seq {result.up_to_seq}{where}")

@@ -1,0 +1,49 @@
+"""Options shared by the commands, and how they turn into a config and a log."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from edge_agent.clock import timestamp
+from edge_agent.config import load_config
+from edge_agent.errors import ConfigError
+from edge_agent.log.store import EventLog
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", help="Config file [default: ./config.yaml, else /etc/edge-agent/config.yaml]."),
+]
+DbOption = Annotated[
+    Path | None,
+    typer.Option("--db", help="Read this log file directly (a copy, an archive) instead of the configured one."),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def db_path(config: Path | None, db: Path | None) -> Path:
+    """The log file a command works on: `--db`, else the configured one."""
+    return db if db is not None else load_config(config).events_db
+
+
+def open_log(config: Path | None, db: Path | None, *, write: bool = False) -> EventLog:
+    """Open an existing log; never creates one (a typo must not make an empty log)."""
+    path = db_path(config, db)
+    if not path.is_file():
+        raise ConfigError(f"no log at {path}", key="--db")
+    return EventLog(path, readonly=not write)
+
+
+def parse_time(value: str, option: str) -> str:
+    """An ISO 8601 time (naive = UTC) in the log's `ts` format."""
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError as error:
+        raise ConfigError(f"{option}: {value!r} is not an ISO 8601 time (e.g. 2026-11-27T14:05:00Z)") from error
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return timestamp(moment)
+

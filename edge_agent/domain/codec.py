@@ -1,0 +1,72 @@
+"""Events and state to and from JSON-ready dicts (pure; the log stores the text).
+
+Field names become JSON keys unchanged: they are part of the log format and of
+the MQTT `events` payload.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any
+
+from immutables import Map
+
+from edge_agent.domain import events as ev
+from edge_agent.domain.state import Lane, Stage, State, Station, StationStage, WorkItem
+from edge_agent.errors import InvalidEvent
+
+_FIELDS: dict[type[Any], tuple[str, ...]] = {
+    cls: tuple(f.name for f in fields(cls)) for cls in (*ev.EVENT_TYPES.values(), WorkItem)
+}
+
+
+def event_to_dict(event: ev.Event) -> dict[str, Any]:
+    return {name: getattr(event, name) for name in _FIELDS[type(event)]}
+
+
+def event_from_dict(type_name: str, data: dict[str, Any], seq: int = 0) -> ev.Event:
+    cls = ev.EVENT_TYPES.get(type_name)
+    if cls is None:
+        raise InvalidEvent(seq, f"unknown event type {type_name!r}")
+    if cls is ev.PlantConfigured:
+        data = {**data, "stations": tuple(data.get("stations", ()))}
+    try:
+        return cls(**data)
+    except TypeError as error:
+        raise InvalidEvent(seq, f"{type_name} has unexpected data ({error})") from error
+
+
+def state_to_dict(state: State) -> dict[str, Any]:
+    """The whole state, losslessly (what a snapshot stores)."""
+    return {
+        "last_seq": state.last_seq,
+        "last_ts": state.last_ts,
+        "estop": state.estop,
+        "inventory_seq": state.inventory_seq,
+        "stations": [[s.id, s.order_id] for s in state.stations],
+        "lane": {"order_id": state.lane.order_id, "queue": list(state.lane.queue)},
+        "work_items": [[getattr(item, name) for name in _FIELDS[WorkItem]] for item in state.work_items.values()],
+        "orders": dict(state.orders.items()),
+    }
+
+
+def state_from_dict(data: dict[str, Any]) -> State:
+    names = _FIELDS[WorkItem]
+    items = {}
+    for row in data["work_items"]:
+        values = dict(zip(names, row, strict=True))
+        values["stage"] = Stage(values["stage"])
+        if values["station_stage"] is not None:
+            values["station_stage"] = StationStage(values["station_stage"])
+        items[values["order_id"]] = WorkItem(**values)
+    return State(
+        last_seq=data["last_seq"],
+        last_ts=data["last_ts"],
+        estop=data["estop"],
+        inventory_seq=data["inventory_seq"],
+        stations=tuple(Station(sid, oid) for sid, oid in data["stations"]),
+        lane=Lane(data["lane"]["order_id"], tuple(data["lane"]["queue"])),
+        work_items=Map(items),
+        orders=Map(data["orders"]),
+    )
+

@@ -1,0 +1,188 @@
+"""evolve(state, event) -> state: how each recorded event changes the state.
+
+Replay is a fold of these. The fold works on a transient draft (mutable maps
+that are frozen once at the end), so folding a million events costs one pass,
+not a copy of the state per event; evolve is the fold of a single event.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import replace
+from typing import Any
+
+from edge_agent.domain import events as ev
+from edge_agent.domain.state import Lane, Stage, State, Station, StationStage, WorkItem
+from edge_agent.errors import InvalidEvent
+
+
+class _Draft:
+    """A mutable working copy of the state, used only inside `fold`."""
+
+    __slots__ = ("estop", "inventory_seq", "items", "last_seq", "last_ts", "orders", "queue", "shipping", "stations")
+
+    def __init__(self, state: State) -> None:
+        self.last_seq = state.last_seq
+        self.last_ts = state.last_ts
+        self.estop = state.estop
+        self.inventory_seq = state.inventory_seq
+        self.stations: dict[str, str | None] = {s.id: s.order_id for s in state.stations}
+        self.shipping = state.lane.order_id
+        self.queue = list(state.lane.queue)
+        self.items = state.work_items.mutate()
+        self.orders = state.orders.mutate()
+
+    def freeze(self) -> State:
+        return State(
+            last_seq=self.last_seq,
+            last_ts=self.last_ts,
+            estop=self.estop,
+            inventory_seq=self.inventory_seq,
+            stations=tuple(Station(sid, oid) for sid, oid in self.stations.items()),
+            lane=Lane(self.shipping, tuple(self.queue)),
+            work_items=self.items.finish(),
+            orders=self.orders.finish(),
+        )
+
+    def item(self, order_id: str) -> WorkItem:
+        return self.items[order_id]
+
+    def update(self, order_id: str, **changes: Any) -> None:
+        self.items[order_id] = replace(self.items[order_id], **changes)
+
+    def release(self, order_id: str) -> None:
+        """Take the item off its station and the lane, wherever it is."""
+        station = self.items[order_id].station
+        if station is not None and self.stations.get(station) == order_id:
+            self.stations[station] = None
+        if self.shipping == order_id:
+            self.shipping = None
+        if order_id in self.queue:
+            self.queue.remove(order_id)
+
+
+def _plant_configured(d: _Draft, e: ev.PlantConfigured, r: ev.Recorded) -> None:
+    d.stations = {sid: d.stations.get(sid) for sid in e.stations}
+
+
+def _accepted(d: _Draft, e: ev.OrderAccepted, r: ev.Recorded) -> None:
+    d.items[e.order_id] = WorkItem(
+        order_id=e.order_id,
+        product_id=e.product_id,
+        qty=e.qty,
+        warehouse=e.warehouse,
+        priority=e.priority,
+        accepted_seq=r.seq,
+        accepted_at=r.ts,
+    )
+    d.orders[e.order_id] = e.digest
+
+
+def _rejected(d: _Draft, e: ev.OrderRejected, r: ev.Recorded) -> None:
+    """A rejection is a fact for the record; it changes no state."""
+
+
+def _queued(d: _Draft, e: ev.OrderQueued, r: ev.Recorded) -> None:
+    d.update(e.order_id, stage=Stage.FACTORY_READY, station_stage=StationStage.WAITING, queued_at=r.ts)
+
+
+def _assigned(d: _Draft, e: ev.StationAssigned, r: ev.Recorded) -> None:
+    d.update(
+        e.order_id,
+        stage=Stage.FACTORY_ACCEPTED,
+        station=e.station,
+        station_stage=StationStage.BUILDING,
+        build_started_at=r.ts,
+    )
+    d.stations[e.station] = e.order_id
+
+
+def _unit_built(d: _Draft, e: ev.UnitBuilt, r: ev.Recorded) -> None:
+    d.update(e.order_id, units_done=d.item(e.order_id).units_done + 1)
+
+
+def _build_complete(d: _Draft, e: ev.BuildComplete, r: ev.Recorded) -> None:
+    d.update(
+        e.order_id,
+        stage=Stage.FACTORY_COMPLETE,
+        station_stage=StationStage.COMPLETE,
+        build_finished_at=r.ts,
+    )
+    d.stations[e.station] = None
+    d.queue.append(e.order_id)
+
+
+def _shipment_started(d: _Draft, e: ev.ShipmentStarted, r: ev.Recorded) -> None:
+    d.update(e.order_id, stage=Stage.MOVE_TO_WAREHOUSE)
+    d.queue.remove(e.order_id)
+    d.shipping = e.order_id
+
+
+def _shipment_arrived(d: _Draft, e: ev.ShipmentArrived, r: ev.Recorded) -> None:
+    d.shipping = None
+
+
+def _inventory_issued(d: _Draft, e: ev.InventoryIssued, r: ev.Recorded) -> None:
+    d.inventory_seq += 1
+    d.update(e.order_id, stage=Stage.INVENTORY_AVAILABLE, inventory_id=e.inventory_id)
+
+
+def _tidied_up(d: _Draft, e: ev.TidiedUp, r: ev.Recorded) -> None:
+    del d.items[e.order_id]
+
+
+def _failed(d: _Draft, e: ev.OrderFailed, r: ev.Recorded) -> None:
+    d.release(e.order_id)
+    d.update(e.order_id, stage=Stage.FAILED, reason=e.reason)
+
+
+def _cancelled(d: _Draft, e: ev.OrderCancelled, r: ev.Recorded) -> None:
+    d.release(e.order_id)
+    d.update(e.order_id, stage=Stage.CANCELLED)
+
+
+def _estop_engaged(d: _Draft, e: ev.EstopEngaged, r: ev.Recorded) -> None:
+    d.estop = True
+
+
+def _estop_released(d: _Draft, e: ev.EstopReleased, r: ev.Recorded) -> None:
+    d.estop = False
+
+
+_APPLY: dict[type[Any], Callable[[_Draft, Any, ev.Recorded], None]] = {
+    ev.PlantConfigured: _plant_configured,
+    ev.OrderAccepted: _accepted,
+    ev.OrderRejected: _rejected,
+    ev.OrderQueued: _queued,
+    ev.StationAssigned: _assigned,
+    ev.UnitBuilt: _unit_built,
+    ev.BuildComplete: _build_complete,
+    ev.ShipmentStarted: _shipment_started,
+    ev.ShipmentArrived: _shipment_arrived,
+    ev.InventoryIssued: _inventory_issued,
+    ev.TidiedUp: _tidied_up,
+    ev.OrderFailed: _failed,
+    ev.OrderCancelled: _cancelled,
+    ev.EstopEngaged: _estop_engaged,
+    ev.EstopReleased: _estop_released,
+}
+
+
+def fold(state: State, records: Iterable[ev.Recorded]) -> State:
+    """Apply recorded events, in seq order, to `state`."""
+    draft = _Draft(state)
+    for record in records:
+        if record.seq != draft.last_seq + 1:
+            raise InvalidEvent(record.seq, f"expected seq {draft.last_seq + 1}")
+        try:
+            _APPLY[type(record.event)](draft, record.event, record)
+        except (KeyError, ValueError) as error:
+            raise InvalidEvent(record.seq, f"{type(record.event).__name__} does not fit the state ({error!r})") from error
+        draft.last_seq = record.seq
+        draft.last_ts = record.ts
+    return draft.freeze()
+
+
+def evolve(state: State, record: ev.Recorded) -> State:
+    """The state after one recorded event."""
+    return fold(state, (record,))

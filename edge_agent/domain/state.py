@@ -1,0 +1,130 @@
+"""The live state of the cell: what the fold of the log gives.
+
+Frozen values only. The collections are `immutables.Map`s (hash array mapped
+tries) so that one event costs O(log n) instead of a copy of every order the
+device has seen, and a replay can batch changes through a transient mutation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+
+from immutables import Map
+
+
+class Stage(StrEnum):
+    """Stages of a work item (the seed's workflow)."""
+
+    NEW = "New"
+    FACTORY_READY = "FactoryReady"
+    FACTORY_ACCEPTED = "FactoryAccepted"
+    FACTORY_COMPLETE = "FactoryComplete"
+    MOVE_TO_WAREHOUSE = "MoveToWarehouse"
+    INVENTORY_AVAILABLE = "InventoryAvailable"
+    FAILED = "Failed"
+    CANCELLED = "Cancelled"
+
+
+# Stages after which nothing more happens to the item but its tidy-up.
+FINISHED_STAGES = frozenset({Stage.INVENTORY_AVAILABLE, Stage.FAILED, Stage.CANCELLED})
+# Stages in which an item may still be cancelled (not yet FactoryComplete).
+CANCELLABLE_STAGES = frozenset({Stage.NEW, Stage.FACTORY_READY, Stage.FACTORY_ACCEPTED})
+
+
+class StationStage(StrEnum):
+    """Where an item stands with respect to the production stations."""
+
+    WAITING = "Waiting"
+    BUILDING = "Building"
+    COMPLETE = "Complete"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkItem:
+    """One accepted order on its way through the cell."""
+
+    order_id: str
+    product_id: str
+    qty: int
+    warehouse: str
+    priority: int
+    accepted_seq: int  # the age used to break priority ties: lower is older
+    accepted_at: str
+    stage: Stage = Stage.NEW
+    station: str | None = None
+    station_stage: StationStage | None = None
+    units_done: int = 0
+    queued_at: str | None = None
+    build_started_at: str | None = None
+    build_finished_at: str | None = None
+    inventory_id: str | None = None
+    reason: str | None = None
+
+    @property
+    def progress(self) -> int:
+        """Percentage of units built, 0..100."""
+        return self.units_done * 100 // self.qty
+
+    def wait_s(self, now: datetime) -> float | None:
+        """Seconds spent waiting for a station (so far, if still waiting)."""
+        return _span(self.queued_at, self.build_started_at, now)
+
+    def build_s(self, now: datetime) -> float | None:
+        """Seconds spent building (so far, if still building)."""
+        return _span(self.build_started_at, self.build_finished_at, now)
+
+
+def _span(start: str | None, end: str | None, now: datetime) -> float | None:
+    if start is None:
+        return None
+    finish = datetime.fromisoformat(end) if end is not None else now
+    return max(0.0, (finish - datetime.fromisoformat(start)).total_seconds())
+
+
+@dataclass(frozen=True, slots=True)
+class Station:
+    """A production station; builds one work item at a time."""
+
+    id: str
+    order_id: str | None = None
+
+    @property
+    def state(self) -> str:
+        return "idle" if self.order_id is None else "building"
+
+
+@dataclass(frozen=True, slots=True)
+class Lane:
+    """The shipping lane: one batch moving at a time, the rest queued FIFO."""
+
+    order_id: str | None = None
+    queue: tuple[str, ...] = ()
+
+    @property
+    def state(self) -> str:
+        return "idle" if self.order_id is None else "moving"
+
+
+@dataclass(frozen=True, slots=True)
+class State:
+    """Everything the agent knows, as of log position `last_seq`."""
+
+    last_seq: int = 0
+    last_ts: str | None = None  # when event `last_seq` was logged: the state is as of then
+    estop: bool = False
+    inventory_seq: int = 0
+    stations: tuple[Station, ...] = ()
+    lane: Lane = Lane()
+    work_items: Map[str, WorkItem] = field(default_factory=Map)
+    # Every order id ever accepted, with its body digest: makes orders idempotent.
+    orders: Map[str, str] = field(default_factory=Map)
+
+    def station(self, station_id: str) -> Station | None:
+        return next((s for s in self.stations if s.id == station_id), None)
+
+
+def inventory_id(number: int) -> str:
+    """The inventory id for the n-th batch of this device: INV00001, ..."""
+    return f"INV{number:05d}"

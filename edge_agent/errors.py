@@ -1,0 +1,47 @@
+"""The agent's error tree: one base, data in attributes, an exit code each."""
+
+from __future__ import annotations
+
+
+class EdgeAgentError(Exception):
+    """Base of every error the agent raises on purpose."""
+
+    exit_code = 1
+
+
+class ConfigError(EdgeAgentError, ValueError):
+    """A config file, profile or command-line value is invalid."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class CommandRejected(EdgeAgentError, ValueError):
+    """A command cannot be carried out in the current state."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class InvalidEvent(EdgeAgentError, ValueError):
+    """An event cannot be applied to the state (a broken or foreign log)."""
+
+    def __init__(self, seq: int, message: str) -> None:
+        super().__init__(f"event {seq}: {message}")
+        self.seq = seq
+
+
+class LogError(EdgeAgentError):
+    """The event log cannot be opened, read or written."""
+
+
+class LogCorrupted(LogError):
+    """The log fails verification; `seq` is the first bad position."""
+
+    def __init__(self, seq: int, message: str) -> None:
+        super().__init__(f"seq {seq}: {message}")
+        self.seq = seq

@@ -1,0 +1,73 @@
+"""`log compact`: bound the log's size by removing events a snapshot covers.
+
+`keep` removes nothing; `archive` first writes the events to a gzip-compressed
+JSONL file (fsynced, then renamed into place) and only then deletes them;
+`drop` deletes them. The newest snapshot stays, and the log's base records
+where the chain continues, so `log verify` still checks everything that is left.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from enum import StrEnum
+
+import orjson
+
+from edge_agent.log.store import EventLog, Row
+
+class Retention(StrEnum):
+    """What `log compact` does with the events a snapshot covers."""
+
+    keep = "keep"
+    archive = "archive"
+    drop = "drop"
+
+
+@dataclass(frozen=True, slots=True)
+class Compaction:
+    retention: Retention
+    removed: int
+    up_to_seq: int | None  # the log now starts after this seq
+    archive: Path | None
+
+
+def row_json(row: Row, *, with_hash: bool = False) -> bytes:
+    """One event as a JSON line (the shape of `log show --json` and `log export`)."""
+    record = {"seq": row.seq, "ts": row.ts, "type": row.type, "subject": row.subject, "data": orjson.loads(row.data)}
+    if with_hash:
+        record["hash"] = row.hash
+    return orjson.dumps(record)
+
+
+def compact(log_: EventLog, retention: Retention, archive_dir: Path) -> Compaction:
+    """Remove the events before the newest intact snapshot, per `retention`."""
+    base = log_.base()
+    snapshot = log_.latest_snapshot()
+    if retention is Retention.keep or snapshot is None or snapshot.seq <= base.seq:
+        return Compaction(retention, 0, None, None)
+    archive = None
+    if retention is Retention.archive:
+        archive = archive_dir / f"events-{base.seq + 1:09d}-{snapshot.seq:09d}.jsonl.gz"
+        _write_archive(log_, base.seq + 1, snapshot.seq, archive)
+    removed = log_.cut(snapshot.seq, str(archive) if archive else None)
+    return Compaction(retention, removed, snapshot.seq, archive)
+
+
+def _write_archive(log_: EventLog, from_seq: int, to_seq: int, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "wb") as raw:
+        with gzip.GzipFile(fileobj=raw, mode="wb") as archive:
+            for row in log_.rows(from_seq, to_seq):
+                archive.write(row_json(row, with_hash=True) + b"\n")
+        raw.flush()
+        os.fsync(raw.fileno())
+    partial.replace(path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the rename itself must survive a power cut
+    finally:
+        os.close(directory)

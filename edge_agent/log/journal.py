@@ -1,0 +1,129 @@
+"""The log and the state it folds to, kept in step: commit first, then apply.
+
+`Journal.append` writes events (and, every `snapshot_every` events, a snapshot
+of the state they lead to) in one transaction; only once that has committed
+does the in-memory state move on. Start-up is the newest intact snapshot plus
+the events after it, with the hash chain of that tail checked on the way.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+from edge_agent.clock import Clock
+from edge_agent.domain.events import Event, Recorded
+from edge_agent.domain.evolve import fold
+from edge_agent.domain.state import State
+from edge_agent.errors import LogCorrupted, LogError
+from edge_agent.log.store import EventLog, Row, Synchronous
+
+log = logging.getLogger(__name__)
+_FOLD_BATCH = 10_000
+
+Progress = Callable[[int], None]  # called with the number of events just folded
+
+
+def checked(rows: Iterable[Row], prev_seq: int, prev_hash: str) -> Iterable[Row]:
+    """The rows, as long as they continue the chain from (`prev_seq`, `prev_hash`)."""
+    for row in rows:
+        if row.seq != prev_seq + 1:
+            raise LogCorrupted(prev_seq + 1, f"event missing (next stored is {row.seq})")
+        if row.expected_hash(prev_hash) != row.hash:
+            raise LogCorrupted(row.seq, "hash does not match the event or the chain (edited or reordered)")
+        prev_seq, prev_hash = row.seq, row.hash
+        yield row
+
+
+def replay(
+    log_: EventLog,
+    to_seq: int | None = None,
+    *,
+    until: str | None = None,
+    verify: bool = True,
+    progress: Progress | None = None,
+) -> State:
+    """The state after event `to_seq` (or the last event at or before `until`),
+    from the newest usable snapshot plus the events after it."""
+    if until is not None:
+        last_in_time = log_.last_seq_until(until)
+        to_seq = last_in_time if to_seq is None else min(to_seq, last_in_time)
+    base = log_.base()
+    if to_seq is not None and to_seq < base.seq:
+        raise LogError(f"events up to seq {base.seq} were compacted away; replay from {base.seq} on")
+    snapshot = log_.latest_snapshot(to_seq)
+    if snapshot is not None:
+        state, prev_hash = snapshot.state, snapshot.event_hash
+    else:
+        if base.seq:
+            raise LogCorrupted(base.seq, "the log was compacted but its snapshot is missing or damaged")
+        state, prev_hash = State(), base.hash
+    rows = log_.rows(state.last_seq + 1, to_seq)
+    if verify:
+        rows = checked(rows, state.last_seq, prev_hash)
+    batch: list[Recorded] = []
+    for row in rows:
+        batch.append(row.decode())
+        if len(batch) == _FOLD_BATCH:
+            state = fold(state, batch)
+            if progress:
+                progress(len(batch))
+            batch = []
+    state = fold(state, batch)
+    if progress and batch:
+        progress(len(batch))
+    return state
+
+
+class Journal:
+    """The agent's single writer: appends events and holds the state they fold to."""
+
+    def __init__(self, log_: EventLog, state: State, snapshot_every: int) -> None:
+        self.log = log_
+        self._state = state
+        self._snapshot_every = snapshot_every
+
+    @classmethod
+    def open(
+        cls,
+        path: Path,
+        *,
+        synchronous: Synchronous = "full",
+        snapshot_every: int = 1000,
+        clock: Clock | None = None,
+    ) -> Journal:
+        """Open (or create) the log at `path` and recover the state from it."""
+        log_ = EventLog(path, synchronous=synchronous, clock=clock)
+        try:
+            state = replay(log_)
+        except BaseException:
+            log_.close()
+            raise
+        log.info("log %s recovered at seq %d", path, state.last_seq)
+        return cls(log_, state, snapshot_every)
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    def append(self, events: Sequence[Event]) -> list[Recorded]:
+        """Commit `events` as one transaction, then apply them to the state."""
+        if not events:
+            return []
+        with self.log.transaction() as tx:
+            records = tx.append(events)
+            state = fold(self._state, records)
+            if state.last_seq // self._snapshot_every > self._state.last_seq // self._snapshot_every:
+                tx.save_snapshot(state)
+        self._state = state
+        return records
+
+    def close(self) -> None:
+        self.log.close()
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

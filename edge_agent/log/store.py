@@ -1,0 +1,300 @@
+"""The SQLite event log: append in one transaction, read by range, snapshots.
+
+One writer (the agent) and any number of readers (the CLI) share the file;
+WAL mode lets readers see a consistent prefix while the writer appends.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Literal
+
+import orjson
+
+from edge_agent.clock import Clock, SystemClock, timestamp
+from edge_agent.domain.codec import event_from_dict, event_to_dict, state_from_dict, state_to_dict
+from edge_agent.domain.events import Event, Recorded
+from edge_agent.domain.state import State
+from edge_agent.errors import ConfigError, LogCorrupted, LogError
+from edge_agent.log.schema import MIGRATIONS, migrate
+
+GENESIS_HASH = "0" * 64
+Synchronous = Literal["full", "normal"]
+_READ_BATCH = 5000
+
+
+def chain_hash(prev: str, seq: int, ts: str, type_: str, subject: str, data: str) -> str:
+    """The hash of one event, chained to the hash of the one before it."""
+    text = f"{prev}\x1f{seq}\x1f{ts}\x1f{type_}\x1f{subject}\x1f{data}"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """An event row as stored: the text the hash was computed over."""
+
+    seq: int
+    ts: str
+    type: str
+    subject: str
+    data: str
+    hash: str
+
+    def decode(self) -> Recorded:
+        return Recorded(self.seq, self.ts, event_from_dict(self.type, orjson.loads(self.data), self.seq))
+
+    def expected_hash(self, prev: str) -> str:
+        return chain_hash(prev, self.seq, self.ts, self.type, self.subject, self.data)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    seq: int
+    ts: str
+    state: State
+    event_hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class Base:
+    """Where the stored log starts: after `seq`, chained to `hash`."""
+
+    seq: int
+    hash: str
+    archive: str | None = None
+
+
+class Transaction:
+    """Appends and snapshots that commit together or not at all."""
+
+    def __init__(self, db: sqlite3.Connection, clock: Clock, head: Base) -> None:
+        self._db = db
+        self._clock = clock
+        self.head = head
+
+    def append(self, events: Sequence[Event]) -> list[Recorded]:
+        ts = timestamp(self._clock.now())
+        seq, prev = self.head.seq, self.head.hash
+        rows = []
+        records = []
+        for event in events:
+            seq += 1
+            data = orjson.dumps(event_to_dict(event)).decode()
+            type_ = type(event).__name__
+            prev = chain_hash(prev, seq, ts, type_, event.subject, data)
+            rows.append((seq, ts, type_, event.subject, data, prev))
+            records.append(Recorded(seq, ts, event))
+        self._db.executemany("INSERT INTO events (seq, ts, type, subject, data, hash) VALUES (?, ?, ?, ?, ?, ?)", rows)
+        self.head = Base(seq, prev)
+        return records
+
+    def save_snapshot(self, state: State) -> None:
+        """Store `state`, which must be the state after the last appended event."""
+        if state.last_seq != self.head.seq:
+            raise LogError(f"snapshot at seq {state.last_seq} does not match the log head {self.head.seq}")
+        text = orjson.dumps(state_to_dict(state)).decode()
+        self._db.execute(
+            "INSERT OR REPLACE INTO snapshots (seq, ts, state, event_hash, checksum) VALUES (?, ?, ?, ?, ?)",
+            (state.last_seq, timestamp(self._clock.now()), text, self.head.hash, _checksum(text)),
+        )
+
+
+class EventLog:
+    """One `events.db` file, opened for writing (the agent) or reading (the CLI)."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        synchronous: Synchronous = "full",
+        clock: Clock | None = None,
+        readonly: bool = False,
+    ) -> None:
+        self.path = path
+        self.readonly = readonly
+        self._clock = clock or SystemClock()
+        try:
+            self._db = self._connect(path, synchronous, readonly)
+        except sqlite3.Error as error:
+            raise LogError(f"cannot open the log {path}: {error}") from error
+
+    def _connect(self, path: Path, synchronous: Synchronous, readonly: bool) -> sqlite3.Connection:
+        if readonly:
+            if not path.is_file():
+                raise ConfigError(f"no log at {path}")
+            db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
+            db.execute("PRAGMA busy_timeout = 5000")
+            tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if "events" not in tables:
+                db.close()
+                raise ConfigError(f"{path} is not an edge-agent log (no events table)")
+            return db
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Autocommit mode: transactions are opened explicitly with BEGIN IMMEDIATE.
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA busy_timeout = 5000")
+        # Set before the first table exists, so compaction can give pages back.
+        db.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        if db.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
+            raise LogError(f"{path}: the file system does not support WAL mode")
+        db.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+        migrate(db, timestamp(self._clock.now()))
+        return db
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> EventLog:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # -- writing ---------------------------------------------------------------
+
+    @contextmanager
+    def transaction(self) -> Iterator[Transaction]:
+        """A write transaction; committed (durably, per `synchronous`) on exit."""
+        if self.readonly:
+            raise LogError(f"{self.path} is open read-only")
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as error:
+            raise LogError(f"cannot write to the log: {error}") from error
+        try:
+            # Read the head inside the write lock: a second writer cannot slip in between.
+            yield Transaction(self._db, self._clock, self.head())
+            self._db.execute("COMMIT")
+        except BaseException as error:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            if isinstance(error, sqlite3.Error):
+                raise LogError(f"cannot write to the log: {error}") from error
+            raise
+
+    def append(self, events: Sequence[Event]) -> list[Recorded]:
+        """Append `events` in one transaction (a group commit)."""
+        with self.transaction() as tx:
+            return tx.append(events)
+
+    # -- reading ---------------------------------------------------------------
+
+    def base(self) -> Base:
+        row = self._db.execute("SELECT seq, hash, archive FROM log_base WHERE id = 1").fetchone()
+        return Base(*row) if row else Base(0, GENESIS_HASH)
+
+    def head(self) -> Base:
+        """The last stored event's seq and hash (the base if there is none)."""
+        row = self._db.execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()
+        return Base(*row) if row else self.base()
+
+    def count(self, from_seq: int = 1, to_seq: int | None = None) -> int:
+        (n,) = self._db.execute(
+            "SELECT count(*) FROM events WHERE seq >= ? AND seq <= ?", (from_seq, to_seq or 2**62)
+        ).fetchone()
+        return int(n)
+
+    def rows(
+        self,
+        from_seq: int = 1,
+        to_seq: int | None = None,
+        *,
+        type_: str | None = None,
+        subject: str | None = None,
+    ) -> Iterator[Row]:
+        """Stored rows in seq order, filtered; one consistent read of the file."""
+        sql = "SELECT seq, ts, type, subject, data, hash FROM events WHERE seq >= ? AND seq <= ?"
+        args: list[object] = [from_seq, to_seq if to_seq is not None else 2**62]
+        if type_ is not None:
+            sql += " AND type = ?"
+            args.append(type_)
+        if subject is not None:
+            sql += " AND subject = ?"
+            args.append(subject)
+        cursor = self._db.execute(sql + " ORDER BY seq", args)
+        try:
+            while batch := cursor.fetchmany(_READ_BATCH):
+                for values in batch:
+                    yield Row(*values)
+        finally:
+            cursor.close()
+
+    def last_seq_until(self, until: str) -> int:
+        """The last seq before the first event stamped after `until` (ISO 8601 UTC).
+
+        The first such event ends the range even if the wall clock later went
+        back, so the result is always a prefix of the log."""
+        (after,) = self._db.execute("SELECT min(seq) FROM events WHERE ts > ?", (until,)).fetchone()
+        return int(after) - 1 if after is not None else self.head().seq
+
+    def read(self, from_seq: int = 1, to_seq: int | None = None) -> Iterator[Recorded]:
+        """Decoded events in seq order."""
+        for row in self.rows(from_seq, to_seq):
+            yield row.decode()
+
+    def snapshot_seqs(self) -> list[int]:
+        return [seq for (seq,) in self._db.execute("SELECT seq FROM snapshots ORDER BY seq")]
+
+    def snapshot(self, seq: int) -> Snapshot:
+        """The snapshot at `seq`; LogCorrupted if it is damaged."""
+        row = self._db.execute("SELECT ts, state, event_hash, checksum FROM snapshots WHERE seq = ?", (seq,)).fetchone()
+        if row is None:
+            raise LogError(f"no snapshot at seq {seq}")
+        ts, text, event_hash, checksum = row
+        if _checksum(text) != checksum:
+            raise LogCorrupted(seq, "snapshot checksum mismatch")
+        try:
+            state = state_from_dict(orjson.loads(text))
+        except (ValueError, KeyError, TypeError) as error:
+            raise LogCorrupted(seq, f"snapshot cannot be read ({error})") from error
+        if state.last_seq != seq:
+            raise LogCorrupted(seq, f"snapshot holds the state of seq {state.last_seq}")
+        return Snapshot(seq, ts, state, event_hash)
+
+    def latest_snapshot(self, max_seq: int | None = None) -> Snapshot | None:
+        """The newest intact snapshot at or before `max_seq`; damaged ones are passed over."""
+        limit = max_seq if max_seq is not None else self.head().seq
+        for seq in reversed(self.snapshot_seqs()):
+            if seq > limit:
+                continue
+            try:
+                return self.snapshot(seq)
+            except LogCorrupted:
+                continue
+        return None
+
+    def migrations(self) -> list[str]:
+        return [name for (name,) in self._db.execute("SELECT name FROM schema_migrations ORDER BY name")]
+
+    # -- compaction --------------------------------------------------------------
+
+    def cut(self, seq: int, archive: str | None) -> int:
+        """Remove events up to `seq` (a snapshot's seq) and older snapshots; the
+        log then starts after `seq`. Returns how many events were removed."""
+        with self.transaction():
+            row = self._db.execute("SELECT hash FROM events WHERE seq = ?", (seq,)).fetchone()
+            if row is None:
+                raise LogError(f"no event {seq} to cut the log at")
+            removed = self._db.execute("DELETE FROM events WHERE seq <= ?", (seq,)).rowcount
+            self._db.execute("DELETE FROM snapshots WHERE seq < ?", (seq,))
+            self._db.execute(
+                "INSERT OR REPLACE INTO log_base (id, seq, hash, archive) VALUES (1, ?, ?, ?)", (seq, row[0], archive)
+            )
+        self._db.execute("PRAGMA incremental_vacuum")
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return int(removed)
+
+
+def _checksum(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+__all__ = ["GENESIS_HASH", "MIGRATIONS", "Base", "EventLog", "Row", "Snapshot", "Synchronous", "chain_hash"]
