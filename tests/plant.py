@@ -1,0 +1,46 @@
+"""Drive a journal through realistic order lifecycles, for tests that need a log."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edge_agent.clock import FakeClock
+from edge_agent.domain import commands as cmd
+from edge_agent.domain.decide import decide
+from edge_agent.domain.events import InventoryIssued, Recorded
+from edge_agent.log.journal import Journal
+
+STATIONS = ("s1", "s2", "s3")
+
+
+def run(journal: Journal, command: cmd.Command, clock: FakeClock | None = None) -> list[Recorded]:
+    """Decide `command` on the journal's state and commit the result."""
+    now = clock.now() if clock else FakeClock().now()
+    return journal.append(decide(journal.state, command, now))
+
+
+def produce(journal: Journal, orders: int, *, qty: int = 2, clock: FakeClock | None = None, prefix: str = "o") -> None:
+    """Accept `orders` orders and run the cell until every one has shipped and is tidied up."""
+    run(journal, cmd.ConfigurePlant(STATIONS), clock)
+    for i in range(orders):
+        order_id = f"{prefix}{i}"
+        run(journal, cmd.SubmitOrder(order_id, "widget-a", qty, "WH1", i % 3, f"digest-{order_id}"), clock)
+        run(journal, cmd.QueueOrder(order_id), clock)
+    while journal.state.work_items:
+        if clock:
+            clock.advance(1.0)
+        run(journal, cmd.AssignStations(), clock)
+        for station in STATIONS:
+            run(journal, cmd.RecordUnit(station), clock)
+        run(journal, cmd.StartShipment(), clock)
+        for record in run(journal, cmd.RecordArrival(), clock):
+            if isinstance(record.event, InventoryIssued):
+                run(journal, cmd.TidyUp(record.event.order_id), clock)
+
+
+def make_log(path: Path, orders: int = 10, *, snapshot_every: int = 10, qty: int = 2) -> Path:
+    """A closed log file at `path` holding `orders` complete lifecycles."""
+    clock = FakeClock()
+    with Journal.open(path, snapshot_every=snapshot_every, clock=clock) as journal:
+        produce(journal, orders, qty=qty, clock=clock)
+    return path
