@@ -65,9 +65,7 @@ class HttpConfig(_Section):
 class Config(BaseSettings):
     """The whole `config.yaml`; unknown keys are errors (a typo must not pass silently)."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="EDGE_AGENT_", env_nested_delimiter="__", extra="forbid", frozen=True
-    )
+    model_config = SettingsConfigDict(env_prefix="EDGE_AGENT_", env_nested_delimiter="__", extra="forbid", frozen=True)
 
     device_id: str = Field(default_factory=socket.gethostname, min_length=1, pattern=r"^[A-Za-z0-9._:-]{1,64}$")
     data_dir: Path = Path("./var")

@@ -9,10 +9,10 @@ from typing import Annotated
 import typer
 
 from edge_agent import __version__
-from edge_agent.clock import SystemClock
 from edge_agent.cli import display
 from edge_agent.cli.log import log_app
 from edge_agent.cli.options import ConfigOption, DbOption, JsonOption, open_log
+from edge_agent.clock import SystemClock
 from edge_agent.config import load_config
 from edge_agent.domain.view import state_view
 from edge_agent.errors import EdgeAgentError

@@ -58,7 +58,15 @@ def print_state(view: dict[str, Any]) -> None:
     queue = ", ".join(lane["queue"]) or "-"
     out.print(f"[bold]Shipping lane[/] {lane['state']}  moving: {lane['order_id'] or '-'}  queued: {queue}")
     items = Table(
-        "order", "product", "qty", "warehouse", "prio", "stage", "station", "progress", "reason",
+        "order",
+        "product",
+        "qty",
+        "warehouse",
+        "prio",
+        "stage",
+        "station",
+        "progress",
+        "reason",
         title=f"Work items ({len(view['work_items'])})",
         title_justify="left",
     )

@@ -15,9 +15,8 @@ from edge_agent.cli.options import ConfigOption, DbOption, JsonOption, open_log,
 from edge_agent.config import load_config
 from edge_agent.domain.view import state_view
 from edge_agent.errors import ConfigError
-from edge_agent.log.compact import Retention
+from edge_agent.log.compact import Retention, row_json
 from edge_agent.log.compact import compact as compact_log
-from edge_agent.log.compact import row_json
 from edge_agent.log.journal import replay as replay_log
 from edge_agent.log.store import Row
 from edge_agent.log.verify import verify as verify_log
@@ -41,8 +40,12 @@ def show(
     from_seq: Annotated[int, typer.Option("--from", min=1, help="First seq to show.")] = 1,
     to_seq: Annotated[int | None, typer.Option("--to", min=1, help="Last seq to show.")] = None,
     type_: Annotated[str | None, typer.Option("--type", help="Only events of this type.")] = None,
-    subject: Annotated[str | None, typer.Option("--subject", help="Only events about this order, station or lane.")] = None,
-    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new events as they are logged.")] = False,
+    subject: Annotated[
+        str | None, typer.Option("--subject", help="Only events about this order, station or lane.")
+    ] = None,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing new events as they are logged.")
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Print events, one per line."""
@@ -66,7 +69,8 @@ def replay(
     db: DbOption = None,
     to_seq: Annotated[int | None, typer.Option("--to", min=0, help="Replay up to and including this seq.")] = None,
     until: Annotated[
-        str | None, typer.Option("--until", help="Replay the events logged at or before this time (ISO 8601; UTC if no zone).")
+        str | None,
+        typer.Option("--until", help="Replay the events logged at or before this time (ISO 8601; UTC if no zone)."),
     ] = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -88,9 +92,8 @@ def replay(
 @log_app.command()
 def verify(config: ConfigOption = None, db: DbOption = None, as_json: JsonOption = False) -> None:
     """Check seq continuity, the hash chain, and that every snapshot equals replay. Exit 1 on a fault."""
-    with open_log(config, db) as log_:
-        with display.progress("Verifying", log_.count()) as advance:
-            verdict = verify_log(log_, progress=advance)
+    with open_log(config, db) as log_, display.progress("Verifying", log_.count()) as advance:
+        verdict = verify_log(log_, progress=advance)
     fault = verdict.fault
     if as_json:
         display.print_json(

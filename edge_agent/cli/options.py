@@ -46,4 +46,3 @@ def parse_time(value: str, option: str) -> str:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return timestamp(moment)
-

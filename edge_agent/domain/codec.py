@@ -69,4 +69,3 @@ def state_from_dict(data: dict[str, Any]) -> State:
         work_items=Map(items),
         orders=Map(data["orders"]),
     )
-

@@ -177,7 +177,9 @@ def fold(state: State, records: Iterable[ev.Recorded]) -> State:
         try:
             _APPLY[type(record.event)](draft, record.event, record)
         except (KeyError, ValueError) as error:
-            raise InvalidEvent(record.seq, f"{type(record.event).__name__} does not fit the state ({error!r})") from error
+            raise InvalidEvent(
+                record.seq, f"{type(record.event).__name__} does not fit the state ({error!r})"
+            ) from error
         draft.last_seq = record.seq
         draft.last_ts = record.ts
     return draft.freeze()

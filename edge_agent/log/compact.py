@@ -11,12 +11,13 @@ from __future__ import annotations
 import gzip
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from enum import StrEnum
+from pathlib import Path
 
 import orjson
 
 from edge_agent.log.store import EventLog, Row
+
 
 class Retention(StrEnum):
     """What `log compact` does with the events a snapshot covers."""

@@ -59,7 +59,7 @@ def replay(
         if base.seq:
             raise LogCorrupted(base.seq, "the log was compacted but its snapshot is missing or damaged")
         state, prev_hash = State(), base.hash
-    rows = log_.rows(state.last_seq + 1, to_seq)
+    rows: Iterable[Row] = log_.rows(state.last_seq + 1, to_seq)
     if verify:
         rows = checked(rows, state.last_seq, prev_hash)
     batch: list[Recorded] = []

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import sqlite3
 
-
 MIGRATIONS: tuple[tuple[str, str], ...] = (
     (
         "0001_events",
