@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -225,7 +225,8 @@ class EventLog:
                 for values in batch:
                     yield Row(*values)
         finally:
-            cursor.close()
+            with suppress(sqlite3.ProgrammingError):  # the log was closed under a paused reader
+                cursor.close()
 
     def last_seq_until(self, until: str) -> int:
         """The last seq before the first event stamped after `until` (ISO 8601 UTC).
