@@ -198,7 +198,8 @@ class EventLog:
 
     def count(self, from_seq: int = 1, to_seq: int | None = None) -> int:
         (n,) = self._db.execute(
-            "SELECT count(*) FROM events WHERE seq >= ? AND seq <= ?", (from_seq, to_seq or 2**62)
+            "SELECT count(*) FROM events WHERE seq >= ? AND seq <= ?",
+            (from_seq, to_seq if to_seq is not None else 2**62),
         ).fetchone()
         return int(n)
 
