@@ -44,5 +44,7 @@ class FakeClock:
 
 
 def timestamp(moment: datetime) -> str:
-    """ISO 8601 in UTC with microseconds and a Z: the log's `ts` format."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """The log's `ts` format (see `domain.moments.iso`)."""
+    from edge_agent.domain.moments import iso
+
+    return iso(moment)

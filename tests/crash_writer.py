@@ -21,7 +21,7 @@ from edge_agent.domain import commands as cmd
 from edge_agent.domain.codec import state_to_dict
 from edge_agent.domain.state import CANCELLABLE_STAGES, FINISHED_STAGES, Stage, State
 from edge_agent.log.journal import Journal
-from tests.plant import STATIONS, run
+from tests.plant import PRODUCTS, STATIONS, run
 
 SNAPSHOT_EVERY = 25
 LIVE_ORDERS = 6  # work items kept alive (new orders top the cell up to this)
@@ -51,7 +51,7 @@ def commit(journal: Journal, command: cmd.Command) -> None:
 
 def cycle(journal: Journal, rng: random.Random) -> None:
     """One turn of the cell, from whatever state the log was left in."""
-    commit(journal, cmd.ConfigurePlant(STATIONS))
+    commit(journal, cmd.ConfigurePlant(STATIONS, PRODUCTS))
     if journal.state.estop:
         commit(journal, cmd.ReleaseEstop())
     for _ in range(LIVE_ORDERS - len(journal.state.work_items)):

@@ -11,6 +11,7 @@ from edge_agent.domain.events import InventoryIssued, Recorded
 from edge_agent.log.journal import Journal
 
 STATIONS = ("s1", "s2", "s3")
+PRODUCTS = (("widget-a", 100), ("gadget-b", 100))
 
 
 def run(journal: Journal, command: cmd.Command, clock: FakeClock | None = None) -> list[Recorded]:
@@ -21,7 +22,7 @@ def run(journal: Journal, command: cmd.Command, clock: FakeClock | None = None) 
 
 def produce(journal: Journal, orders: int, *, qty: int = 2, clock: FakeClock | None = None, prefix: str = "o") -> None:
     """Accept `orders` orders and run the cell until every one has shipped and is tidied up."""
-    run(journal, cmd.ConfigurePlant(STATIONS), clock)
+    run(journal, cmd.ConfigurePlant(STATIONS, PRODUCTS), clock)
     for i in range(orders):
         order_id = f"{prefix}{i}"
         run(journal, cmd.SubmitOrder(order_id, "widget-a", qty, "WH1", i % 3, f"digest-{order_id}"), clock)

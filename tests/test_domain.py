@@ -23,6 +23,7 @@ from edge_agent.log.journal import Journal
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 STATIONS = ("s1", "s2", "s3")
+PRODUCTS = (("widget-a", 100), ("gadget-b", 100))
 ORDER_IDS = [f"o{i}" for i in range(8)]
 
 
@@ -37,7 +38,7 @@ def apply(state: State, command: cmd.Command, at: datetime = T0) -> tuple[State,
 
 
 def plant(*commands: cmd.Command) -> State:
-    state, _ = apply(State(), cmd.ConfigurePlant(STATIONS))
+    state, _ = apply(State(), cmd.ConfigurePlant(STATIONS, PRODUCTS))
     for command in commands:
         state, _ = apply(state, command)
     return state
@@ -83,7 +84,7 @@ def test_stations_go_to_the_highest_priority_then_the_oldest() -> None:
         submit("high-newer", priority=5),
         *(cmd.QueueOrder(o) for o in ("low-old", "high-new", "low-new", "high-newer")),
     )
-    events = decide(state, cmd.AssignStations(), T0)
+    events = [e for e in decide(state, cmd.AssignStations(), T0) if isinstance(e, ev.StationAssigned)]
     assert events == [
         ev.StationAssigned("high-new", "s1"),
         ev.StationAssigned("high-newer", "s2"),
@@ -93,7 +94,10 @@ def test_stations_go_to_the_highest_priority_then_the_oldest() -> None:
 
 def test_units_complete_the_build_then_the_batch_ships_and_gets_the_next_inventory_id() -> None:
     state = plant(submit("o1", qty=2), cmd.QueueOrder("o1"), cmd.AssignStations())
-    assert decide(state, cmd.RecordUnit("s1"), T0) == [ev.UnitBuilt("o1", "s1")]
+    assert decide(state, cmd.RecordUnit("s1"), T0) == [
+        ev.UnitBuilt("o1", "s1"),
+        ev.TimerArmed("o1", "unit", "2026-01-01T00:00:30.000000Z"),  # the next unit is due within 30 s
+    ]
     state = plant_more(state, cmd.RecordUnit("s1"))
     assert state.work_items["o1"].progress == 50
     assert decide(state, cmd.RecordUnit("s1"), T0) == [ev.UnitBuilt("o1", "s1"), ev.BuildComplete("o1", "s1")]
@@ -110,7 +114,7 @@ def test_emergency_stop_blocks_new_builds_units_and_shipments_until_released() -
     state = plant_more(state, cmd.ReleaseEstop(), cmd.AssignStations(), cmd.EngageEstop())
     assert decide(state, cmd.RecordUnit("s1"), T0) == []
     state = plant_more(state, cmd.ReleaseEstop())
-    assert decide(state, cmd.RecordUnit("s1"), T0) == [ev.UnitBuilt("o1", "s1")]
+    assert decide(state, cmd.RecordUnit("s1"), T0)[0] == ev.UnitBuilt("o1", "s1")
 
 
 def test_cancel_frees_the_station_but_is_refused_once_the_build_is_complete() -> None:
@@ -185,7 +189,7 @@ def random_command(rnd: random.Random, state: State) -> cmd.Command:
         "fail": cmd.FailOrder(order_id, "unit timeout"),
         "cancel": cmd.CancelOrder(order_id),
         "tidy": cmd.TidyUp(order_id),
-        "plant": cmd.ConfigurePlant(STATIONS),
+        "plant": cmd.ConfigurePlant(STATIONS, PRODUCTS),
     }
     return others[kind]
 
@@ -195,7 +199,7 @@ def histories(draw: st.DrawFn) -> list[ev.Recorded]:
     """A valid event history: what decide produces for a random run of commands."""
     rnd = draw(st.randoms(use_true_random=False))
     state = plant()
-    records = record(State(), decide(State(), cmd.ConfigurePlant(STATIONS), T0))
+    records = record(State(), decide(State(), cmd.ConfigurePlant(STATIONS, PRODUCTS), T0))
     at = T0
     for _ in range(draw(st.integers(0, 300))):
         at += timedelta(seconds=rnd.randint(0, 30))

@@ -8,8 +8,8 @@ from typing import Annotated
 
 import typer
 
-from edge_agent.clock import timestamp
 from edge_agent.config import load_config
+from edge_agent.domain.moments import iso
 from edge_agent.errors import ConfigError
 from edge_agent.log.store import EventLog
 
@@ -45,4 +45,4 @@ def parse_time(value: str, option: str) -> str:
         raise ConfigError(f"{option}: {value!r} is not an ISO 8601 time (e.g. 2026-11-27T14:05:00Z)") from error
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    return timestamp(moment)
+    return iso(moment)

@@ -12,24 +12,37 @@ from typing import Any
 from immutables import Map
 
 from edge_agent.domain import events as ev
-from edge_agent.domain.state import Lane, Stage, State, Station, StationStage, WorkItem
+from edge_agent.domain.state import Lane, Policy, Stage, State, Station, StationStage, WorkItem
 from edge_agent.errors import InvalidEvent
 
 _FIELDS: dict[type[Any], tuple[str, ...]] = {
-    cls: tuple(f.name for f in fields(cls)) for cls in (*ev.EVENT_TYPES.values(), WorkItem)
+    cls: tuple(f.name for f in fields(cls)) for cls in (*ev.EVENT_TYPES.values(), WorkItem, Policy)
 }
 
 
 def event_to_dict(event: ev.Event) -> dict[str, Any]:
-    return {name: getattr(event, name) for name in _FIELDS[type(event)]}
+    """The event's fields, as JSON-ready values."""
+    data = {name: getattr(event, name) for name in _FIELDS[type(event)]}
+    if isinstance(event, ev.PlantConfigured):
+        data["policy"] = _policy_dict(event.policy)
+    return data
+
+
+def _policy_dict(policy: Policy) -> dict[str, Any]:
+    return {name: getattr(policy, name) for name in _FIELDS[Policy]}
 
 
 def event_from_dict(type_name: str, data: dict[str, Any], seq: int = 0) -> ev.Event:
     cls = ev.EVENT_TYPES.get(type_name)
     if cls is None:
         raise InvalidEvent(seq, f"unknown event type {type_name!r}")
-    if cls is ev.PlantConfigured:
-        data = {**data, "stations": tuple(data.get("stations", ()))}
+    if cls is ev.PlantConfigured:  # JSON has lists and objects where the event has tuples and a Policy
+        data = {
+            **data,
+            "stations": tuple(data.get("stations", ())),
+            "products": tuple((p, n) for p, n in data.get("products", ())),
+            "policy": Policy(**data.get("policy", {})),
+        }
     try:
         return cls(**data)
     except TypeError as error:
@@ -43,7 +56,10 @@ def state_to_dict(state: State) -> dict[str, Any]:
         "last_ts": state.last_ts,
         "estop": state.estop,
         "inventory_seq": state.inventory_seq,
+        "estop_since": state.estop_since,
         "stations": [[s.id, s.order_id] for s in state.stations],
+        "products": dict(state.products.items()),
+        "policy": _policy_dict(state.policy),
         "lane": {"order_id": state.lane.order_id, "queue": list(state.lane.queue)},
         "work_items": [[getattr(item, name) for name in _FIELDS[WorkItem]] for item in state.work_items.values()],
         "orders": dict(state.orders.items()),
@@ -58,13 +74,17 @@ def state_from_dict(data: dict[str, Any]) -> State:
         values["stage"] = Stage(values["stage"])
         if values["station_stage"] is not None:
             values["station_stage"] = StationStage(values["station_stage"])
+        values["steps_done"] = tuple(values["steps_done"])
         items[values["order_id"]] = WorkItem(**values)
     return State(
         last_seq=data["last_seq"],
         last_ts=data["last_ts"],
         estop=data["estop"],
         inventory_seq=data["inventory_seq"],
+        estop_since=data["estop_since"],
         stations=tuple(Station(sid, oid) for sid, oid in data["stations"]),
+        products=Map(data["products"]),
+        policy=Policy(**data["policy"]),
         lane=Lane(data["lane"]["order_id"], tuple(data["lane"]["queue"])),
         work_items=Map(items),
         orders=Map(data["orders"]),

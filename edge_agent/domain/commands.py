@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from edge_agent.domain.state import Policy
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,14 +29,16 @@ class RejectOrder:
 
 @dataclass(frozen=True, slots=True)
 class ConfigurePlant:
-    """The stations the device profile provides."""
+    """What the device profile provides: stations, products (id, largest qty), policy."""
 
     stations: tuple[str, ...]
+    products: tuple[tuple[str, int], ...] = ()
+    policy: Policy = field(default_factory=Policy)
 
 
 @dataclass(frozen=True, slots=True)
 class QueueOrder:
-    """The item passed its checks; let it wait for a station."""
+    """Check the item against what the plant makes; if it can be made, let it wait for a station."""
 
     order_id: str
 
@@ -47,6 +51,13 @@ class AssignStations:
 @dataclass(frozen=True, slots=True)
 class RecordUnit:
     """A station's `unit_done` input fired."""
+
+    station: str
+
+
+@dataclass(frozen=True, slots=True)
+class RecordFault:
+    """A station's `fault` input fired."""
 
     station: str
 
@@ -78,6 +89,19 @@ class TidyUp:
 
 
 @dataclass(frozen=True, slots=True)
+class CompleteStep:
+    """The item's current workflow step, `name`, is done."""
+
+    order_id: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """Time has passed: act on every timeout and retry pause that has run out."""
+
+
+@dataclass(frozen=True, slots=True)
 class EngageEstop:
     pass
 
@@ -94,11 +118,14 @@ Command = (
     | QueueOrder
     | AssignStations
     | RecordUnit
+    | RecordFault
     | StartShipment
     | RecordArrival
     | FailOrder
     | CancelOrder
     | TidyUp
+    | CompleteStep
+    | Tick
     | EngageEstop
     | ReleaseEstop
 )

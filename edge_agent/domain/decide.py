@@ -11,39 +11,60 @@ from datetime import datetime
 
 from edge_agent.domain import commands as cmd
 from edge_agent.domain import events as ev
-from edge_agent.domain.state import CANCELLABLE_STAGES, FINISHED_STAGES, Stage, State, WorkItem, inventory_id
+from edge_agent.domain.moments import iso, later
+from edge_agent.domain.state import (
+    CANCELLABLE_STAGES,
+    FINISHED_STAGES,
+    Stage,
+    State,
+    WorkItem,
+    inventory_id,
+)
 from edge_agent.errors import CommandRejected
+
+UNIT_TIMER = "unit"
+TRANSIT_TIMER = "transit"
 
 
 def decide(state: State, command: cmd.Command, now: datetime) -> list[ev.Event]:
-    """The events that carry out `command` in `state` (none if nothing changes)."""
+    """The events that carry out `command` in `state` at `now` (none if nothing changes)."""
+    at = iso(now)
     match command:
         case cmd.SubmitOrder():
             return _submit(state, command)
         case cmd.RejectOrder(order_id, reason):
             return [ev.OrderRejected(order_id, reason)]
-        case cmd.ConfigurePlant(stations):
+        case cmd.ConfigurePlant(stations, products, policy):
             if len(set(stations)) != len(stations):
                 raise CommandRejected(f"station ids repeat: {stations}")
-            if stations == tuple(s.id for s in state.stations):
+            if (stations, dict(products), policy) == (
+                tuple(s.id for s in state.stations),
+                dict(state.products.items()),
+                state.policy,
+            ):
                 return []
-            return [ev.PlantConfigured(stations)]
+            return [ev.PlantConfigured(stations, products, policy)]
         case cmd.QueueOrder(order_id):
-            _require(state, order_id, {Stage.NEW}, "queued")
-            return [ev.OrderQueued(order_id)]
+            return _validate(state, _require(state, order_id, {Stage.NEW}, "queued"))
         case cmd.AssignStations():
-            return _assign_stations(state)
+            return _assign_stations(state, at)
         case cmd.RecordUnit(station_id):
-            return _record_unit(state, station_id)
+            return _record_unit(state, station_id, at)
+        case cmd.RecordFault(station_id):
+            return _record_fault(state, station_id, at)
         case cmd.StartShipment():
             if state.estop or state.lane.order_id is not None or not state.lane.queue:
                 return []
-            return [ev.ShipmentStarted(state.lane.queue[0])]
+            order_id = state.lane.queue[0]
+            deadline = later(at, state.policy.transit_timeout_s)
+            return [ev.ShipmentStarted(order_id), ev.TimerArmed(order_id, TRANSIT_TIMER, deadline)]
         case cmd.RecordArrival():
             moving = state.lane.order_id
             if moving is None:
                 return []
             return [ev.ShipmentArrived(moving), ev.InventoryIssued(moving, inventory_id(state.inventory_seq + 1))]
+        case cmd.Tick():
+            return [] if state.estop else _tick(state, at)
         case cmd.FailOrder(order_id, reason):
             _require(state, order_id, set(Stage) - FINISHED_STAGES, "failed")
             return [ev.OrderFailed(order_id, reason)]
@@ -53,6 +74,9 @@ def decide(state: State, command: cmd.Command, now: datetime) -> list[ev.Event]:
         case cmd.TidyUp(order_id):
             _require(state, order_id, FINISHED_STAGES, "tidied up")
             return [ev.TidiedUp(order_id)]
+        case cmd.CompleteStep(order_id, name):
+            item = _require(state, order_id, set(Stage), "stepped")
+            return [ev.StepCompleted(order_id, len(item.steps_done), name)]
         case cmd.EngageEstop():
             return [] if state.estop else [ev.EstopEngaged()]
         case cmd.ReleaseEstop():
@@ -79,7 +103,16 @@ def _submit(state: State, order: cmd.SubmitOrder) -> list[ev.Event]:
     ]
 
 
-def _assign_stations(state: State) -> list[ev.Event]:
+def _validate(state: State, item: WorkItem) -> list[ev.Event]:
+    max_qty = state.products.get(item.product_id)
+    if max_qty is None:
+        return [ev.OrderFailed(item.order_id, f"product {item.product_id!r} is not made by this cell")]
+    if not 1 <= item.qty <= max_qty:
+        return [ev.OrderFailed(item.order_id, f"qty {item.qty} is outside 1..{max_qty} for {item.product_id}")]
+    return [ev.OrderQueued(item.order_id)]
+
+
+def _assign_stations(state: State, at: str) -> list[ev.Event]:
     if state.estop:
         return []
     idle = [s.id for s in state.stations if s.order_id is None]
@@ -89,17 +122,63 @@ def _assign_stations(state: State) -> list[ev.Event]:
         (item for item in state.work_items.values() if item.stage is Stage.FACTORY_READY),
         key=lambda item: (-item.priority, item.accepted_seq),
     )
-    return [ev.StationAssigned(item.order_id, station) for station, item in zip(idle, waiting, strict=False)]
+    deadline = later(at, state.policy.unit_timeout_s)
+    events: list[ev.Event] = []
+    for station, item in zip(idle, waiting, strict=False):
+        events += [ev.StationAssigned(item.order_id, station), ev.TimerArmed(item.order_id, UNIT_TIMER, deadline)]
+    return events
 
 
-def _record_unit(state: State, station_id: str) -> list[ev.Event]:
+def _building(state: State, station_id: str) -> WorkItem | None:
+    """The item the station is building right now, if its output is on."""
     station = state.station(station_id)
     if station is None:
         raise CommandRejected(f"no station {station_id!r}")
     if state.estop or station.order_id is None:
-        return []  # a pulse while nothing runs: nothing was built
+        return None
     item = state.work_items[station.order_id]
-    built: list[ev.Event] = [ev.UnitBuilt(item.order_id, station_id)]
+    return None if item.paused_until is not None else item
+
+
+def _record_unit(state: State, station_id: str, at: str) -> list[ev.Event]:
+    item = _building(state, station_id)
+    if item is None:
+        return []  # a pulse while the station is off: nothing was built
     if item.units_done + 1 >= item.qty:
-        built.append(ev.BuildComplete(item.order_id, station_id))
-    return built
+        return [ev.UnitBuilt(item.order_id, station_id), ev.BuildComplete(item.order_id, station_id)]
+    deadline = later(at, state.policy.unit_timeout_s)
+    return [ev.UnitBuilt(item.order_id, station_id), ev.TimerArmed(item.order_id, UNIT_TIMER, deadline)]
+
+
+def _record_fault(state: State, station_id: str, at: str) -> list[ev.Event]:
+    item = _building(state, station_id)
+    if item is None:
+        return []
+    reason = f"station {station_id} reported a fault"
+    if state.policy.on_fault == "retry":
+        return _retry_or_fail(state, item, reason, at)
+    return [ev.OrderFailed(item.order_id, reason)]
+
+
+def _tick(state: State, at: str) -> list[ev.Event]:
+    events: list[ev.Event] = []
+    for item in state.work_items.values():
+        if item.paused_until is not None and item.paused_until <= at:
+            timeout = state.policy.unit_timeout_s if item.timer == UNIT_TIMER else state.policy.transit_timeout_s
+            events.append(ev.TimerArmed(item.order_id, item.timer or UNIT_TIMER, later(at, timeout)))
+        elif item.deadline is not None and item.deadline <= at:
+            events += _retry_or_fail(state, item, _timeout_reason(state, item), at)
+    return events
+
+
+def _timeout_reason(state: State, item: WorkItem) -> str:
+    if item.timer == TRANSIT_TIMER:
+        return f"batch did not arrive within {state.policy.transit_timeout_s:g} s"
+    return f"no unit from station {item.station} within {state.policy.unit_timeout_s:g} s"
+
+
+def _retry_or_fail(state: State, item: WorkItem, reason: str, at: str) -> list[ev.Event]:
+    attempt = item.attempt + 1
+    if attempt > state.policy.retries:
+        return [ev.OrderFailed(item.order_id, f"{reason} (gave up after {state.policy.retries} retries)")]
+    return [ev.RetryScheduled(item.order_id, attempt, reason, later(at, state.policy.backoff(attempt)))]

@@ -7,7 +7,9 @@ renaming a class or a field is a breaking change of the contract.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from edge_agent.domain.state import Policy
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +95,32 @@ class OrderCancelled(_OrderEvent):
 
 
 @dataclass(frozen=True, slots=True)
+class StepCompleted(_OrderEvent):
+    """The item's workflow finished step number `step`, called `name`."""
+
+    step: int
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class TimerArmed(_OrderEvent):
+    """A durable timeout (`unit` or `transit`) runs until `deadline` (UTC)."""
+
+    timer: str
+    deadline: str
+
+
+@dataclass(frozen=True, slots=True)
+class RetryScheduled(_OrderEvent):
+    """A timeout or fault: the output stays off until `resume_at`, then the
+    step is tried again (attempt number `attempt`)."""
+
+    attempt: int
+    reason: str
+    resume_at: str
+
+
+@dataclass(frozen=True, slots=True)
 class OrderRejected:
     """An inbound order was refused; no work item exists for it."""
 
@@ -106,9 +134,12 @@ class OrderRejected:
 
 @dataclass(frozen=True, slots=True)
 class PlantConfigured:
-    """The stations the device profile provides (logged when they change)."""
+    """What the device profile provides: stations, products with their largest
+    quantity, and the timeout and retry policy (logged when any of it changes)."""
 
     stations: tuple[str, ...]
+    products: tuple[tuple[str, int], ...] = ()
+    policy: Policy = field(default_factory=Policy)
 
     @property
     def subject(self) -> str:
@@ -147,6 +178,9 @@ Event = (
     | TidiedUp
     | OrderFailed
     | OrderCancelled
+    | StepCompleted
+    | TimerArmed
+    | RetryScheduled
     | EstopEngaged
     | EstopReleased
 )

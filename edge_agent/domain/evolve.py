@@ -11,7 +11,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
 
+from immutables import Map
+
 from edge_agent.domain import events as ev
+from edge_agent.domain.moments import later, seconds_between
 from edge_agent.domain.state import Lane, Stage, State, Station, StationStage, WorkItem
 from edge_agent.errors import InvalidEvent
 
@@ -19,13 +22,29 @@ from edge_agent.errors import InvalidEvent
 class _Draft:
     """A mutable working copy of the state, used only inside `fold`."""
 
-    __slots__ = ("estop", "inventory_seq", "items", "last_seq", "last_ts", "orders", "queue", "shipping", "stations")
+    __slots__ = (
+        "estop",
+        "estop_since",
+        "inventory_seq",
+        "items",
+        "last_seq",
+        "last_ts",
+        "orders",
+        "policy",
+        "products",
+        "queue",
+        "shipping",
+        "stations",
+    )
 
     def __init__(self, state: State) -> None:
         self.last_seq = state.last_seq
         self.last_ts = state.last_ts
         self.estop = state.estop
+        self.estop_since = state.estop_since
         self.inventory_seq = state.inventory_seq
+        self.products = state.products
+        self.policy = state.policy
         self.stations: dict[str, str | None] = {s.id: s.order_id for s in state.stations}
         self.shipping = state.lane.order_id
         self.queue = list(state.lane.queue)
@@ -37,8 +56,11 @@ class _Draft:
             last_seq=self.last_seq,
             last_ts=self.last_ts,
             estop=self.estop,
+            estop_since=self.estop_since,
             inventory_seq=self.inventory_seq,
             stations=tuple(Station(sid, oid) for sid, oid in self.stations.items()),
+            products=self.products,
+            policy=self.policy,
             lane=Lane(self.shipping, tuple(self.queue)),
             work_items=self.items.finish(),
             orders=self.orders.finish(),
@@ -49,6 +71,15 @@ class _Draft:
 
     def update(self, order_id: str, **changes: Any) -> None:
         self.items[order_id] = replace(self.items[order_id], **changes)
+
+    def snapshot_items(self) -> Map[str, WorkItem]:
+        """The items as they are now (a mutation cannot be iterated; its result can)."""
+        items = self.items.finish()
+        self.items = items.mutate()
+        return items
+
+    def stop_timer(self, order_id: str, **changes: Any) -> None:
+        self.update(order_id, timer=None, deadline=None, paused_until=None, **changes)
 
     def release(self, order_id: str) -> None:
         """Take the item off its station and the lane, wherever it is."""
@@ -63,6 +94,8 @@ class _Draft:
 
 def _plant_configured(d: _Draft, e: ev.PlantConfigured, r: ev.Recorded) -> None:
     d.stations = {sid: d.stations.get(sid) for sid in e.stations}
+    d.products = Map(dict(e.products))
+    d.policy = e.policy
 
 
 def _accepted(d: _Draft, e: ev.OrderAccepted, r: ev.Recorded) -> None:
@@ -102,8 +135,9 @@ def _unit_built(d: _Draft, e: ev.UnitBuilt, r: ev.Recorded) -> None:
 
 
 def _build_complete(d: _Draft, e: ev.BuildComplete, r: ev.Recorded) -> None:
-    d.update(
+    d.stop_timer(
         e.order_id,
+        attempt=0,
         stage=Stage.FACTORY_COMPLETE,
         station_stage=StationStage.COMPLETE,
         build_finished_at=r.ts,
@@ -113,13 +147,14 @@ def _build_complete(d: _Draft, e: ev.BuildComplete, r: ev.Recorded) -> None:
 
 
 def _shipment_started(d: _Draft, e: ev.ShipmentStarted, r: ev.Recorded) -> None:
-    d.update(e.order_id, stage=Stage.MOVE_TO_WAREHOUSE)
+    d.update(e.order_id, stage=Stage.MOVE_TO_WAREHOUSE, attempt=0)
     d.queue.remove(e.order_id)
     d.shipping = e.order_id
 
 
 def _shipment_arrived(d: _Draft, e: ev.ShipmentArrived, r: ev.Recorded) -> None:
     d.shipping = None
+    d.stop_timer(e.order_id)
 
 
 def _inventory_issued(d: _Draft, e: ev.InventoryIssued, r: ev.Recorded) -> None:
@@ -133,20 +168,45 @@ def _tidied_up(d: _Draft, e: ev.TidiedUp, r: ev.Recorded) -> None:
 
 def _failed(d: _Draft, e: ev.OrderFailed, r: ev.Recorded) -> None:
     d.release(e.order_id)
-    d.update(e.order_id, stage=Stage.FAILED, reason=e.reason)
+    d.stop_timer(e.order_id, stage=Stage.FAILED, reason=e.reason)
 
 
 def _cancelled(d: _Draft, e: ev.OrderCancelled, r: ev.Recorded) -> None:
     d.release(e.order_id)
-    d.update(e.order_id, stage=Stage.CANCELLED)
+    d.stop_timer(e.order_id, stage=Stage.CANCELLED)
+
+
+def _step_completed(d: _Draft, e: ev.StepCompleted, r: ev.Recorded) -> None:
+    done = d.item(e.order_id).steps_done
+    if e.step != len(done):
+        raise ValueError(f"step {e.step} ({e.name}) completed after {len(done)} steps")
+    d.update(e.order_id, steps_done=(*done, e.name))
+
+
+def _timer_armed(d: _Draft, e: ev.TimerArmed, r: ev.Recorded) -> None:
+    d.update(e.order_id, timer=e.timer, deadline=e.deadline, paused_until=None)
+
+
+def _retry_scheduled(d: _Draft, e: ev.RetryScheduled, r: ev.Recorded) -> None:
+    d.update(e.order_id, attempt=e.attempt, deadline=None, paused_until=e.resume_at)
 
 
 def _estop_engaged(d: _Draft, e: ev.EstopEngaged, r: ev.Recorded) -> None:
     d.estop = True
+    d.estop_since = r.ts
 
 
 def _estop_released(d: _Draft, e: ev.EstopReleased, r: ev.Recorded) -> None:
+    # Timers were frozen while the e-stop was active: move every deadline on by that long.
+    frozen_s = seconds_between(d.estop_since, r.ts) if d.estop_since else 0.0
+    for item in [i for i in d.snapshot_items().values() if i.deadline or i.paused_until]:
+        d.update(
+            item.order_id,
+            deadline=item.deadline and later(item.deadline, frozen_s),
+            paused_until=item.paused_until and later(item.paused_until, frozen_s),
+        )
     d.estop = False
+    d.estop_since = None
 
 
 _APPLY: dict[type[Any], Callable[[_Draft, Any, ev.Recorded], None]] = {
@@ -163,6 +223,9 @@ _APPLY: dict[type[Any], Callable[[_Draft, Any, ev.Recorded], None]] = {
     ev.TidiedUp: _tidied_up,
     ev.OrderFailed: _failed,
     ev.OrderCancelled: _cancelled,
+    ev.StepCompleted: _step_completed,
+    ev.TimerArmed: _timer_armed,
+    ev.RetryScheduled: _retry_scheduled,
     ev.EstopEngaged: _estop_engaged,
     ev.EstopReleased: _estop_released,
 }

@@ -42,6 +42,22 @@ class StationStage(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class Policy:
+    """Timeouts and retries of the cell (from the device profile, scaled by speed)."""
+
+    unit_timeout_s: float = 30.0
+    transit_timeout_s: float = 60.0
+    retries: int = 2
+    backoff_s: float = 1.0
+    backoff_max_s: float = 30.0
+    on_fault: str = "fail"  # "fail" or "retry"
+
+    def backoff(self, attempt: int) -> float:
+        """Seconds to wait before attempt number `attempt` (1, 2, ...): doubling, capped."""
+        return min(self.backoff_max_s, self.backoff_s * 2.0 ** (attempt - 1))
+
+
+@dataclass(frozen=True, slots=True)
 class WorkItem:
     """One accepted order on its way through the cell."""
 
@@ -61,6 +77,11 @@ class WorkItem:
     build_finished_at: str | None = None
     inventory_id: str | None = None
     reason: str | None = None
+    steps_done: tuple[str, ...] = ()  # names of the workflow steps completed, in order
+    timer: str | None = None  # the running timeout: "unit" or "transit"
+    deadline: str | None = None  # when it runs out (UTC); None while paused or idle
+    attempt: int = 0  # retries used in the current stage
+    paused_until: str | None = None  # output held off until then, before a retry
 
     @property
     def progress(self) -> int:
@@ -115,7 +136,10 @@ class State:
     last_ts: str | None = None  # when event `last_seq` was logged: the state is as of then
     estop: bool = False
     inventory_seq: int = 0
+    estop_since: str | None = None  # timers are frozen from then until the release
     stations: tuple[Station, ...] = ()
+    products: Map[str, int] = field(default_factory=Map)  # product_id -> largest qty
+    policy: Policy = Policy()
     lane: Lane = Lane()
     work_items: Map[str, WorkItem] = field(default_factory=Map)
     # Every order id ever accepted, with its body digest: makes orders idempotent.

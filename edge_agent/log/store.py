@@ -17,9 +17,10 @@ from typing import Literal
 
 import orjson
 
-from edge_agent.clock import Clock, SystemClock, timestamp
+from edge_agent.clock import Clock, SystemClock
 from edge_agent.domain.codec import event_from_dict, event_to_dict, state_from_dict, state_to_dict
 from edge_agent.domain.events import Event, Recorded
+from edge_agent.domain.moments import iso
 from edge_agent.domain.state import State
 from edge_agent.errors import ConfigError, LogCorrupted, LogError
 from edge_agent.log.schema import MIGRATIONS, migrate
@@ -79,7 +80,7 @@ class Transaction:
         self.head = head
 
     def append(self, events: Sequence[Event]) -> list[Recorded]:
-        ts = timestamp(self._clock.now())
+        ts = iso(self._clock.now())
         seq, prev = self.head.seq, self.head.hash
         rows = []
         records = []
@@ -101,7 +102,7 @@ class Transaction:
         text = orjson.dumps(state_to_dict(state)).decode()
         self._db.execute(
             "INSERT OR REPLACE INTO snapshots (seq, ts, state, event_hash, checksum) VALUES (?, ?, ?, ?, ?)",
-            (state.last_seq, timestamp(self._clock.now()), text, self.head.hash, _checksum(text)),
+            (state.last_seq, iso(self._clock.now()), text, self.head.hash, _checksum(text)),
         )
 
 
@@ -144,7 +145,7 @@ class EventLog:
         if db.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
             raise LogError(f"{path}: the file system does not support WAL mode")
         db.execute(f"PRAGMA synchronous = {synchronous.upper()}")
-        migrate(db, timestamp(self._clock.now()))
+        migrate(db, iso(self._clock.now()))
         return db
 
     def close(self) -> None:

@@ -1,0 +1,140 @@
+"""Device profiles (`device_profiles/*.yaml`): which pins do what, and what the cell makes.
+
+A profile names the logical devices — per station a `run` output, a
+`unit_done` input and an optional `fault` input; the shipping lane's
+`conveyor` output and `arrived` input; the `estop` input and the `status_led`
+output — with BCM pin numbers and polarity, the products with their largest
+quantity, the timeouts and retry policy, and for simulated profiles the
+machine's timing.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from edge_agent.errors import ConfigError
+
+PinNumber = int  # BCM numbering
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class OutputPin(_Strict):
+    pin: PinNumber = Field(ge=0, le=53)
+    active_high: bool = True
+
+
+class InputPin(_Strict):
+    pin: PinNumber = Field(ge=0, le=53)
+    pull_up: bool = False  # True: the switch pulls the pin to ground when active
+    active_high: bool | None = None  # only for pull_up: null (floating) inputs
+    bounce_time: float | None = Field(None, ge=0, le=1)  # seconds; edges closer than this are one edge
+
+
+class BuildHint(_Strict):
+    seconds_per_unit: float = Field(gt=0)
+
+
+class Station(_Strict):
+    id: str = Field(pattern=r"^[A-Za-z0-9._-]{1,32}$")
+    run: OutputPin
+    unit_done: InputPin
+    fault: InputPin | None = None
+    build: dict[str, BuildHint] = Field(default_factory=dict)  # per product
+
+
+class Lane(_Strict):
+    conveyor: OutputPin
+    arrived: InputPin
+    transit_s: float = Field(5.0, gt=0)  # how long a batch takes (the simulator's timing)
+
+
+class Product(_Strict):
+    product_id: str = Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    max_qty: int = Field(ge=1, le=1_000_000)
+
+
+class Timeouts(_Strict):
+    unit_timeout_s: float = Field(30.0, gt=0)
+    transit_timeout_s: float = Field(60.0, gt=0)
+    retries: int = Field(2, ge=0, le=100)
+    backoff_s: float = Field(1.0, ge=0)
+    backoff_max_s: float = Field(30.0, ge=0)
+
+
+class Profile(_Strict):
+    name: str
+    pin_factory: Literal["mock", "default"]  # mock: gpiozero's MockFactory plus the simulator
+    stations: list[Station] = Field(min_length=1)
+    lane: Lane
+    estop: InputPin
+    status_led: OutputPin | None = None
+    products: list[Product] = Field(min_length=1)
+    timeouts: Timeouts = Timeouts()
+    seconds_per_unit: float = Field(1.0, gt=0)  # the simulator's default build time per unit
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Profile:
+        _no_repeats("station id", [s.id for s in self.stations])
+        _no_repeats("product_id", [p.product_id for p in self.products])
+        _no_repeats("pin", [pin for _, pin in self.pins()])
+        known = {p.product_id for p in self.products}
+        for station in self.stations:
+            for product_id in station.build:
+                if product_id not in known:
+                    raise ValueError(f"station {station.id}: build hint for unknown product {product_id!r}")
+        return self
+
+    def pins(self) -> list[tuple[str, int]]:
+        """Every (device name, BCM pin) the profile uses."""
+        used: list[tuple[str, int]] = []
+        for s in self.stations:
+            used += [(f"{s.id}.run", s.run.pin), (f"{s.id}.unit_done", s.unit_done.pin)]
+            if s.fault is not None:
+                used.append((f"{s.id}.fault", s.fault.pin))
+        used += [("lane.conveyor", self.lane.conveyor.pin), ("lane.arrived", self.lane.arrived.pin)]
+        used.append(("estop", self.estop.pin))
+        if self.status_led is not None:
+            used.append(("status_led", self.status_led.pin))
+        return used
+
+    def max_qty(self) -> dict[str, int]:
+        return {p.product_id: p.max_qty for p in self.products}
+
+    def seconds_per_unit_for(self, station_id: str, product_id: str) -> float:
+        station = next(s for s in self.stations if s.id == station_id)
+        hint = station.build.get(product_id)
+        return hint.seconds_per_unit if hint else self.seconds_per_unit
+
+
+def _no_repeats(what: str, values: list[object]) -> None:
+    repeated = sorted(str(v) for v, n in Counter(values).items() if n > 1)
+    if repeated:
+        raise ValueError(f"{what} used more than once: {', '.join(repeated)}")
+
+
+def load_profile(path: Path) -> Profile:
+    """Read and validate a profile; a ConfigError says what is wrong and where."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as error:
+        raise ConfigError(f"profile {path} not found", key="profile") from error
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise ConfigError(f"{path}: cannot read the profile: {error}", key="profile") from error
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a profile must be a mapping of keys to values", key="profile")
+    try:
+        return Profile.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        key = ".".join(str(part) for part in first["loc"]) or "(profile)"
+        message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
+        more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
+        raise ConfigError(f"{path}: {key}: {message}{more}", key=key) from error
