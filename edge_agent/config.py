@@ -95,6 +95,17 @@ class Config(BaseSettings):
         return self.data_dir / "events.db"
 
 
+def invalid(source: str, error: ValidationError) -> ConfigError:
+    """One line naming the first offending key; unknown keys first, as a typo
+    there is the likeliest cause of the other errors."""
+    errors = sorted(error.errors(), key=lambda e: e["type"] != "extra_forbidden")
+    first = errors[0]
+    key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return ConfigError(f"{source}: {key}: {message}{more}", key=key)
+
+
 def find_config(path: Path | None) -> Path | None:
     """The file `--config` names, else the first default that exists (else None)."""
     if path is not None:
@@ -119,11 +130,7 @@ def load_config(path: Path | None) -> Config:
     try:
         config = Config(**values)
     except ValidationError as error:
-        first = error.errors()[0]
-        key = ".".join(str(part) for part in first["loc"])
-        message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
-        more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
-        raise ConfigError(f"{source}: {key}: {message}{more}", key=key) from error
+        raise invalid(source, error) from error
     if found is None:
         return config
     root = found.parent

@@ -12,6 +12,7 @@ from edge_agent import __version__
 from edge_agent.cli import display
 from edge_agent.cli.log import log_app
 from edge_agent.cli.options import ConfigOption, DbOption, JsonOption, open_log
+from edge_agent.cli.profile import profile_app
 from edge_agent.clock import SystemClock
 from edge_agent.config import load_config
 from edge_agent.domain.view import state_view
@@ -26,6 +27,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(log_app, name="log")
+app.add_typer(profile_app, name="profile")
 
 
 def _version(value: bool) -> None:

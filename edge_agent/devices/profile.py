@@ -17,6 +17,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from edge_agent.config import invalid
 from edge_agent.errors import ConfigError
 
 PinNumber = int  # BCM numbering
@@ -84,7 +85,12 @@ class Profile(_Strict):
     def _consistent(self) -> Profile:
         _no_repeats("station id", [s.id for s in self.stations])
         _no_repeats("product_id", [p.product_id for p in self.products])
-        _no_repeats("pin", [pin for _, pin in self.pins()])
+        by_pin: dict[int, list[str]] = {}
+        for name, pin in self.pins():
+            by_pin.setdefault(pin, []).append(name)
+        for pin, names in by_pin.items():
+            if len(names) > 1:
+                raise ValueError(f"pin {pin} is used more than once: {' and '.join(names)}")
         known = {p.product_id for p in self.products}
         for station in self.stations:
             for product_id in station.build:
@@ -133,8 +139,4 @@ def load_profile(path: Path) -> Profile:
     try:
         return Profile.model_validate(data)
     except ValidationError as error:
-        first = error.errors()[0]
-        key = ".".join(str(part) for part in first["loc"]) or "(profile)"
-        message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
-        more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
-        raise ConfigError(f"{path}: {key}: {message}{more}", key=key) from error
+        raise invalid(str(path), error) from error

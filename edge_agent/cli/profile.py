@@ -1,0 +1,76 @@
+"""`edge-agent profile ...`: check and list device profiles."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from edge_agent.cli import display
+from edge_agent.cli.options import ConfigOption, JsonOption
+from edge_agent.config import load_config
+from edge_agent.devices.profile import Profile, load_profile
+from edge_agent.errors import ConfigError
+
+profile_app = typer.Typer(help="Check and list device profiles.", no_args_is_help=True)
+
+
+def _summary(profile: Profile) -> dict[str, object]:
+    return {
+        "name": profile.name,
+        "pin_factory": profile.pin_factory,
+        "stations": [s.id for s in profile.stations],
+        "products": profile.max_qty(),
+        "pins": dict(profile.pins()),
+    }
+
+
+@profile_app.command()
+def check(
+    file: Annotated[Path, typer.Argument(help="The profile to check.")],
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Validate a profile: pins used twice, unknown keys, bad products. Exit 2 on an error."""
+    profile = load_profile(file)
+    if as_json:
+        display.print_json(_summary(profile))
+        return
+    pins = ", ".join(f"{name}={pin}" for name, pin in profile.pins())
+    display.out.print(
+        f"ok: {file}: {profile.name} ({profile.pin_factory} pins), stations {', '.join(s.id for s in profile.stations)}; "
+        f"products {', '.join(f'{p.product_id} (max {p.max_qty})' for p in profile.products)}; pins {pins}"
+    )
+
+
+@profile_app.command("list")
+def list_(config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """List the profiles next to the configured one; the configured one is marked."""
+    chosen = load_config(config).profile
+    rows: list[dict[str, object]] = []
+    for path in sorted(chosen.parent.glob("*.yaml")):
+        try:
+            row = _summary(load_profile(path))
+            row["error"] = None
+        except ConfigError as error:
+            row = {"name": path.stem, "error": str(error)}
+        row["file"] = str(path)
+        row["configured"] = path.resolve() == chosen.resolve()
+        rows.append(row)
+    if as_json:
+        display.print_json(rows)
+        return
+    table = Table("", "file", "name", "pins", "stations", "products / error")
+    for row in rows:
+        detail = row["error"] or ", ".join(f"{p} (max {n})" for p, n in row["products"].items())  # type: ignore[attr-defined]
+        table.add_row(
+            "*" if row["configured"] else "",
+            str(row["file"]),
+            str(row["name"]),
+            str(row.get("pin_factory", "-")),
+            ", ".join(row.get("stations", [])),  # type: ignore[arg-type]
+            str(detail),
+        )
+    display.out.print(table)
