@@ -38,10 +38,12 @@ def check(
     if as_json:
         display.print_json(_summary(profile))
         return
+    stations = ", ".join(s.id for s in profile.stations)
+    products = ", ".join(f"{p.product_id} (max {p.max_qty})" for p in profile.products)
     pins = ", ".join(f"{name}={pin}" for name, pin in profile.pins())
     display.out.print(
-        f"ok: {file}: {profile.name} ({profile.pin_factory} pins), stations {', '.join(s.id for s in profile.stations)}; "
-        f"products {', '.join(f'{p.product_id} (max {p.max_qty})' for p in profile.products)}; pins {pins}"
+        f"ok: {file}: {profile.name} ({profile.pin_factory} pins); stations {stations}; "
+        f"products {products}; pins {pins}"
     )
 
 
