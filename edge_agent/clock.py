@@ -41,10 +41,3 @@ class FakeClock:
     def advance(self, seconds: float) -> None:
         self._now += timedelta(seconds=seconds)
         self._monotonic += seconds
-
-
-def timestamp(moment: datetime) -> str:
-    """The log's `ts` format (see `domain.moments.iso`)."""
-    from edge_agent.domain.moments import iso
-
-    return iso(moment)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import traceback
 from typing import Annotated
 
 import typer
@@ -79,13 +81,16 @@ def main() -> None:
         app()
     except EdgeAgentError as error:
         if debug:
-            raise
+            traceback.print_exc()
         display.err.print(f"error: {error}", markup=False)
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
+    except BrokenPipeError:  # `edge-agent log show | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
     except Exception as error:  # a bug or an environment fault: still one line, unless --debug
         if debug:
-            raise
+            traceback.print_exc()
         display.err.print(f"error: {type(error).__name__}: {error} (run with --debug for details)", markup=False)
         sys.exit(1)

@@ -52,14 +52,15 @@ def show(
     with open_log(config, db) as log_:
         next_seq = from_seq
         while True:
-            for row in log_.rows(next_seq, to_seq, type_=type_, subject=subject):
+            # Read up to a head taken first, so that an event committed meanwhile is read next time.
+            head = log_.head().seq
+            stop = head if to_seq is None else min(to_seq, head)
+            for row in log_.rows(next_seq, stop, type_=type_, subject=subject):
                 _print_row(row, as_json)
-                next_seq = row.seq + 1
             sys.stdout.flush()
-            if not follow or (to_seq is not None and next_seq > to_seq):
+            if not follow or (to_seq is not None and stop >= to_seq):
                 return
-            # Filtered rows may lag behind the head: resume after the last seq looked at.
-            next_seq = max(next_seq, log_.head().seq + 1)
+            next_seq = max(next_seq, stop + 1)
             time.sleep(FOLLOW_POLL_S)  # SQLite has no cross-process change notification
 
 
@@ -145,7 +146,7 @@ def compact(
     config: ConfigOption = None,
     db: DbOption = None,
     retention: Annotated[
-        Retention | None, typer.Option("--retention", help="What to do with old events [default: log.retention].")
+        Retention | None, typer.Option("--retention", help="What to do with old events \\[default: log.retention].")
     ] = None,
 ) -> None:
     """Archive or drop the events before the newest snapshot, per log.retention."""

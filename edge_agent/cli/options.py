@@ -15,7 +15,7 @@ from edge_agent.log.store import EventLog
 
 ConfigOption = Annotated[
     Path | None,
-    typer.Option("--config", help="Config file [default: ./config.yaml, else /etc/edge-agent/config.yaml]."),
+    typer.Option("--config", help="Config file \\[default: ./config.yaml, else /etc/edge-agent/config.yaml]."),
 ]
 DbOption = Annotated[
     Path | None,

@@ -102,6 +102,17 @@ class Tick:
 
 
 @dataclass(frozen=True, slots=True)
+class RecordStart:
+    version: str
+    profile: str
+
+
+@dataclass(frozen=True, slots=True)
+class RecordStop:
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class EngageEstop:
     pass
 
@@ -126,6 +137,8 @@ Command = (
     | TidyUp
     | CompleteStep
     | Tick
+    | RecordStart
+    | RecordStop
     | EngageEstop
     | ReleaseEstop
 )

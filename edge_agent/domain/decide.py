@@ -77,6 +77,10 @@ def decide(state: State, command: cmd.Command, now: datetime) -> list[ev.Event]:
         case cmd.CompleteStep(order_id, name):
             item = _require(state, order_id, set(Stage), "stepped")
             return [ev.StepCompleted(order_id, len(item.steps_done), name)]
+        case cmd.RecordStart(version, profile):
+            return [ev.AgentStarted(version, profile)]
+        case cmd.RecordStop(reason):
+            return [ev.AgentStopped(reason)]
         case cmd.EngageEstop():
             return [] if state.estop else [ev.EstopEngaged()]
         case cmd.ReleaseEstop():

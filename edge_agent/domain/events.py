@@ -147,6 +147,29 @@ class PlantConfigured:
 
 
 @dataclass(frozen=True, slots=True)
+class AgentStarted:
+    """The agent started: every output was turned off, then the log recovered."""
+
+    version: str
+    profile: str
+
+    @property
+    def subject(self) -> str:
+        return "agent"
+
+
+@dataclass(frozen=True, slots=True)
+class AgentStopped:
+    """The agent stopped in order: every output is off."""
+
+    reason: str
+
+    @property
+    def subject(self) -> str:
+        return "agent"
+
+
+@dataclass(frozen=True, slots=True)
 class EstopEngaged:
     """The emergency stop became active: every output is off."""
 
@@ -181,6 +204,8 @@ Event = (
     | StepCompleted
     | TimerArmed
     | RetryScheduled
+    | AgentStarted
+    | AgentStopped
     | EstopEngaged
     | EstopReleased
 )

@@ -111,8 +111,8 @@ def _accepted(d: _Draft, e: ev.OrderAccepted, r: ev.Recorded) -> None:
     d.orders[e.order_id] = e.digest
 
 
-def _rejected(d: _Draft, e: ev.OrderRejected, r: ev.Recorded) -> None:
-    """A rejection is a fact for the record; it changes no state."""
+def _for_the_record(d: _Draft, e: ev.Event, r: ev.Recorded) -> None:
+    """Rejections, starts and stops are facts for the record; they change no state."""
 
 
 def _queued(d: _Draft, e: ev.OrderQueued, r: ev.Recorded) -> None:
@@ -212,7 +212,9 @@ def _estop_released(d: _Draft, e: ev.EstopReleased, r: ev.Recorded) -> None:
 _APPLY: dict[type[Any], Callable[[_Draft, Any, ev.Recorded], None]] = {
     ev.PlantConfigured: _plant_configured,
     ev.OrderAccepted: _accepted,
-    ev.OrderRejected: _rejected,
+    ev.OrderRejected: _for_the_record,
+    ev.AgentStarted: _for_the_record,
+    ev.AgentStopped: _for_the_record,
     ev.OrderQueued: _queued,
     ev.StationAssigned: _assigned,
     ev.UnitBuilt: _unit_built,

@@ -1,0 +1,783 @@
+"""The `edge-agent` command line (SPEC §7, §8) on real SQLite logs.
+
+Quick output checks run the typer app in-process; exit codes, stderr and the
+console script's error handling run `python -m edge_agent` in a subprocess.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import queue
+import re
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import types
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+import typer
+from typer.core import TyperGroup
+from typer.testing import CliRunner, Result
+
+import edge_agent.cli.log as cli_log
+from edge_agent import __version__
+from edge_agent.cli import app
+from edge_agent.clock import FakeClock
+from edge_agent.domain import commands as cmd
+from edge_agent.domain import events as ev
+from edge_agent.domain.evolve import fold
+from edge_agent.domain.state import State
+from edge_agent.domain.view import state_view
+from edge_agent.log.journal import Journal, replay
+from edge_agent.log.store import Base, EventLog
+from tests.plant import PRODUCTS, STATIONS, run
+
+T0 = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
+PHASE_S = 10.0  # the fake clock moves this far between the phases of the cell's day
+WAIT_S = 15.0  # the longest any test waits for a subprocess to print something
+
+STATE_KEYS = {"last_seq", "estop", "inventory_seq", "stations", "lane", "work_items"}
+ITEM_KEYS = {"order_id", "product_id", "qty", "warehouse", "stage", "station", "progress", "units_done", "reason"}
+EVENT_KEYS = {"seq", "ts", "type", "subject", "data"}
+CLOCK_KEYS = ("wait_s", "build_s")  # durations `status` measures up to the real "now"
+
+RUNNER = CliRunner()
+
+
+# -- the log under test ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The writer's own state at the end of a phase (all events of a phase share one ts)."""
+
+    at: datetime
+    state: State
+
+
+@dataclass(frozen=True)
+class Cell:
+    path: Path
+    checkpoints: list[Checkpoint]
+
+    @property
+    def last(self) -> State:
+        return self.checkpoints[-1].state
+
+
+def work_a_day(journal: Journal, clock: FakeClock) -> list[Checkpoint]:
+    """Orders in every stage: building, waiting to ship, shipping, failed, one shipped and tidied up; e-stop on."""
+    checkpoints: list[Checkpoint] = []
+
+    def phase(*commands: cmd.Command) -> None:
+        for command in commands:
+            run(journal, command, clock)
+        checkpoints.append(Checkpoint(clock.now(), journal.state))
+        clock.advance(PHASE_S)
+
+    orders = [
+        ("o1", "widget-a", 2, "WH1", 0),
+        ("o2", "gadget-b", 4, "WH2", 5),
+        ("o3", "widget-a", 1, "WH1", 0),
+        ("o4", "widget-a", 3, "WH1", 1),
+        ("o5", "widget-a", 2, "WH1", 0),
+        ("o6", "gadget-b", 1, "WH3", 0),
+    ]
+    phase(
+        cmd.ConfigurePlant(STATIONS, PRODUCTS),
+        *(cmd.SubmitOrder(oid, product, qty, wh, prio, f"digest-{oid}") for oid, product, qty, wh, prio in orders),
+        *(cmd.QueueOrder(oid) for oid, *_ in orders),
+        cmd.RejectOrder("bad-1", "unknown product 'sprocket-z'"),
+    )
+    phase(cmd.AssignStations())  # s1 <- o2 (priority 5), s2 <- o4 (priority 1), s3 <- o1 (oldest of priority 0)
+    phase(
+        cmd.RecordUnit("s1"),
+        cmd.RecordUnit("s3"),
+        cmd.RecordUnit("s3"),  # o1 complete
+        cmd.StartShipment(),  # o1 on the lane
+        cmd.AssignStations(),  # s3 <- o3
+    )
+    phase(
+        cmd.RecordArrival(),  # o1 -> INV00001
+        cmd.TidyUp("o1"),
+        cmd.RecordUnit("s3"),  # o3 complete
+        cmd.StartShipment(),  # o3 on the lane
+        cmd.AssignStations(),  # s3 <- o5
+        cmd.RecordUnit("s3"),
+        cmd.RecordUnit("s3"),  # o5 complete, queued behind o3
+        cmd.AssignStations(),  # s3 <- o6
+    )
+    phase(cmd.FailOrder("o4", "no unit within 30 s"), cmd.EngageEstop())
+    return checkpoints
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No ./config.yaml or EDGE_AGENT_* variable of the developer's leaks into a test."""
+    monkeypatch.chdir(tmp_path)
+    for name in list(os.environ):
+        if name.startswith("EDGE_AGENT_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def cell(tmp_path: Path) -> Cell:
+    """A closed log (with snapshots every 10 events) of a cell in the middle of its work."""
+    path = tmp_path / "data" / "events.db"
+    clock = FakeClock(T0)
+    with Journal.open(path, synchronous="normal", snapshot_every=10, clock=clock) as journal:
+        checkpoints = work_a_day(journal, clock)
+    return Cell(path, checkpoints)
+
+
+# -- helpers ---------------------------------------------------------------------------------------------------------
+
+
+def cli(*args: str | Path, env: dict[str, str | None] | None = None) -> Result:
+    """The app in-process (exceptions propagate, so a crash shows its traceback)."""
+    return RUNNER.invoke(app, [str(a) for a in args], env=env, catch_exceptions=False)
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """This environment minus what changes the CLI's behaviour (config, terminal detection)."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("EDGE_AGENT_") and k not in {"TTY_COMPATIBLE", "TTY_INTERACTIVE", "FORCE_COLOR"}
+    }
+    env.update(extra)
+    return env
+
+
+def agent(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`edge-agent ARGS` as the console script runs it, in the test's own directory."""
+    return subprocess.run(
+        [sys.executable, "-m", "edge_agent", *(str(a) for a in args)],
+        capture_output=True,
+        text=True,
+        env=env or subprocess_env(),
+        timeout=60,
+        check=False,
+    )
+
+
+def log_ts(moment: datetime) -> str:
+    """A moment in the log's `ts` format (ISO 8601, UTC, microseconds, Z)."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    lines = text.splitlines()
+    assert lines, "no output"
+    parsed = [json.loads(line) for line in lines]
+    assert all(isinstance(obj, dict) for obj in parsed)
+    return parsed
+
+
+def timeless(view: dict[str, Any]) -> dict[str, Any]:
+    """A state view without the durations that depend on when it was printed."""
+    items = [{k: v for k, v in item.items() if k not in CLOCK_KEYS} for item in view["work_items"]]
+    return {**view, "work_items": items}
+
+
+def stored_events(path: Path) -> list[dict[str, Any]]:
+    """The log's events as `log export` should write them."""
+    with EventLog(path, readonly=True) as log_:
+        return [
+            {"seq": r.seq, "ts": r.ts, "type": r.type, "subject": r.subject, "data": json.loads(r.data), "hash": r.hash}
+            for r in log_.rows()
+        ]
+
+
+def without_hash(event: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in event.items() if k != "hash"}
+
+
+def fold_from_scratch(path: Path, to_seq: int) -> State:
+    """The state after `to_seq`, folded from the first event (no snapshot involved)."""
+    with EventLog(path, readonly=True) as log_:
+        return fold(State(), list(log_.read(1, to_seq)))
+
+
+def one_error_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{stderr}"
+    assert lines[0].startswith("error:"), lines[0]
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+def flat(text: str) -> str:
+    """Help text with rich's box drawing and line wrapping taken out."""
+    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", text).split())
+
+
+# -- --help everywhere -----------------------------------------------------------------------------------------------
+
+
+def walk(command: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+    """Every command and group of the app, with the words that reach it."""
+    yield path, command
+    if isinstance(command, TyperGroup):
+        for name, sub in command.commands.items():
+            yield from walk(sub, (*path, name))
+
+
+COMMANDS = list(walk(typer.main.get_command(app)))
+
+
+def test_the_app_has_the_spec_commands() -> None:
+    paths = {path for path, _ in COMMANDS}
+    assert {("run",), ("status",), ("log",)} <= paths
+    assert {("log", name) for name in ("show", "replay", "verify", "export", "compact")} <= paths
+
+
+@pytest.mark.parametrize(("path", "command"), COMMANDS, ids=[" ".join(("edge-agent", *p)) for p, _ in COMMANDS])
+def test_every_command_has_help(path: tuple[str, ...], command: Any) -> None:
+    assert command.help, f"`edge-agent {' '.join(path)}` has no help text (docstring)"
+    result = cli(*path, "--help", env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    shown = flat(result.stdout)
+    assert f"Usage: {' '.join(('edge-agent', *path))}" in shown
+    assert flat(command.help.splitlines()[0]) in shown
+    if isinstance(command, TyperGroup):
+        for name in command.commands:
+            assert name in shown, f"`{name}` is missing from the help of `{' '.join(path)}`"
+
+
+def test_help_shows_each_option_text_verbatim() -> None:
+    """Help texts keep their `[default: ...]` parts (rich markup would read them as tags and drop them)."""
+    missing = []
+    for path, command in COMMANDS:
+        shown = flat(cli(*path, "--help", env={"COLUMNS": "200"}).stdout)
+        for param in command.params:
+            text = getattr(param, "help", None)
+            if text and flat(text.replace("\\[", "[")) not in shown:
+                missing.append(f"edge-agent {' '.join(path)} {param.opts[0]}: {text!r}")
+    assert not missing, "option help not shown as written:\n" + "\n".join(missing)
+
+
+def test_version() -> None:
+    result = cli("--version")
+    assert result.exit_code == 0
+    assert result.stdout.strip() == f"edge-agent {__version__}"
+
+
+# -- status ----------------------------------------------------------------------------------------------------------
+
+
+def test_status_json_is_the_live_state_while_the_agent_writes(cell: Cell) -> None:
+    clock = FakeClock(T0 + timedelta(hours=1))
+    with Journal.open(cell.path, synchronous="normal", snapshot_every=10, clock=clock) as journal:  # the agent runs
+        run(journal, cmd.ReleaseEstop(), clock)
+        run(journal, cmd.RecordUnit("s1"), clock)
+        result = cli("status", "--db", cell.path, "--json")
+        expected = state_view(journal.state)
+
+    assert result.exit_code == 0, result.output
+    (view,) = json_lines(result.stdout)
+    assert view.keys() >= STATE_KEYS
+    assert timeless(view) == timeless(expected)
+    # what an operator reads off it
+    assert view["last_seq"] == journal.state.last_seq
+    assert view["estop"] is False
+    assert view["inventory_seq"] == 1
+    assert view["stations"] == [
+        {"id": "s1", "state": "building", "order_id": "o2"},
+        {"id": "s2", "state": "idle", "order_id": None},
+        {"id": "s3", "state": "building", "order_id": "o6"},
+    ]
+    assert view["lane"] == {"state": "moving", "order_id": "o3", "queue": ["o5"]}
+    items = {item["order_id"]: item for item in view["work_items"]}
+    assert list(items) == ["o2", "o3", "o4", "o5", "o6"]  # o1 shipped and was tidied up
+    for item in items.values():
+        assert item.keys() >= ITEM_KEYS
+    o2 = items["o2"]
+    assert (o2["product_id"], o2["qty"], o2["warehouse"]) == ("gadget-b", 4, "WH2")
+    assert (o2["stage"], o2["station"], o2["units_done"], o2["progress"], o2["reason"]) == (
+        "FactoryAccepted",
+        "s1",
+        2,
+        50,
+        None,
+    )
+    assert items["o3"]["stage"] == "MoveToWarehouse"
+    assert items["o4"]["stage"] == "Failed"
+    assert items["o4"]["reason"] == "no unit within 30 s"
+    assert items["o5"]["stage"] == "FactoryComplete"
+    assert (items["o5"]["progress"], items["o5"]["units_done"]) == (100, 2)
+    assert (items["o6"]["stage"], items["o6"]["progress"]) == ("FactoryAccepted", 0)
+    assert all(isinstance(o2[key], float) for key in CLOCK_KEYS)  # measured up to now
+
+
+def test_status_table(cell: Cell) -> None:
+    result = cli("status", "--db", cell.path, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    text = result.stdout
+    assert f"log position {cell.last.last_seq}" in text
+    assert "ENGAGED" in text  # the e-stop
+    for word in ("s1", "s2", "s3", "o2", "o3", "o4", "o5", "o6", "FactoryAccepted", "Failed", "no unit within 30 s"):
+        assert word in text
+    assert "o1" not in text  # tidied up
+    assert "50%" not in text
+    assert "25% (1/4)" in text
+
+
+def test_status_reads_the_configured_log(cell: Cell, tmp_path: Path) -> None:
+    config = tmp_path / "cell.yaml"
+    config.write_text("device_id: cell-07\ndata_dir: data\n")  # relative to the config file
+    result = cli("status", "--config", config, "--json")
+    assert result.exit_code == 0, result.output
+    assert json_lines(result.stdout)[0]["last_seq"] == cell.last.last_seq
+
+
+# -- log show --------------------------------------------------------------------------------------------------------
+
+
+def show(cell: Cell, *args: str) -> list[dict[str, Any]]:
+    result = cli("log", "show", "--db", cell.path, "--json", *args)
+    assert result.exit_code == 0, result.output
+    if not result.stdout:
+        return []
+    events = json_lines(result.stdout)
+    for event in events:
+        assert set(event) == EVENT_KEYS
+        assert isinstance(event["data"], dict)
+    return events
+
+
+def test_log_show_json_is_every_event_in_order(cell: Cell) -> None:
+    stored = [without_hash(e) for e in stored_events(cell.path)]
+    assert show(cell) == stored
+    assert [e["seq"] for e in stored] == list(range(1, cell.last.last_seq + 1))
+    accepted = next(e for e in stored if e["type"] == "OrderAccepted" and e["subject"] == "o2")
+    assert accepted["data"]["qty"] == 4
+    assert accepted["ts"] == log_ts(T0)
+
+
+def test_log_show_filters(cell: Cell) -> None:
+    stored = [without_hash(e) for e in stored_events(cell.path)]
+    assert show(cell, "--from", "5", "--to", "9") == stored[4:9]
+    assert show(cell, "--from", "30") == stored[29:]
+    assert show(cell, "--to", "3") == stored[:3]
+    units = show(cell, "--type", "UnitBuilt")
+    assert units == [e for e in stored if e["type"] == "UnitBuilt"]
+    assert len(units) == 6
+    assert show(cell, "--subject", "o1") == [e for e in stored if e["subject"] == "o1"]
+    lifecycle = [e["type"] for e in show(cell, "--subject", "o1")]
+    milestones = ["OrderAccepted", "OrderQueued", "StationAssigned", "BuildComplete", "InventoryIssued", "TidiedUp"]
+    assert [t for t in lifecycle if t in milestones] == milestones
+    assert lifecycle.count("UnitBuilt") == 2
+    both = show(cell, "--subject", "o5", "--type", "UnitBuilt", "--from", "2")
+    assert both == [e for e in stored if e["subject"] == "o5" and e["type"] == "UnitBuilt"]
+    assert show(cell, "--type", "NoSuchEvent") == []
+    assert show(cell, "--from", str(cell.last.last_seq + 1)) == []
+
+
+def test_log_show_text_is_one_line_per_event(cell: Cell) -> None:
+    result = cli("log", "show", "--db", cell.path, "--subject", "o4")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    stored = [e for e in stored_events(cell.path) if e["subject"] == "o4"]
+    assert len(lines) == len(stored)
+    for line, event in zip(lines, stored, strict=True):
+        assert line.split()[:4] == [str(event["seq"]), event["ts"], event["type"], "o4"]
+    assert "no unit within 30 s" in lines[-1]
+
+
+class _LineReader:
+    """Lines a subprocess prints, collected by a thread so that the test can wait with a timeout."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _pump(self, stream: IO[str]) -> None:
+        for line in stream:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def take(self, n: int) -> list[str]:
+        """The next `n` lines; fails if they do not come within WAIT_S."""
+        got: list[str] = []
+        deadline = time.monotonic() + WAIT_S
+        while len(got) < n:
+            try:
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                pytest.fail(f"waited {WAIT_S} s for {n} lines, got {len(got)}: {got}")
+            if line is None:
+                pytest.fail(f"the process ended after {len(got)} of {n} lines: {got}")
+            got.append(line)
+        return got
+
+
+def test_log_show_follow_prints_new_events_as_they_are_logged(cell: Cell) -> None:
+    known = cell.last.last_seq
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "edge_agent", "log", "show", "--db", str(cell.path), "--follow", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
+    )
+    try:
+        assert follower.stdout is not None
+        lines = _LineReader(follower.stdout)
+        assert [json.loads(line)["seq"] for line in lines.take(known)] == list(range(1, known + 1))
+
+        clock = FakeClock(T0 + timedelta(hours=1))
+        with Journal.open(cell.path, synchronous="normal", snapshot_every=10, clock=clock) as journal:
+            first = run(journal, cmd.ReleaseEstop(), clock) + run(journal, cmd.RecordUnit("s1"), clock)
+            new = [json.loads(line) for line in lines.take(len(first))]
+            assert [(e["seq"], e["type"], e["subject"]) for e in new] == [
+                (r.seq, type(r.event).__name__, r.event.subject) for r in first
+            ]
+            assert [e["seq"] for e in new] == list(range(known + 1, known + 1 + len(first)))
+            assert [e["type"] for e in new[:2]] == ["EstopReleased", "UnitBuilt"]
+            assert new[1]["data"] == {"order_id": "o2", "station": "s1"}
+            assert all(e["ts"] == log_ts(clock.now()) for e in new)
+
+            clock.advance(5)
+            second = run(journal, cmd.CancelOrder("o6"), clock)  # it keeps following
+            (cancelled,) = [json.loads(line) for line in lines.take(1)]
+            assert (cancelled["seq"], cancelled["type"]) == (second[0].seq, "OrderCancelled")
+        assert follower.poll() is None, "log show --follow stopped by itself"
+    finally:
+        follower.terminate()
+        try:
+            follower.wait(timeout=WAIT_S)
+        finally:
+            for stream in (follower.stdout, follower.stderr):
+                if stream:
+                    stream.close()
+
+
+class _StopFollowing(Exception):
+    pass
+
+
+def test_log_show_follow_does_not_skip_events_logged_between_two_reads(
+    cell: Cell, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An event committed while the follower is between two reads is printed on the next poll at the latest.
+    The writer commits exactly in that window (deterministically, by hooking the reader's head lookup)."""
+    late: list[ev.Recorded] = []
+
+    def commit_late_event() -> None:
+        if not late:
+            with Journal.open(cell.path, synchronous="normal", snapshot_every=10) as journal:
+                late.extend(journal.append([ev.OrderRejected("late-1", "arrived while the CLI was reading")]))
+
+    real_head = EventLog.head
+
+    def head(self: EventLog) -> Base:
+        if self.readonly:
+            commit_late_event()
+        return real_head(self)
+
+    polls = 0
+
+    def sleep(seconds: float) -> None:
+        nonlocal polls
+        polls += 1
+        commit_late_event()
+        if polls >= 3:
+            raise _StopFollowing
+
+    monkeypatch.setattr(EventLog, "head", head)
+    monkeypatch.setattr(cli_log, "time", types.SimpleNamespace(sleep=sleep, monotonic=time.monotonic, time=time.time))
+    result = RUNNER.invoke(app, ["log", "show", "--db", str(cell.path), "--follow", "--json"])
+
+    assert isinstance(result.exception, _StopFollowing), result.output
+    assert late, "the test did not get to commit its event"
+    seqs = [event["seq"] for event in json_lines(result.stdout)]
+    assert seqs == list(range(1, late[0].seq + 1)), f"event {late[0].seq} was not printed"
+
+
+# -- log replay ------------------------------------------------------------------------------------------------------
+
+
+def replayed(cell: Cell, *args: str) -> dict[str, Any]:
+    result = cli("log", "replay", "--db", cell.path, "--json", *args)
+    assert result.exit_code == 0, result.output
+    (view,) = json_lines(result.stdout)
+    assert view.keys() >= STATE_KEYS
+    return view
+
+
+def test_log_replay_to_seq_is_the_state_folded_up_to_that_event(cell: Cell) -> None:
+    with EventLog(cell.path, readonly=True) as log_:
+        assert log_.snapshot_seqs(), "the test log should have snapshots for replay to start from"
+    for seq in range(cell.last.last_seq + 1):
+        assert replayed(cell, "--to", str(seq)) == state_view(fold_from_scratch(cell.path, seq)), f"--to {seq}"
+    for checkpoint in cell.checkpoints:  # the state the writer itself held then
+        assert replayed(cell, "--to", str(checkpoint.state.last_seq)) == state_view(checkpoint.state)
+    assert replayed(cell) == state_view(cell.last)
+    assert replayed(cell, "--to", "10000") == state_view(cell.last)
+
+
+def test_log_replay_until_time(cell: Cell) -> None:
+    for checkpoint in cell.checkpoints:
+        expected = state_view(checkpoint.state)
+        with EventLog(cell.path, readonly=True) as log_:
+            assert state_view(replay(log_, until=log_ts(checkpoint.at))) == expected
+        # the same moment written as a user would: with Z, without a zone (UTC), with an offset
+        assert replayed(cell, "--until", checkpoint.at.strftime("%Y-%m-%dT%H:%M:%SZ")) == expected
+        assert replayed(cell, "--until", checkpoint.at.strftime("%Y-%m-%dT%H:%M:%S")) == expected
+        local = checkpoint.at.astimezone(timezone(timedelta(hours=2)))
+        assert replayed(cell, "--until", local.isoformat()) == expected
+        # between two phases: still the earlier one
+        between = checkpoint.at + timedelta(seconds=PHASE_S / 2)
+        assert replayed(cell, "--until", between.isoformat()) == expected
+    before = replayed(cell, "--until", (T0 - timedelta(seconds=1)).isoformat())
+    assert (before["last_seq"], before["stations"], before["work_items"]) == (0, [], [])
+    mid = cell.checkpoints[2]
+    assert replayed(cell, "--until", mid.at.isoformat())["last_seq"] == mid.state.last_seq
+
+
+def test_log_replay_table(cell: Cell) -> None:
+    seq = cell.checkpoints[1].state.last_seq
+    result = cli("log", "replay", "--db", cell.path, "--to", str(seq), env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert f"log position {seq}" in result.stdout
+    assert "released" in result.stdout
+    assert "o1" in result.stdout
+
+
+def test_log_replay_refuses_to_and_until_together(cell: Cell) -> None:
+    done = agent("log", "replay", "--db", cell.path, "--to", "3", "--until", T0.isoformat())
+    assert done.returncode == 2
+    assert "--until" in one_error_line(done.stderr)
+    assert done.stdout == ""
+
+
+def test_log_replay_refuses_a_bad_time(cell: Cell) -> None:
+    done = agent("log", "replay", "--db", cell.path, "--until", "yesterday")
+    assert done.returncode == 2
+    line = one_error_line(done.stderr)
+    assert "--until" in line
+    assert "yesterday" in line
+    assert done.stdout == ""
+
+
+def test_log_replay_shows_progress_on_long_logs(tmp_path: Path) -> None:
+    path = tmp_path / "long.db"
+    events = 21_000
+    with Journal.open(path, synchronous="normal", snapshot_every=10**9) as journal:  # no snapshot: a full replay
+        for batch in range(0, events, 7_000):
+            journal.append([ev.OrderRejected(f"r{i}", "unreadable payload") for i in range(batch, batch + 7_000)])
+
+    on_terminal = agent("log", "replay", "--db", path, "--json", env=subprocess_env(TTY_COMPATIBLE="1"))
+    assert on_terminal.returncode == 0, on_terminal.stderr
+    assert "Replaying" in on_terminal.stderr
+    assert json.loads(on_terminal.stdout)["last_seq"] == events  # stdout stays clean JSON
+
+    piped = agent("log", "replay", "--db", path, "--json")
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stderr == ""
+    assert json.loads(piped.stdout)["last_seq"] == events
+
+
+# -- log verify ------------------------------------------------------------------------------------------------------
+
+
+def test_log_verify_ok(cell: Cell) -> None:
+    with EventLog(cell.path, readonly=True) as log_:
+        snapshots = len(log_.snapshot_seqs())
+    result = cli("log", "verify", "--db", cell.path, "--json")
+    assert result.exit_code == 0, result.output
+    (verdict,) = json_lines(result.stdout)
+    assert verdict == {
+        "ok": True,
+        "first_seq": 1,
+        "last_seq": cell.last.last_seq,
+        "events": cell.last.last_seq,
+        "snapshots": snapshots,
+        "fault": None,
+    }
+    assert snapshots >= 3
+    text = cli("log", "verify", "--db", cell.path)
+    assert text.exit_code == 0
+    assert text.stdout.startswith("ok:")
+
+
+def test_log_verify_names_the_edited_event(cell: Cell) -> None:
+    with EventLog(cell.path, readonly=True) as log_:
+        (edited,) = (r.seq for r in log_.rows(type_="OrderAccepted", subject="o4"))
+        assert edited < log_.snapshot_seqs()[0], "the edit should be covered by a snapshot"
+    db = sqlite3.connect(cell.path)
+    try:
+        (text,) = db.execute("SELECT data FROM events WHERE seq = ?", (edited,)).fetchone()
+        data = json.loads(text)
+        data["qty"] = 30
+        db.execute("UPDATE events SET data = ? WHERE seq = ?", (json.dumps(data, separators=(",", ":")), edited))
+        db.commit()
+    finally:
+        db.close()
+
+    done = agent("log", "verify", "--db", cell.path, "--json")
+    assert done.returncode == 1
+    assert f"seq {edited}" in one_error_line(done.stderr)
+    verdict = json.loads(done.stdout)
+    assert verdict["ok"] is False
+    assert verdict["fault"]["seq"] == edited
+    assert verdict["fault"]["reason"]
+
+
+# -- log export ------------------------------------------------------------------------------------------------------
+
+
+def test_log_export(cell: Cell, tmp_path: Path) -> None:
+    stored = stored_events(cell.path)
+    result = cli("log", "export", "--db", cell.path)
+    assert result.exit_code == 0, result.output
+    exported = json_lines(result.stdout)
+    assert exported == stored
+    assert len(exported) == cell.last.last_seq
+    assert all(set(e) == EVENT_KEYS | {"hash"} and len(e["hash"]) == 64 for e in exported)
+
+    target = tmp_path / "export.jsonl"
+    to_file = cli("log", "export", "--db", cell.path, "--format", "jsonl", "--output", target)
+    assert to_file.exit_code == 0, to_file.output
+    assert to_file.stdout == ""
+    assert target.read_text() == result.stdout
+
+
+# -- log compact -----------------------------------------------------------------------------------------------------
+
+
+def status_json(path: Path) -> dict[str, Any]:
+    result = cli("status", "--db", path, "--json")
+    assert result.exit_code == 0, result.output
+    return timeless(json_lines(result.stdout)[0])
+
+
+def assert_verifies(path: Path, first_seq: int, last_seq: int) -> None:
+    result = cli("log", "verify", "--db", path, "--json")
+    assert result.exit_code == 0, result.output
+    verdict = json_lines(result.stdout)[0]
+    assert (verdict["ok"], verdict["first_seq"], verdict["last_seq"]) == (True, first_seq, last_seq)
+
+
+def newest_snapshot(path: Path) -> int:
+    with EventLog(path, readonly=True) as log_:
+        return log_.snapshot_seqs()[-1]
+
+
+def test_log_compact_archive(cell: Cell) -> None:
+    before = status_json(cell.path)
+    exported = stored_events(cell.path)
+    cut = newest_snapshot(cell.path)
+    assert 1 < cut < cell.last.last_seq
+
+    result = cli("log", "compact", "--db", cell.path, "--retention", "archive")
+    assert result.exit_code == 0, result.output
+    assert f"removed {cut} events" in result.stdout
+
+    archive_dir = cell.path.parent / "archive"
+    (archive,) = archive_dir.iterdir()
+    assert archive.name.endswith(".jsonl.gz")
+    assert archive.name in result.stdout
+    with gzip.open(archive, "rt") as lines:
+        archived = [json.loads(line) for line in lines]
+    assert archived == exported[:cut]  # exactly the removed events, with their hashes
+    assert stored_events(cell.path) == exported[cut:]
+
+    assert_verifies(cell.path, cut + 1, cell.last.last_seq)
+    assert status_json(cell.path) == before
+    assert replayed(cell) == state_view(cell.last)
+
+    again = cli("log", "compact", "--db", cell.path, "--retention", "archive")
+    assert again.exit_code == 0
+    assert "nothing to compact" in again.stdout
+    assert list(archive_dir.iterdir()) == [archive]
+
+
+def test_log_compact_drop(cell: Cell) -> None:
+    before = status_json(cell.path)
+    exported = stored_events(cell.path)
+    cut = newest_snapshot(cell.path)
+
+    result = cli("log", "compact", "--db", cell.path, "--retention", "drop")
+    assert result.exit_code == 0, result.output
+    assert not (cell.path.parent / "archive").exists()
+    assert stored_events(cell.path) == exported[cut:]
+    assert_verifies(cell.path, cut + 1, cell.last.last_seq)
+    assert status_json(cell.path) == before
+
+
+def test_log_compact_keep_and_the_configured_retention(cell: Cell, tmp_path: Path) -> None:
+    exported = stored_events(cell.path)
+    keep = cli("log", "compact", "--db", cell.path, "--retention", "keep")
+    assert keep.exit_code == 0, keep.output
+    assert "nothing to compact" in keep.stdout
+    assert stored_events(cell.path) == exported
+
+    config = tmp_path / "cell.yaml"
+    config.write_text("data_dir: data\nlog:\n  retention: drop\n")
+    configured = cli("log", "compact", "--config", config)  # no --db, no --retention: both from the config
+    assert configured.exit_code == 0, configured.output
+    assert configured.stdout.startswith("drop:")
+    assert stored_events(cell.path) == exported[newest_snapshot(cell.path) :]
+    assert not (cell.path.parent / "archive").exists()
+
+
+# -- errors ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "command", [("status",), ("log", "show"), ("log", "compact", "--retention", "drop")], ids=" ".join
+)
+def test_a_missing_log_is_a_one_line_usage_error(tmp_path: Path, command: tuple[str, ...]) -> None:
+    missing = tmp_path / "typo" / "evnets.db"
+    done = agent(*command, "--db", missing)
+    assert done.returncode == 2
+    assert str(missing) in one_error_line(done.stderr)
+    assert done.stdout == ""
+    assert not missing.exists(), "a typo must not create an empty log"
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "key"),
+    [
+        ('mqtt: {port: "abc"}\n', "mqtt.port"),
+        ("device_id: cell-01\nbogus: 1\n", "bogus"),
+        ("log:\n  retension: drop\n", "log.retension"),
+    ],
+    ids=["ill-typed", "unknown-key", "unknown-nested-key"],
+)
+def test_an_invalid_config_names_the_key(tmp_path: Path, yaml_text: str, key: str) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml_text)
+    done = agent("status", "--config", config)
+    assert done.returncode == 2
+    line = one_error_line(done.stderr)
+    assert key in line
+    assert "bad.yaml" in line
+    assert done.stdout == ""
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.db"
+    done = agent("--debug", "status", "--db", missing)
+    assert done.returncode != 0
+    assert "Traceback (most recent call last)" in done.stderr
+    assert f"ConfigError: no log at {missing}" in done.stderr
+
+
+def test_debug_keeps_the_exit_code() -> None:
+    """--debug adds the traceback but keeps the exit code (2 for a usage or config error)."""
+    done = agent("--debug", "status", "--db", "nope.db")
+    assert "Traceback" in done.stderr
+    assert done.returncode == 2
