@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= config.yaml
+DEMO_ORDERS ?= 6
 
 .PHONY: run test lint clean
 
@@ -16,7 +17,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 run: $(VENV)/.installed
-	$(BIN)/edge-agent run --config $(CONFIG)
+	$(BIN)/edge-agent run --config $(CONFIG) --demo $(DEMO_ORDERS)
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest

@@ -1,43 +1,232 @@
-"""The agent runtime: wires the layers together and runs until told to stop."""
+"""The agent runtime: wires log, devices, simulator and workflow in one TaskGroup.
+
+The only module that knows every layer. Start-up order matters: the config and
+profile are validated first (nothing touched yet), then every output is created
+off, then the log is recovered and the workflow checked, and only then does
+anything resume — its outputs re-driven from the recovered state.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from typing import Any
 
 from edge_agent import __version__
-from edge_agent.clock import SystemClock
+from edge_agent.clock import Clock, SystemClock
 from edge_agent.config import Config
+from edge_agent.devices.gpio import ESTOP, Devices, Edge, make_pin_factory
+from edge_agent.devices.profile import Profile, load_profile
+from edge_agent.devices.simulator import Simulator
+from edge_agent.domain import commands as cmd
+from edge_agent.domain.events import Recorded
+from edge_agent.domain.outputs import desired_outputs
+from edge_agent.domain.state import Policy, State
 from edge_agent.log.journal import Journal
+from edge_agent.workflow.engine import Workflow
 
 log = logging.getLogger(__name__)
 
 
-def run_agent(config: Config) -> None:
+@dataclass
+class _Request:
+    command: cmd.Command
+    reply: asyncio.Future[list[Recorded]] | None = field(default=None)
+
+
+def plant_command(profile: Profile, speed: float) -> cmd.ConfigurePlant:
+    """What the profile tells the log about the plant; simulated time runs `speed` times faster."""
+    scale = speed if profile.pin_factory == "mock" else 1.0
+    t = profile.timeouts
+    policy = Policy(
+        unit_timeout_s=t.unit_timeout_s / scale,
+        transit_timeout_s=t.transit_timeout_s / scale,
+        retries=t.retries,
+        backoff_s=t.backoff_s / scale,
+        backoff_max_s=t.backoff_max_s / scale,
+    )
+    products = tuple(sorted(profile.max_qty().items()))
+    return cmd.ConfigurePlant(tuple(s.id for s in profile.stations), products, policy)
+
+
+def _edge_command(edge: Edge) -> cmd.Command | None:
+    if edge.name == ESTOP:
+        return cmd.EngageEstop() if edge.active else cmd.ReleaseEstop()
+    if not edge.active:
+        return None
+    if edge.name == "lane.arrived":
+        return cmd.RecordArrival()
+    station, _, kind = edge.name.partition(".")
+    return cmd.RecordUnit(station) if kind == "unit_done" else cmd.RecordFault(station)
+
+
+class Agent:
+    """One running cell. Use `async with Agent(config) as agent:` then `await agent.run()`."""
+
+    def __init__(self, config: Config, *, clock: Clock | None = None, profile: Profile | None = None) -> None:
+        self.config = config
+        self.profile = profile or load_profile(config.profile)
+        self.clock = clock or SystemClock()
+        self._inbox: asyncio.Queue[_Request] = asyncio.Queue()
+        self._changed = asyncio.Condition()
+        self._driving = False  # outputs follow the state only while running
+        self._stack = AsyncExitStack()
+        self.devices: Devices
+        self.journal: Journal
+        self.workflow: Workflow
+        self.simulator: Simulator | None = None
+
+    async def __aenter__(self) -> Agent:
+        loop = asyncio.get_running_loop()
+        pin_factory: Any = make_pin_factory(self.profile.pin_factory)
+        self._stack.callback(pin_factory.close)
+        # First thing: every output exists and is off, before the log says anything.
+        self.devices = Devices(self.profile, pin_factory, loop, self._on_edge)
+        self._stack.callback(self.devices.close)
+        self.journal = Journal.open(
+            self.config.events_db,
+            synchronous=self.config.log.synchronous,
+            snapshot_every=self.config.log.snapshot_every,
+            clock=self.clock,
+        )
+        self._stack.callback(self.journal.close)
+        self.workflow = Workflow(self.journal, self.clock)
+        self.workflow.check()
+        self.journal.subscribe(self._committed)
+        self.workflow.execute(cmd.RecordStart(__version__, self.profile.name))
+        self.workflow.execute(plant_command(self.profile, self.config.speed))
+        # The e-stop input as it is now, whatever the log last said.
+        self.workflow.execute(cmd.EngageEstop() if self.devices.estop_active else cmd.ReleaseEstop())
+        self.workflow.execute(cmd.RearmTimers())
+        if self.profile.pin_factory == "mock":
+            self.simulator = Simulator(self.profile, self.devices, self.config.speed, self._seconds_per_unit)
+        state = self.state
+        log.info(
+            "edge-agent %s on %s: profile %s, log at seq %d, %d work items to resume",
+            __version__,
+            self.config.device_id,
+            self.profile.name,
+            state.last_seq,
+            len(state.work_items),
+        )
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._driving = False
+        self.devices.all_off()
+        try:
+            self.workflow.execute(cmd.RecordStop("shutdown"))
+        finally:
+            await self._stack.aclose()
+        log.info("stopped: outputs off, log closed")
+
+    @property
+    def state(self) -> State:
+        return self.journal.state
+
+    # -- running ---------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run until cancelled: the control loop and, for simulated profiles, the machine."""
+        self._driving = True
+        self.devices.apply(desired_outputs(self.state))
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._control(), name="control")
+            if self.simulator is not None:
+                tasks.create_task(self.simulator.run(), name="simulator")
+
+    async def _control(self) -> None:
+        """The single writer: inputs and requests in, decisions committed, work advanced."""
+        while True:
+            self.workflow.advance()
+            try:
+                request = await asyncio.wait_for(self._inbox.get(), self.workflow.next_wake())
+            except TimeoutError:
+                request = _Request(cmd.Tick())
+            try:
+                records = self.workflow.execute(request.command)
+            except Exception as error:
+                if request.reply is None:
+                    raise
+                request.reply.set_exception(error)
+            else:
+                if request.reply is not None:
+                    request.reply.set_result(records)
+
+    def _committed(self, state: State) -> None:
+        if self._driving:
+            self.devices.apply(desired_outputs(state))
+        asyncio.get_running_loop().create_task(self._notify())
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    def _on_edge(self, edge: Edge) -> None:
+        command = _edge_command(edge)
+        if command is not None:
+            self._inbox.put_nowait(_Request(command))
+
+    def _seconds_per_unit(self, station_id: str) -> float:
+        station = self.state.station(station_id)
+        item = self.state.work_items.get(station.order_id) if station and station.order_id else None
+        product = item.product_id if item else ""
+        return self.profile.seconds_per_unit_for(station_id, product)
+
+    # -- the in-process API ---------------------------------------------------
+
+    async def request(self, command: cmd.Command) -> list[Recorded]:
+        """Have the control loop decide and commit `command`; its events once committed."""
+        reply: asyncio.Future[list[Recorded]] = asyncio.get_running_loop().create_future()
+        await self._inbox.put(_Request(command, reply))
+        return await reply
+
+    async def submit(self, order: cmd.SubmitOrder) -> list[Recorded]:
+        return await self.request(order)
+
+    async def cancel(self, order_id: str) -> list[Recorded]:
+        return await self.request(cmd.CancelOrder(order_id))
+
+    async def wait_until(self, condition: Callable[[State], bool]) -> State:
+        """Wait for a committed state that satisfies `condition`."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: condition(self.state))
+        return self.state
+
+
+def demo_orders(count: int, profile: Profile) -> list[cmd.SubmitOrder]:
+    """`count` small orders over the profile's products; the same ids every time, so a
+    restart does not order them again."""
+    products = [p.product_id for p in profile.products]
+    orders = []
+    for n in range(1, count + 1):
+        order_id = f"demo-{n:04d}"
+        product = products[n % len(products)]
+        qty, priority = 1 + n % 3, n % 2
+        digest = f"{product}|{qty}|WH1|{priority}"
+        orders.append(cmd.SubmitOrder(order_id, product, qty, "WH1", priority, digest))
+    return orders
+
+
+def run_agent(config: Config, demo: int = 0) -> None:
     """Run in the foreground until SIGINT or SIGTERM."""
-    asyncio.run(_serve(config))
+    asyncio.run(_serve(config, demo))
 
 
-async def _serve(config: Config) -> None:
+async def _serve(config: Config, demo: int) -> None:
+    profile = load_profile(config.profile)  # a bad profile stops us before any pin or the log is touched
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    with Journal.open(
-        config.events_db,
-        synchronous=config.log.synchronous,
-        snapshot_every=config.log.snapshot_every,
-        clock=SystemClock(),
-    ) as journal:
-        state = journal.state
-        log.info(
-            "edge-agent %s on %s: log %s at seq %d, %d live work items; Ctrl-C to stop",
-            __version__,
-            config.device_id,
-            config.events_db,
-            state.last_seq,
-            len(state.work_items),
-        )
+    async with Agent(config, profile=profile) as agent, asyncio.TaskGroup() as tasks:
+        running = tasks.create_task(agent.run(), name="agent")
+        for order in demo_orders(demo, profile):
+            await agent.submit(order)
         await stop.wait()
-        log.info("stopping: log closed at seq %d", journal.state.last_seq)
+        log.info("stopping on signal")
+        running.cancel()

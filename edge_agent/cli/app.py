@@ -49,7 +49,10 @@ def _root(
 
 
 @app.command()
-def run(config: ConfigOption = None) -> None:
+def run(
+    config: ConfigOption = None,
+    demo: Annotated[int, typer.Option("--demo", min=0, help="Submit this many demo orders in-process at start.")] = 0,
+) -> None:
     """Run the agent in the foreground (what systemd runs)."""
     from edge_agent.agent import run_agent  # the CLI's other commands need none of the runtime
 
@@ -59,7 +62,7 @@ def run(config: ConfigOption = None) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stdout,
     )
-    run_agent(settings)
+    run_agent(settings, demo)
 
 
 @app.command()
@@ -74,11 +77,21 @@ def status(config: ConfigOption = None, db: DbOption = None, as_json: JsonOption
         display.print_state(view)
 
 
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
+
+
 def main() -> None:
     """The console script: errors become one line on stderr and an exit code."""
     debug = "--debug" in sys.argv[1:]
     try:
-        app()
+        try:
+            app()
+        except BaseExceptionGroup as group:  # from a TaskGroup: report the first real error
+            raise _first_error(group) from group
     except EdgeAgentError as error:
         if debug:
             traceback.print_exc()

@@ -87,6 +87,7 @@ class Devices:
             self.outputs["status_led"] = self._output(profile.status_led)
         self.inputs: dict[str, Any] = {}
         self._bounce: dict[str, float] = {}
+        self._active_high: dict[str, bool | None] = {}
         for station in profile.stations:
             self._input(f"{station.id}.unit_done", station.unit_done)
             if station.fault is not None:
@@ -103,11 +104,12 @@ class Devices:
         device = DigitalInputDevice(
             spec.pin,
             pull_up=spec.pull_up,
-            active_state=None if spec.pull_up else (spec.active_high if spec.active_high is not None else True),
+            active_state=spec.active_high,  # None unless floating; then gpiozero needs it
             bounce_time=spec.bounce_time,
             pin_factory=self.pin_factory,
         )
         self._bounce[name] = spec.bounce_time or 0.0
+        self._active_high[name] = spec.active_high if spec.pull_up is None else not spec.pull_up
         device.when_activated = lambda _device: self._edge(name, True)
         if both_edges:
             device.when_deactivated = lambda _device: self._edge(name, False)
@@ -157,11 +159,11 @@ class Devices:
 
     def drive_input(self, name: str, active: bool) -> None:
         """Drive a mock input pin so that the input reads `active` (simulator and tests)."""
-        device = self.inputs[name]
-        if active == bool(device.active_state):
-            device.pin.drive_high()
+        pin = self.inputs[name].pin
+        if active == self._active_high[name]:
+            pin.drive_high()
         else:
-            device.pin.drive_low()
+            pin.drive_low()
 
     def pulse_input(self, name: str) -> None:
         """One activation of a mock input: active, then inactive again."""

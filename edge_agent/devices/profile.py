@@ -34,9 +34,19 @@ class OutputPin(_Strict):
 
 class InputPin(_Strict):
     pin: PinNumber = Field(ge=0, le=53)
-    pull_up: bool = False  # True: the switch pulls the pin to ground when active
-    active_high: bool | None = None  # only for pull_up: null (floating) inputs
+    # True: internal pull-up, active when pulled to ground; False: pull-down, active high;
+    # null: floating (an external circuit drives it), then `active_high` says which level is active.
+    pull_up: bool | None = False
+    active_high: bool | None = None
     bounce_time: float | None = Field(None, ge=0, le=1)  # seconds; edges closer than this are one edge
+
+    @model_validator(mode="after")
+    def _polarity(self) -> InputPin:
+        if self.pull_up is None and self.active_high is None:
+            raise ValueError("a floating input (pull_up: null) needs active_high: true or false")
+        if self.pull_up is not None and self.active_high is not None:
+            raise ValueError("active_high is only for floating inputs (pull_up: null); pull_up sets the polarity")
+        return self
 
 
 class BuildHint(_Strict):

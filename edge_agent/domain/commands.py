@@ -102,6 +102,11 @@ class Tick:
 
 
 @dataclass(frozen=True, slots=True)
+class RearmTimers:
+    """After a restart: every running timeout starts afresh (the outputs were off meanwhile)."""
+
+
+@dataclass(frozen=True, slots=True)
 class RecordStart:
     version: str
     profile: str
@@ -137,6 +142,7 @@ Command = (
     | TidyUp
     | CompleteStep
     | Tick
+    | RearmTimers
     | RecordStart
     | RecordStop
     | EngageEstop

@@ -65,6 +65,8 @@ def decide(state: State, command: cmd.Command, now: datetime) -> list[ev.Event]:
             return [ev.ShipmentArrived(moving), ev.InventoryIssued(moving, inventory_id(state.inventory_seq + 1))]
         case cmd.Tick():
             return [] if state.estop else _tick(state, at)
+        case cmd.RearmTimers():
+            return [] if state.estop else _rearm(state, at)
         case cmd.FailOrder(order_id, reason):
             _require(state, order_id, set(Stage) - FINISHED_STAGES, "failed")
             return [ev.OrderFailed(order_id, reason)]
@@ -168,11 +170,23 @@ def _tick(state: State, at: str) -> list[ev.Event]:
     events: list[ev.Event] = []
     for item in state.work_items.values():
         if item.paused_until is not None and item.paused_until <= at:
-            timeout = state.policy.unit_timeout_s if item.timer == UNIT_TIMER else state.policy.transit_timeout_s
-            events.append(ev.TimerArmed(item.order_id, item.timer or UNIT_TIMER, later(at, timeout)))
+            timer = item.timer or UNIT_TIMER
+            events.append(ev.TimerArmed(item.order_id, timer, later(at, _timeout(state, timer))))
         elif item.deadline is not None and item.deadline <= at:
             events += _retry_or_fail(state, item, _timeout_reason(state, item), at)
     return events
+
+
+def _rearm(state: State, at: str) -> list[ev.Event]:
+    return [
+        ev.TimerArmed(item.order_id, item.timer, later(at, _timeout(state, item.timer)))
+        for item in state.work_items.values()
+        if item.timer is not None and (item.deadline or item.paused_until)
+    ]
+
+
+def _timeout(state: State, timer: str | None) -> float:
+    return state.policy.transit_timeout_s if timer == TRANSIT_TIMER else state.policy.unit_timeout_s
 
 
 def _timeout_reason(state: State, item: WorkItem) -> str:

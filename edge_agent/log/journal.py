@@ -83,6 +83,11 @@ class Journal:
         self.log = log_
         self._state = state
         self._snapshot_every = snapshot_every
+        self._listeners: list[Callable[[State], None]] = []
+
+    def subscribe(self, listener: Callable[[State], None]) -> None:
+        """Call `listener(state)` after every commit (outputs, the outbox, waiters)."""
+        self._listeners.append(listener)
 
     @classmethod
     def open(
@@ -117,6 +122,8 @@ class Journal:
             if state.last_seq // self._snapshot_every > self._state.last_seq // self._snapshot_every:
                 tx.save_snapshot(state)
         self._state = state
+        for listener in self._listeners:
+            listener(state)
         return records
 
     def close(self) -> None:
