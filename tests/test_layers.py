@@ -13,6 +13,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "edge_agent"
 ALLOWED = {
     "domain": {"errors"},
     "log": {"domain", "errors", "clock"},
+    "workflow": {"domain", "errors", "clock"},
+    "devices": {"errors", "config"},
     "config": {"errors"},
     "clock": set(),
     "errors": set(),

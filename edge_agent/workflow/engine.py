@@ -9,7 +9,9 @@ has any effect.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from datetime import datetime
+from typing import Protocol
 
 from edge_agent.clock import Clock
 from edge_agent.domain import commands as cmd
@@ -19,7 +21,6 @@ from edge_agent.domain.events import Recorded
 from edge_agent.domain.moments import parse
 from edge_agent.domain.state import Stage, State, WorkItem
 from edge_agent.errors import EdgeAgentError
-from edge_agent.log.journal import Journal
 from edge_agent.workflow.steps import STEP_NAMES, STEPS
 
 log = logging.getLogger(__name__)
@@ -32,8 +33,17 @@ class WorkflowMismatch(EdgeAgentError):
     """The log records workflow steps that this version of the code does not have."""
 
 
+class Ledger(Protocol):
+    """Where decisions are committed: the log's journal (kept abstract so the layers stay apart)."""
+
+    @property
+    def state(self) -> State: ...
+
+    def append(self, events: Sequence[ev.Event]) -> list[Recorded]: ...
+
+
 class Workflow:
-    def __init__(self, journal: Journal, clock: Clock) -> None:
+    def __init__(self, journal: Ledger, clock: Clock) -> None:
         self.journal = journal
         self._clock = clock
 
