@@ -1,0 +1,1 @@
+"""MQTT: inbound orders and commands (acknowledged after commit), outbound from the log."""

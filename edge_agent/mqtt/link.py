@@ -1,0 +1,209 @@
+"""The connection to the broker: one paho-mqtt client, the one module that touches paho.
+
+paho-mqtt 2.x rather than aiomqtt: an order may be acknowledged (PUBACK) only
+after its accepted-or-rejected event is committed, and aiomqtt 2.5 acknowledges
+on receipt; paho has `manual_ack=True` and `Client.ack(mid, qos)`. paho runs its
+network loop on a thread of its own; the callbacks given here run on that thread.
+
+The session is persistent (fixed client id, clean start off, a session expiry
+on MQTT 5), so the broker keeps QoS 1 orders while the device is away. Lost
+connections are retried with capped exponential backoff and jitter.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from edge_agent.config import MqttConfig
+from edge_agent.errors import ConfigError
+from edge_agent.mqtt.topics import Topics
+
+log = logging.getLogger(__name__)
+
+BACKOFF_FIRST_S = 0.5
+BACKOFF_MAX_S = 30.0
+MAX_INFLIGHT = 100
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    """A message from the broker, to be acknowledged with `Link.ack(mid, qos)` once handled."""
+
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
+
+
+def backoff_s(attempt: int, rng: random.Random) -> float:
+    """Seconds before reconnect attempt `attempt` (0, 1, ...): doubling, capped, with jitter
+    so that a fleet does not reconnect in step after a broker restart."""
+    return min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2.0**attempt) * rng.uniform(0.5, 1.0)
+
+
+class Link:
+    def __init__(
+        self,
+        config: MqttConfig,
+        client_id: str,
+        topics: Topics,
+        *,
+        will: bytes,
+        on_message: Callable[[Inbound], None],
+        on_connection: Callable[[bool], None],
+        on_published: Callable[[int], None],
+    ) -> None:
+        self._config = config
+        self._topics = topics
+        self._on_message = on_message
+        self._on_connection = on_connection
+        self._on_published = on_published
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._rng = random.Random()
+        self.connected = False
+        self._was_up = False
+        self.reconnects = 0
+        v5 = config.protocol == "5"
+        self._client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
+            clean_session=None if v5 else False,
+            reconnect_on_failure=False,  # reconnects are ours: with jitter, and logged
+            manual_ack=True,
+        )
+        self._client.max_inflight_messages_set(MAX_INFLIGHT)
+        self._client.will_set(topics.status, will, qos=1, retain=True)
+        if config.username is not None:
+            self._client.username_pw_set(config.username, _read_password(config))
+        tls = config.tls
+        if tls.ca_file or tls.cert_file or tls.key_file:
+            self._client.tls_set(
+                ca_certs=str(tls.ca_file) if tls.ca_file else None,
+                certfile=str(tls.cert_file) if tls.cert_file else None,
+                keyfile=str(tls.key_file) if tls.key_file else None,
+            )
+        self._client.on_connect = self._connected
+        self._client.on_disconnect = self._disconnected
+        self._client.on_message = self._message
+        self._client.on_publish = self._published
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="mqtt", daemon=True)
+        self._thread.start()
+
+    def stop(self, farewell: tuple[str, bytes] | None = None, timeout_s: float = 2.0) -> None:
+        """Publish `farewell` (topic, payload; retained) if connected, then disconnect."""
+        self._stopping.set()
+        if farewell is not None and self.connected:
+            info = self._client.publish(farewell[0], farewell[1], qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout_s)
+            except (RuntimeError, ValueError):
+                log.warning("could not publish %s before stopping", farewell[0])
+        self._client.disconnect()
+        if self._thread is not None:
+            self._thread.join(timeout_s + 1)
+
+    def _run(self) -> None:
+        attempt = 0
+        while not self._stopping.is_set():
+            try:
+                self._connect()
+            except (OSError, ValueError) as error:
+                delay = backoff_s(attempt, self._rng)
+                log.warning(
+                    "cannot reach the broker at %s:%d (%s); retrying in %.1f s",
+                    self._config.host,
+                    self._config.port,
+                    error,
+                    delay,
+                )
+                attempt += 1
+                self._stopping.wait(delay)
+                continue
+            self._client.loop_forever(retry_first_connection=False)
+            if self._stopping.is_set():
+                return
+            if self._was_up:  # the connection had worked: start the backoff afresh
+                attempt, self._was_up = 0, False
+            delay = backoff_s(attempt, self._rng)
+            attempt += 1
+            self.reconnects += 1
+            log.warning("connection to the broker lost; reconnecting in %.1f s", delay)
+            self._stopping.wait(delay)
+
+    def _connect(self) -> None:
+        if self._config.protocol == "5":
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            properties.SessionExpiryInterval = self._config.session_expiry_s
+            self._client.connect(
+                self._config.host, self._config.port, self._config.keepalive_s, clean_start=False, properties=properties
+            )
+        else:
+            self._client.connect(self._config.host, self._config.port, self._config.keepalive_s)
+
+    # -- paho callbacks (on paho's thread) ---------------------------------------
+
+    def _connected(
+        self, client: paho.Client, userdata: object, flags: object, reason: ReasonCode, props: object
+    ) -> None:
+        if reason.is_failure:
+            log.error("the broker refused the connection: %s", reason)
+            return
+        self.connected = self._was_up = True
+        log.info("connected to the broker at %s:%d", self._config.host, self._config.port)
+        topics = self._topics
+        client.subscribe([(topics.orders, 1), (topics.device_orders, 1), (topics.commands, 1)])
+        self._on_connection(True)
+
+    def _disconnected(
+        self, client: paho.Client, userdata: object, flags: object, reason: ReasonCode, props: object
+    ) -> None:
+        was_connected, self.connected = self.connected, False
+        if was_connected:
+            self._on_connection(False)
+
+    def _message(self, client: paho.Client, userdata: object, message: paho.MQTTMessage) -> None:
+        self._on_message(Inbound(message.topic, bytes(message.payload), message.mid, message.qos))
+
+    def _published(self, client: paho.Client, userdata: object, mid: int, reason: ReasonCode, props: object) -> None:
+        self._on_published(mid)
+
+    # -- use (thread-safe) --------------------------------------------------------
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int | None:
+        """Send a message; its mid (reported to `on_published` on PUBACK), or None if not connected."""
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            return None
+        return info.mid
+
+    def ack(self, message: Inbound) -> None:
+        """Acknowledge an inbound message: only once its outcome is committed."""
+        if message.qos > 0:
+            self._client.ack(message.mid, message.qos)
+
+
+def _read_password(config: MqttConfig) -> str | None:
+    if config.password_file is None:
+        return None
+    try:
+        return config.password_file.read_text(encoding="utf-8").strip()
+    except OSError as error:
+        raise ConfigError(
+            f"mqtt.password_file: cannot read {config.password_file}: {error}", key="mqtt.password_file"
+        ) from error
