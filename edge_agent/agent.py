@@ -81,6 +81,14 @@ class Agent:
         self.simulator: Simulator | None = None
 
     async def __aenter__(self) -> Agent:
+        try:
+            self._start()
+        except BaseException:
+            await self._stack.aclose()  # a failed start-up still releases the pins and the log
+            raise
+        return self
+
+    def _start(self) -> None:
         loop = asyncio.get_running_loop()
         pin_factory: Any = make_pin_factory(self.profile.pin_factory)
         self._stack.callback(pin_factory.close)
@@ -113,7 +121,6 @@ class Agent:
             state.last_seq,
             len(state.work_items),
         )
-        return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         self._driving = False
