@@ -16,7 +16,7 @@ from pathlib import Path
 
 import orjson
 
-from edge_agent.log.store import EventLog, Row
+from edge_agent.log.store import OUTBOX_CURSOR, EventLog, Row
 
 
 class Retention(StrEnum):
@@ -46,7 +46,8 @@ def row_json(row: Row, *, with_hash: bool = False) -> bytes:
 def compact(log_: EventLog, retention: Retention, archive_dir: Path) -> Compaction:
     """Remove the events before the newest intact snapshot, per `retention`."""
     base = log_.base()
-    snapshot = log_.latest_snapshot()
+    # Never remove what a consumer (the MQTT outbox) has not yet taken.
+    snapshot = log_.latest_snapshot(log_.cursor(OUTBOX_CURSOR))
     if retention is Retention.keep or snapshot is None or snapshot.seq <= base.seq:
         return Compaction(retention, 0, None, None)
     archive = None

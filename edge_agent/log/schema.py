@@ -44,6 +44,15 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         )
         """,
     ),
+    (
+        "0004_cursors",
+        """
+        CREATE TABLE cursors (  -- how far a consumer of the log has got (the MQTT outbox)
+            name TEXT PRIMARY KEY,
+            seq  INTEGER NOT NULL
+        )
+        """,
+    ),
 )
 
 

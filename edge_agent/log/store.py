@@ -26,6 +26,7 @@ from edge_agent.errors import ConfigError, LogCorrupted, LogError
 from edge_agent.log.schema import MIGRATIONS, migrate
 
 GENESIS_HASH = "0" * 64
+OUTBOX_CURSOR = "outbox"  # the MQTT outbox: events up to here are acknowledged by the broker
 Synchronous = Literal["full", "normal"]
 _READ_BATCH = 5000
 
@@ -211,6 +212,7 @@ class EventLog:
         *,
         type_: str | None = None,
         subject: str | None = None,
+        limit: int | None = None,
     ) -> Iterator[Row]:
         """Stored rows in seq order, filtered; one consistent read of the file."""
         sql = "SELECT seq, ts, type, subject, data, hash FROM events WHERE seq >= ? AND seq <= ?"
@@ -221,7 +223,11 @@ class EventLog:
         if subject is not None:
             sql += " AND subject = ?"
             args.append(subject)
-        cursor = self._db.execute(sql + " ORDER BY seq", args)
+        sql += " ORDER BY seq"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        cursor = self._db.execute(sql, args)
         try:
             while batch := cursor.fetchmany(_READ_BATCH):
                 for values in batch:
@@ -237,6 +243,15 @@ class EventLog:
         back, so the result is always a prefix of the log."""
         (after,) = self._db.execute("SELECT min(seq) FROM events WHERE ts > ?", (until,)).fetchone()
         return int(after) - 1 if after is not None else self.head().seq
+
+    def cursor(self, name: str) -> int | None:
+        """How far the consumer `name` has got (None if it never said)."""
+        row = self._db.execute("SELECT seq FROM cursors WHERE name = ?", (name,)).fetchone()
+        return int(row[0]) if row else None
+
+    def save_cursor(self, name: str, seq: int) -> None:
+        with self.transaction():
+            self._db.execute("INSERT OR REPLACE INTO cursors (name, seq) VALUES (?, ?)", (name, seq))
 
     def read(self, from_seq: int = 1, to_seq: int | None = None) -> Iterator[Recorded]:
         """Decoded events in seq order."""
@@ -300,4 +315,4 @@ def _checksum(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-__all__ = ["GENESIS_HASH", "MIGRATIONS", "Base", "EventLog", "Row", "Snapshot", "Synchronous", "chain_hash"]
+__all__ = ["GENESIS_HASH", "MIGRATIONS", "OUTBOX_CURSOR", "Base", "EventLog", "Row", "Snapshot", "Synchronous", "chain_hash"]
