@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections import deque
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -32,10 +33,21 @@ from edge_agent.workflow.engine import Workflow
 log = logging.getLogger(__name__)
 
 
+ORDER_BATCH = 256  # orders decided and committed in one transaction at most
+
+
 @dataclass
 class _Request:
     command: cmd.Command
     reply: asyncio.Future[list[Recorded]] | None = field(default=None)
+
+
+@dataclass
+class _Offer:
+    """An inbound order; `committed` runs once its outcome is in the log (the MQTT ack)."""
+
+    command: cmd.SubmitOrder | cmd.RejectOrder
+    committed: Callable[[list[Recorded]], None]  # given the order's own committed events
 
 
 def plant_command(profile: Profile, speed: float) -> cmd.ConfigurePlant:
@@ -71,7 +83,9 @@ class Agent:
         self.config = config
         self.profile = profile or load_profile(config.profile)
         self.clock = clock or SystemClock()
-        self._inbox: asyncio.Queue[_Request] = asyncio.Queue()
+        self._requests: deque[_Request] = deque()
+        self._orders: deque[_Offer] = deque()
+        self._wake = asyncio.Event()
         self._changed = asyncio.Condition()
         self._driving = False  # outputs follow the state only while running
         self._stack = AsyncExitStack()
@@ -150,19 +164,42 @@ class Agent:
         """The single writer: inputs and requests in, decisions committed, work advanced."""
         while True:
             self.workflow.advance()
-            try:
-                request = await asyncio.wait_for(self._inbox.get(), self.workflow.next_wake())
-            except TimeoutError:
-                request = _Request(cmd.Tick())
-            try:
-                records = self.workflow.execute(request.command)
-            except Exception as error:
-                if request.reply is None:
-                    raise
-                request.reply.set_exception(error)
+            self._wake.clear()
+            if self._requests:
+                self._handle(self._requests.popleft())
+            elif self._orders and self._room() > 0:
+                self._take_orders()
             else:
-                if request.reply is not None:
-                    request.reply.set_result(records)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation.
+                try:
+                    async with asyncio.timeout(self.workflow.next_wake()):
+                        await self._wake.wait()
+                except TimeoutError:
+                    self._handle(_Request(cmd.Tick()))
+
+    def _handle(self, request: _Request) -> None:
+        try:
+            records = self.workflow.execute(request.command)
+        except Exception as error:
+            if request.reply is None:
+                raise
+            request.reply.set_exception(error)
+        else:
+            if request.reply is not None:
+                request.reply.set_result(records)
+
+    def _room(self) -> int:
+        """How many more work items may be opened (limits.max_open_items)."""
+        return self.config.limits.max_open_items - len(self.state.work_items)
+
+    def _take_orders(self) -> None:
+        """Decide waiting orders as one group commit, then acknowledge each. While the cell
+        is full, orders stay unacknowledged and the broker stops sending more."""
+        batch = [self._orders.popleft() for _ in range(min(len(self._orders), self._room(), ORDER_BATCH))]
+        records = self.workflow.execute_batch([offer.command for offer in batch])
+        for offer in batch:
+            subject = offer.command.order_id or ""
+            offer.committed([r for r in records if r.event.subject == subject])
 
     def _committed(self, state: State) -> None:
         if self._driving:
@@ -176,7 +213,8 @@ class Agent:
     def _on_edge(self, edge: Edge) -> None:
         command = _edge_command(edge)
         if command is not None:
-            self._inbox.put_nowait(_Request(command))
+            self._requests.append(_Request(command))
+            self._wake.set()
 
     def _seconds_per_unit(self, station_id: str) -> float:
         station = self.state.station(station_id)
@@ -189,11 +227,20 @@ class Agent:
     async def request(self, command: cmd.Command) -> list[Recorded]:
         """Have the control loop decide and commit `command`; its events once committed."""
         reply: asyncio.Future[list[Recorded]] = asyncio.get_running_loop().create_future()
-        await self._inbox.put(_Request(command, reply))
+        self._requests.append(_Request(command, reply))
+        self._wake.set()
         return await reply
 
-    async def submit(self, order: cmd.SubmitOrder) -> list[Recorded]:
-        return await self.request(order)
+    def offer(self, order: cmd.SubmitOrder | cmd.RejectOrder, committed: Callable[[list[Recorded]], None]) -> None:
+        """Queue an inbound order; `committed(events)` is called once its outcome is in the log."""
+        self._orders.append(_Offer(order, committed))
+        self._wake.set()
+
+    async def submit(self, order: cmd.SubmitOrder | cmd.RejectOrder) -> list[Recorded]:
+        """Submit an order in-process; its events once committed (none for a redelivery)."""
+        done: asyncio.Future[list[Recorded]] = asyncio.get_running_loop().create_future()
+        self.offer(order, done.set_result)
+        return await done
 
     async def cancel(self, order_id: str) -> list[Recorded]:
         return await self.request(cmd.CancelOrder(order_id))

@@ -31,6 +31,9 @@ class Simulator:
         self._speed = speed
         self._seconds_per_unit = seconds_per_unit
         self._changed: dict[str, asyncio.Event] = {name: asyncio.Event() for name in devices.outputs}
+        # Counted, not read: an output switched off and straight on again in one turn of the
+        # agent's loop is still a stop (the level alone would not show it).
+        self._offs: dict[str, int] = dict.fromkeys(devices.outputs, 0)
         self._loop = asyncio.get_running_loop()
         self.jammed: set[str] = set()  # stations that never finish a unit
         self.batches_to_lose = 0  # the next this many batches never arrive
@@ -40,7 +43,12 @@ class Simulator:
 
     def _output_changed(self, name: str, on: bool) -> None:
         # May run on gpiozero's thread (an e-stop turning everything off).
-        self._loop.call_soon_threadsafe(self._changed[name].set)
+        self._loop.call_soon_threadsafe(self._note_change, name, on)
+
+    def _note_change(self, name: str, on: bool) -> None:
+        if not on:
+            self._offs[name] += 1
+        self._changed[name].set()
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tasks:
@@ -65,7 +73,7 @@ class Simulator:
                 continue
             if self.batches_to_lose:
                 self.batches_to_lose -= 1
-                await self._until_off(CONVEYOR)  # fell off the belt: nothing arrives
+                await self._until_stopped(CONVEYOR)  # fell off the belt: nothing arrives
                 continue
             self.batches_delivered += 1
             self._devices.pulse_input("lane.arrived")
@@ -75,8 +83,10 @@ class Simulator:
         while not self._devices.is_on(output):
             await self._next_change(output)
 
-    async def _until_off(self, output: str) -> None:
-        while self._devices.is_on(output):
+    async def _until_stopped(self, output: str) -> None:
+        """Until `output` has been switched off at least once from now."""
+        offs = self._offs[output]
+        while self._offs[output] == offs:
             await self._next_change(output)
 
     async def _next_change(self, output: str) -> None:
@@ -85,14 +95,16 @@ class Simulator:
         await changed.wait()
 
     async def _stays_on(self, output: str, seconds: float) -> bool:
-        """Whether `output` stays on for `seconds` from now."""
+        """Whether `output` stays on, without a single stop, for `seconds` from now."""
         deadline = self._loop.time() + seconds
-        while self._devices.is_on(output):
+        offs = self._offs[output]
+        while self._devices.is_on(output) and self._offs[output] == offs:
             remaining = deadline - self._loop.time()
             if remaining <= 0:
                 return True
             try:
-                await asyncio.wait_for(self._next_change(output), remaining)
+                async with asyncio.timeout(remaining):  # not wait_for: it can swallow a cancellation on 3.11
+                    await self._next_change(output)
             except TimeoutError:
-                return self._devices.is_on(output)
-        return False
+                break
+        return self._devices.is_on(output) and self._offs[output] == offs

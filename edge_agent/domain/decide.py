@@ -60,8 +60,8 @@ def decide(state: State, command: cmd.Command, now: datetime) -> list[ev.Event]:
             return [ev.ShipmentStarted(order_id), ev.TimerArmed(order_id, TRANSIT_TIMER, deadline)]
         case cmd.RecordArrival():
             moving = state.lane.order_id
-            if moving is None:
-                return []
+            if moving is None or state.estop or state.work_items[moving].paused_until is not None:
+                return []  # the conveyor is stopped: nothing can have arrived
             return [ev.ShipmentArrived(moving), ev.InventoryIssued(moving, inventory_id(state.inventory_seq + 1))]
         case cmd.Tick():
             return [] if state.estop else _tick(state, at)

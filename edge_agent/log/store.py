@@ -315,4 +315,14 @@ def _checksum(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-__all__ = ["GENESIS_HASH", "MIGRATIONS", "OUTBOX_CURSOR", "Base", "EventLog", "Row", "Snapshot", "Synchronous", "chain_hash"]
+__all__ = [
+    "GENESIS_HASH",
+    "MIGRATIONS",
+    "OUTBOX_CURSOR",
+    "Base",
+    "EventLog",
+    "Row",
+    "Snapshot",
+    "Synchronous",
+    "chain_hash",
+]

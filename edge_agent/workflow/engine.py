@@ -18,9 +18,10 @@ from edge_agent.domain import commands as cmd
 from edge_agent.domain import events as ev
 from edge_agent.domain.decide import decide
 from edge_agent.domain.events import Recorded
-from edge_agent.domain.moments import parse
+from edge_agent.domain.evolve import fold
+from edge_agent.domain.moments import iso, parse
 from edge_agent.domain.state import Stage, State, WorkItem
-from edge_agent.errors import EdgeAgentError
+from edge_agent.errors import CommandRejected, EdgeAgentError
 from edge_agent.workflow.steps import STEP_NAMES, STEPS
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,23 @@ class Workflow:
     def execute(self, command: cmd.Command) -> list[Recorded]:
         """Decide `command` now and commit the result (CommandRejected if it does not apply)."""
         return self.journal.append(decide(self.state, command, self._clock.now()))
+
+    def execute_batch(self, commands: Sequence[cmd.Command]) -> list[Recorded]:
+        """Decide each command in turn, each seeing the ones before it, and commit them all
+        in one transaction (a group commit). A rejected command adds nothing."""
+        now = self._clock.now()
+        state = self.state
+        events: list[ev.Event] = []
+        for command in commands:
+            try:
+                decided = decide(state, command, now)
+            except CommandRejected as error:
+                log.warning("%s refused: %s", type(command).__name__, error)
+                continue
+            # What the batch so far leads to, so that the next command sees it (seqs as they will be).
+            state = fold(state, [Recorded(state.last_seq + i, iso(now), e) for i, e in enumerate(decided, 1)])
+            events += decided
+        return self.journal.append(events)
 
     def advance(self) -> None:
         """Move every item and the cell forward until nothing more can happen now."""
