@@ -1,0 +1,58 @@
+"""`edge-agent run`: the simulated plant in a real process, stopped in order by a signal."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from edge_agent.log.store import EventLog
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_for_log(path: Path, condition_type: str, process: subprocess.Popen[str], timeout: float = 30) -> None:
+    """Poll the log (another process writes it) until an event of that type is there."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[1]
+        if path.exists():
+            with EventLog(path, readonly=True) as log_:
+                if any(True for _ in log_.rows(type_=condition_type, limit=1)):
+                    return
+        time.sleep(0.05)  # another process: SQLite offers nothing to wait on
+    raise AssertionError(f"no {condition_type} in {path} after {timeout} s")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_run_builds_demo_orders_and_stops_in_order_on_a_signal(tmp_path: Path, signum: signal.Signals) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"device_id: test-cell\ndata_dir: ./var\nprofile: {ROOT / 'device_profiles' / 'simulated.yaml'}\nspeed: 50\n",
+        encoding="utf-8",
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "edge_agent", "run", "--config", str(config), "--demo", "3"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    db = tmp_path / "var" / "events.db"
+    try:
+        wait_for_log(db, "InventoryIssued", process)
+        process.send_signal(signum)
+        out, err = process.communicate(timeout=10)
+    finally:
+        process.kill()
+    assert process.returncode == 0, err
+    assert "stopped: outputs off, log closed" in out
+    with EventLog(db, readonly=True) as log_:
+        types = [row.type for row in log_.rows()]
+    assert types[0] == "AgentStarted"
+    assert types[-1] == "AgentStopped"
+    assert types.count("OrderAccepted") == 3
