@@ -104,7 +104,10 @@ def test_units_complete_the_build_then_the_batch_ships_and_gets_the_next_invento
     state = plant_more(state, cmd.RecordUnit("s1"), cmd.StartShipment())
     assert state.lane.order_id == "o1"
     assert state.stations[0].order_id is None  # s1 is free again
-    assert decide(state, cmd.RecordArrival(), T0) == [ev.ShipmentArrived("o1"), ev.InventoryIssued("o1", "INV00001")]
+    assert decide(state, cmd.RecordArrival(), T0) == [
+        ev.ShipmentArrived("o1"),
+        ev.InventoryIssued("o1", "INV00001", "widget-a", 2, "WH1"),
+    ]
 
 
 def test_emergency_stop_blocks_new_builds_units_and_shipments_until_released() -> None:

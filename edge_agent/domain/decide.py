@@ -62,7 +62,12 @@ def decide(state: State, command: cmd.Command, now: datetime) -> list[ev.Event]:
             moving = state.lane.order_id
             if moving is None or state.estop or state.work_items[moving].paused_until is not None:
                 return []  # the conveyor is stopped: nothing can have arrived
-            return [ev.ShipmentArrived(moving), ev.InventoryIssued(moving, inventory_id(state.inventory_seq + 1))]
+            item = state.work_items[moving]
+            issued = inventory_id(state.inventory_seq + 1)
+            return [
+                ev.ShipmentArrived(moving),
+                ev.InventoryIssued(moving, issued, item.product_id, item.qty, item.warehouse),
+            ]
         case cmd.Tick():
             return [] if state.estop else _tick(state, at)
         case cmd.RearmTimers():

@@ -72,9 +72,13 @@ class ShipmentArrived(_OrderEvent):
 
 @dataclass(frozen=True, slots=True)
 class InventoryIssued(_OrderEvent):
-    """The next inventory id was given to the batch (stage `InventoryAvailable`)."""
+    """The next inventory id was given to the batch (stage `InventoryAvailable`). It carries
+    the whole inventory record, so the record can be published from this event alone."""
 
     inventory_id: str
+    product_id: str
+    qty: int
+    warehouse: str
 
 
 @dataclass(frozen=True, slots=True)
