@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from collections import deque
 from collections.abc import Callable
 from contextlib import AsyncExitStack
@@ -264,23 +263,3 @@ def demo_orders(count: int, profile: Profile) -> list[cmd.SubmitOrder]:
         digest = f"{product}|{qty}|WH1|{priority}"
         orders.append(cmd.SubmitOrder(order_id, product, qty, "WH1", priority, digest))
     return orders
-
-
-def run_agent(config: Config, demo: int = 0) -> None:
-    """Run in the foreground until SIGINT or SIGTERM."""
-    asyncio.run(_serve(config, demo))
-
-
-async def _serve(config: Config, demo: int) -> None:
-    profile = load_profile(config.profile)  # a bad profile stops us before any pin or the log is touched
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    async with Agent(config, profile=profile) as agent, asyncio.TaskGroup() as tasks:
-        running = tasks.create_task(agent.run(), name="agent")
-        for order in demo_orders(demo, profile):
-            await agent.submit(order)
-        await stop.wait()
-        log.info("stopping on signal")
-        running.cancel()

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from edge_agent.errors import ConfigError
@@ -43,6 +43,12 @@ class MqttConfig(_Section):
     protocol: Literal["5", "3.1.1"] = "5"
     keepalive_s: int = Field(30, ge=5, le=65535)
     session_expiry_s: int = Field(86400, ge=0)
+
+    @model_validator(mode="after")
+    def _embedded_speaks_311(self) -> MqttConfig:
+        if self.embedded and self.protocol == "5":
+            raise ValueError('the embedded broker (amqtt) speaks MQTT 3.1.1 only: set protocol: "3.1.1"')
+        return self
 
 
 class LogConfig(_Section):

@@ -54,7 +54,7 @@ def run(
     demo: Annotated[int, typer.Option("--demo", min=0, help="Submit this many demo orders in-process at start.")] = 0,
 ) -> None:
     """Run the agent in the foreground (what systemd runs)."""
-    from edge_agent.agent import run_agent  # the CLI's other commands need none of the runtime
+    from edge_agent.service import run_agent  # the CLI's other commands need none of the runtime
 
     settings = load_config(config)
     logging.basicConfig(
@@ -62,6 +62,8 @@ def run(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stdout,
     )
+    for chatty in ("amqtt", "transitions"):  # the embedded broker's libraries log every step at INFO
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     run_agent(settings, demo)
 
 

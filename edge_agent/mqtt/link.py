@@ -59,9 +59,9 @@ class Link:
         topics: Topics,
         *,
         will: bytes,
-        on_message: Callable[[Inbound], None],
-        on_connection: Callable[[bool], None],
-        on_published: Callable[[int], None],
+        on_message: Callable[[Inbound], object],
+        on_connection: Callable[[bool], object],
+        on_published: Callable[[int], object],
     ) -> None:
         self._config = config
         self._topics = topics

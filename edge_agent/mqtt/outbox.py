@@ -26,11 +26,20 @@ WINDOW = 100  # events in flight at most
 class Row(Protocol):
     """A stored event (the log's row)."""
 
-    seq: int
-    ts: str
-    type: str
-    subject: str
-    data: str
+    @property
+    def seq(self) -> int: ...
+
+    @property
+    def ts(self) -> str: ...
+
+    @property
+    def type(self) -> str: ...
+
+    @property
+    def subject(self) -> str: ...
+
+    @property
+    def data(self) -> str: ...
 
 
 class Source(Protocol):

@@ -1,0 +1,172 @@
+"""The agent's MQTT face: orders and commands in, acknowledged only after commit;
+events, inventory and rejections out, from the log (SPEC §5).
+
+Wires the `mqtt` package to a running `Agent`. paho's callbacks arrive on
+paho's thread and are handed to the event loop at once; everything else runs on
+the loop, beside the agent's control loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+
+from edge_agent import __version__
+from edge_agent.agent import Agent
+from edge_agent.config import Config
+from edge_agent.domain import commands as cmd
+from edge_agent.domain.moments import iso
+from edge_agent.domain.state import Stage
+from edge_agent.domain.view import state_view
+from edge_agent.errors import CommandRejected
+from edge_agent.log.store import OUTBOX_CURSOR, EventLog, Row
+from edge_agent.mqtt.inbound import cancel_command, order_command
+from edge_agent.mqtt.link import Inbound, Link
+from edge_agent.mqtt.outbox import Outbox
+from edge_agent.mqtt.topics import Topics
+
+log = logging.getLogger(__name__)
+
+CURSOR_SAVE_S = 1.0
+
+
+class _LogSource:
+    """The outbox's view of the event log."""
+
+    def __init__(self, log_: EventLog) -> None:
+        self._log = log_
+
+    def rows_from(self, seq: int, limit: int) -> Sequence[Row]:
+        return list(self._log.rows(seq, limit=limit))
+
+    def load_cursor(self) -> int:
+        return self._log.cursor(OUTBOX_CURSOR) or 0
+
+    def save_cursor(self, seq: int) -> None:
+        self._log.save_cursor(OUTBOX_CURSOR, seq)
+
+
+class Gateway:
+    def __init__(self, agent: Agent, config: Config) -> None:
+        self._agent = agent
+        self._config = config
+        self._loop = asyncio.get_running_loop()
+        self._started = agent.clock.monotonic()
+        self.topics = Topics(config.mqtt.topic_prefix, config.device_id, config.mqtt.shared_group)
+        self.link = Link(
+            config.mqtt,
+            config.device_id,
+            self.topics,
+            will=self._status("offline", None),
+            on_message=lambda message: self._loop.call_soon_threadsafe(self._received, message),
+            on_connection=lambda up: self._loop.call_soon_threadsafe(self._connection, up),
+            on_published=lambda mid: self._loop.call_soon_threadsafe(self._published, mid),
+        )
+        self.outbox = Outbox(_LogSource(agent.journal.log), self.link.publish, self.topics, config.device_id)
+        agent.journal.subscribe(lambda state: self.outbox.pump())
+
+    async def run(self) -> None:
+        """Connect and serve until cancelled; then say `offline` and disconnect."""
+        self.link.start()
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._telemetry(), name="telemetry")
+                tasks.create_task(self._save_cursor(), name="outbox cursor")
+        finally:
+            self.outbox.save()
+            farewell = (self.topics.status, self._status("offline", self._agent.state.last_seq))
+            await asyncio.to_thread(self.link.stop, farewell)
+
+    # -- from paho (already on the loop) ----------------------------------------
+
+    def _connection(self, up: bool) -> None:
+        if not up:
+            self.outbox.disconnected()
+            return
+        self._birth()
+        self.outbox.connected()
+
+    def _published(self, mid: int) -> None:
+        self.outbox.published(mid)
+
+    def _received(self, message: Inbound) -> None:
+        topic = message.topic
+        max_bytes = self._config.limits.max_payload_bytes
+        if self.topics.is_order(topic):
+            order = order_command(message.payload, dict(self._agent.state.products.items()), max_bytes)
+            if isinstance(order, cmd.RejectOrder):
+                log.warning("order rejected: %s", order.reason)
+            self._agent.offer(order, lambda records: self.link.ack(message))
+        elif topic == self.topics.cancel:
+            cancel = cancel_command(message.payload, max_bytes)
+            if isinstance(cancel, str):
+                log.warning("cancel command ignored: %s", cancel)
+                self.link.ack(message)
+            else:
+                self._loop.create_task(self._cancel(cancel, message))
+        elif topic == self.topics.rebirth:
+            self._birth()
+            self.link.ack(message)
+        else:
+            log.warning("no such command: %s", topic)
+            self.link.ack(message)
+
+    async def _cancel(self, cancel: cmd.CancelOrder, message: Inbound) -> None:
+        try:
+            await self._agent.request(cancel)
+        except CommandRejected as error:
+            log.warning("cancel refused: %s", error)
+        self.link.ack(message)
+
+    # -- out ----------------------------------------------------------------------
+
+    def _status(self, state: str, last_seq: int | None) -> bytes:
+        since = iso(self._agent.clock.now()) if last_seq is not None else None
+        return orjson.dumps({"state": state, "since": since, "version": __version__, "last_seq": last_seq})
+
+    def _birth(self) -> None:
+        """`online` with the log position, and the whole live state (both retained)."""
+        state = self._agent.state
+        self.link.publish(self.topics.status, self._status("online", state.last_seq), retain=True)
+        snapshot: dict[str, Any] = {"device_id": self._config.device_id, **state_view(state, self._agent.clock.now())}
+        self.link.publish(self.topics.state, orjson.dumps(snapshot), retain=True)
+
+    def telemetry(self) -> dict[str, Any]:
+        state = self._agent.state
+        items = state.work_items
+        busy = [(s.id, items[s.order_id]) for s in state.stations if s.order_id is not None]
+        return {
+            "device_id": self._config.device_id,
+            "ts": iso(self._agent.clock.now()),
+            "stations": {"busy": len(busy), "free": len(state.stations) - len(busy)},
+            "waiting": sum(1 for i in items.values() if i.stage is Stage.FACTORY_READY),
+            "building": [
+                {"order_id": item.order_id, "station": station, "progress": item.progress} for station, item in busy
+            ],
+            "shipped": state.inventory_seq,
+            "last_seq": state.last_seq,
+            "outbox_lag": state.last_seq - self.outbox.acked,
+            "uptime_s": round(self._agent.clock.monotonic() - self._started, 3),
+        }
+
+    async def _telemetry(self) -> None:
+        last_state_seq = -1
+        while True:
+            await asyncio.sleep(self._config.telemetry_interval_s)
+            if not self.link.connected:
+                continue
+            self.link.publish(self.topics.telemetry, orjson.dumps(self.telemetry()), qos=0)
+            state = self._agent.state
+            if state.last_seq != last_state_seq:  # keep the retained snapshot current, not on every event
+                view = {"device_id": self._config.device_id, **state_view(state, self._agent.clock.now())}
+                self.link.publish(self.topics.state, orjson.dumps(view), retain=True)
+                last_state_seq = state.last_seq
+
+    async def _save_cursor(self) -> None:
+        while True:
+            await asyncio.sleep(CURSOR_SAVE_S)
+            self.outbox.save()
