@@ -14,6 +14,7 @@ from edge_agent import __version__
 from edge_agent.cli import display
 from edge_agent.cli.log import log_app
 from edge_agent.cli.options import ConfigOption, DbOption, JsonOption, open_log
+from edge_agent.cli.order import order_app
 from edge_agent.cli.profile import profile_app
 from edge_agent.clock import SystemClock
 from edge_agent.config import load_config
@@ -30,6 +31,7 @@ app = typer.Typer(
 )
 app.add_typer(log_app, name="log")
 app.add_typer(profile_app, name="profile")
+app.add_typer(order_app, name="order")
 
 
 def _version(value: bool) -> None:

@@ -85,15 +85,7 @@ class Link:
         )
         self._client.max_inflight_messages_set(MAX_INFLIGHT)
         self._client.will_set(topics.status, will, qos=1, retain=True)
-        if config.username is not None:
-            self._client.username_pw_set(config.username, _read_password(config))
-        tls = config.tls
-        if tls.ca_file or tls.cert_file or tls.key_file:
-            self._client.tls_set(
-                ca_certs=str(tls.ca_file) if tls.ca_file else None,
-                certfile=str(tls.cert_file) if tls.cert_file else None,
-                keyfile=str(tls.key_file) if tls.key_file else None,
-            )
+        secure(self._client, config)
         self._client.on_connect = self._connected
         self._client.on_disconnect = self._disconnected
         self._client.on_message = self._message
@@ -198,7 +190,20 @@ class Link:
             self._client.ack(message.mid, message.qos)
 
 
-def _read_password(config: MqttConfig) -> str | None:
+def secure(client: paho.Client, config: MqttConfig) -> None:
+    """Credentials and TLS, as configured."""
+    if config.username is not None:
+        client.username_pw_set(config.username, read_password(config))
+    tls = config.tls
+    if tls.ca_file or tls.cert_file or tls.key_file:
+        client.tls_set(
+            ca_certs=str(tls.ca_file) if tls.ca_file else None,
+            certfile=str(tls.cert_file) if tls.cert_file else None,
+            keyfile=str(tls.key_file) if tls.key_file else None,
+        )
+
+
+def read_password(config: MqttConfig) -> str | None:
     if config.password_file is None:
         return None
     try:

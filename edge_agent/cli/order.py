@@ -1,0 +1,89 @@
+"""`edge-agent order submit`: publish an order to the configured broker, and follow it."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any
+
+import orjson
+import typer
+
+from edge_agent.cli import display
+from edge_agent.cli.options import ConfigOption
+from edge_agent.config import load_config
+from edge_agent.errors import EdgeAgentError
+from edge_agent.mqtt.client import session
+
+order_app = typer.Typer(help="Submit orders to the configured broker.", no_args_is_help=True)
+
+
+class OrderNotCompleted(EdgeAgentError):
+    """The order was rejected, failed or cancelled, or did not finish in time."""
+
+
+def _milestone(event: dict[str, Any]) -> str | None:
+    """What a person wants to see of one of the order's events (None: not worth a line)."""
+    data = event["data"]
+    return {
+        "OrderAccepted": f"accepted by {event['device_id']}",
+        "OrderQueued": "waiting for a station",
+        "StationAssigned": f"building on {data.get('station')}",
+        "UnitBuilt": "unit built",
+        "BuildComplete": "built; waiting for the shipping lane",
+        "ShipmentStarted": "moving to the warehouse",
+        "RetryScheduled": f"retrying: {data.get('reason')}",
+        "InventoryIssued": f"inventory {data.get('inventory_id')} in {data.get('warehouse')}",
+    }.get(event["type"])
+
+
+@order_app.command()
+def submit(
+    product: Annotated[str, typer.Argument(help="The product id, e.g. widget-a.")],
+    qty: Annotated[int, typer.Argument(help="How many units.")],
+    warehouse: Annotated[str, typer.Option("--warehouse", help="Where the batch goes.")],
+    order_id: Annotated[
+        str | None, typer.Option("--order-id", help="The idempotency key \\[default: a new one].")
+    ] = None,
+    device: Annotated[str | None, typer.Option("--device", help="Send to this device only (else the fleet).")] = None,
+    priority: Annotated[int, typer.Option("--priority", help="Higher is built first.")] = 0,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Follow the order to its inventory id, rejection or failure.")
+    ] = False,
+    timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds to wait with --wait.")] = 300.0,
+    config: ConfigOption = None,
+) -> None:
+    """Publish an order (QoS 1); with --wait, follow it. Exit 1 on rejection, failure or timeout."""
+    settings = load_config(config)
+    prefix = settings.mqtt.topic_prefix
+    order_id = order_id or f"order-{uuid.uuid4().hex[:12]}"
+    body = {"order_id": order_id, "product_id": product, "qty": qty, "warehouse": warehouse, "priority": priority}
+    topic = f"{prefix}/{device}/orders" if device else f"{prefix}/orders"
+    follow = [f"{prefix}/{device or '+'}/events"] if wait else []
+    with session(settings.mqtt, follow) as client:
+        client.publish(topic, orjson.dumps(body), timeout_s=min(timeout, 30.0))
+        display.out.print(f"submitted {order_id} to {topic}", markup=False)
+        if wait:
+            _follow(client, order_id, timeout)
+
+
+def _follow(client: Any, order_id: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        received = client.next_event(left)
+        if received is None:
+            break
+        _, event = received
+        if not isinstance(event, dict) or event.get("subject") != order_id:
+            continue
+        kind = event.get("type")
+        if kind in ("OrderRejected", "OrderFailed"):
+            raise OrderNotCompleted(f"order {order_id} {kind.removeprefix('Order').lower()}: {event['data']['reason']}")
+        if kind == "OrderCancelled":
+            raise OrderNotCompleted(f"order {order_id} was cancelled")
+        line = _milestone(event)
+        if line:
+            display.out.print(line, markup=False)
+        if kind == "InventoryIssued":
+            return
+    raise OrderNotCompleted(f"order {order_id} did not reach the warehouse within {timeout:g} s")
