@@ -15,6 +15,7 @@ ALLOWED = {
     "log": {"domain", "errors", "clock"},
     "workflow": {"domain", "errors", "clock"},
     "devices": {"errors", "config"},
+    "mqtt": {"domain", "errors", "config"},
     "config": {"errors"},
     "clock": set(),
     "errors": set(),

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from edge_agent.log.store import EventLog
+from tests.brokers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,7 +34,8 @@ def wait_for_log(path: Path, condition_type: str, process: subprocess.Popen[str]
 def test_run_builds_demo_orders_and_stops_in_order_on_a_signal(tmp_path: Path, signum: signal.Signals) -> None:
     config = tmp_path / "config.yaml"
     config.write_text(
-        f"device_id: test-cell\ndata_dir: ./var\nprofile: {ROOT / 'device_profiles' / 'simulated.yaml'}\nspeed: 50\n",
+        f"device_id: test-cell\ndata_dir: ./var\nprofile: {ROOT / 'device_profiles' / 'simulated.yaml'}\n"
+        f"speed: 50\nmqtt: {{port: {free_port()}}}\nhttp: {{enabled: false}}\n",  # no broker there: runs offline
         encoding="utf-8",
     )
     process = subprocess.Popen(

@@ -1,0 +1,93 @@
+"""Real MQTT brokers for tests: Mosquitto processes and the embedded amqtt broker,
+each on a free port of 127.0.0.1."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 10.0) -> None:
+    """Until something accepts connections on 127.0.0.1:port."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.02)  # a separate process: nothing to wait on but the port itself
+    raise AssertionError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+def mosquitto_binary() -> str:
+    """The mosquitto executable; without it the tests that need it fail under CI and skip elsewhere."""
+    found = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+    if found is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("mosquitto is not installed (.ci/run installs it with apt-get)")
+        pytest.skip("mosquitto is not installed: apt-get install mosquitto mosquitto-clients")
+    return found
+
+
+@dataclass
+class Mosquitto:
+    """A Mosquitto broker process that can be killed and started again on the same port
+    (its persistence file keeps sessions and queued messages across the restart)."""
+
+    folder: Path
+    port: int
+    extra: str = ""
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def config_file(self) -> Path:
+        return self.folder / "mosquitto.conf"
+
+    def start(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.config_file.write_text(
+            f"user {getpass.getuser()}\n"  # as root, mosquitto would drop to a user that cannot write here
+            f"listener {self.port} 127.0.0.1\n"
+            f"persistence true\npersistence_location {self.folder}/\n"
+            "autosave_interval 1\n"
+            f"log_dest file {self.folder}/mosquitto.log\n"
+            f"{self.extra or 'allow_anonymous true'}\n",
+            encoding="utf-8",
+        )
+        self.process = subprocess.Popen([mosquitto_binary(), "-c", str(self.config_file)])
+        wait_for_port(self.port)
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+
+@contextmanager
+def mosquitto(folder: Path, extra: str = "") -> Iterator[Mosquitto]:
+    broker = Mosquitto(folder, free_port(), extra)
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.kill()
