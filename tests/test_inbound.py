@@ -1,0 +1,97 @@
+"""Inbound payloads: every one becomes an order or a rejection with a reason, never a crash."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edge_agent.domain import commands as cmd
+from edge_agent.mqtt.inbound import cancel_command, order_command
+
+PRODUCTS = {"widget-a": 100, "gadget-b": 20}
+LIMIT = 4096
+GOOD = {"order_id": "o-1", "product_id": "widget-a", "qty": 2, "warehouse": "WH1"}
+
+
+def reject_reason(payload: bytes) -> tuple[str | None, str]:
+    result = order_command(payload, PRODUCTS, LIMIT)
+    assert isinstance(result, cmd.RejectOrder), result
+    return result.order_id, result.reason
+
+
+def with_(**changes: object) -> bytes:
+    return orjson.dumps({**GOOD, **changes})
+
+
+def test_a_valid_order_becomes_a_submission_with_a_digest_of_its_body() -> None:
+    result = order_command(orjson.dumps(GOOD), PRODUCTS, LIMIT)
+    assert isinstance(result, cmd.SubmitOrder)
+    assert (result.order_id, result.product_id, result.qty, result.warehouse, result.priority) == (
+        "o-1",
+        "widget-a",
+        2,
+        "WH1",
+        0,
+    )
+    reordered = b'{"warehouse":"WH1","qty":2,"product_id":"widget-a","order_id":"o-1"}'
+    same = order_command(reordered, PRODUCTS, LIMIT)
+    assert isinstance(same, cmd.SubmitOrder)
+    assert same.digest == result.digest  # the same order, however laid out
+    other = order_command(with_(qty=3), PRODUCTS, LIMIT)
+    assert isinstance(other, cmd.SubmitOrder)
+    assert other.digest != result.digest
+
+
+@pytest.mark.parametrize(
+    ("payload", "order_id", "reason"),
+    [
+        (b"not json", None, "not JSON"),
+        (b"\xff\xfe{}", None, "not UTF-8"),
+        (b"x" * (LIMIT + 1), None, f"over the limit of {LIMIT}"),
+        (b"[1, 2]", None, "a JSON list, not an object"),
+        (b"[" * 2000 + b"]" * 2000, None, "not JSON: depth limit exceeded"),
+        (b'"just a string"', None, "a JSON str"),
+        (orjson.dumps({k: v for k, v in GOOD.items() if k != "qty"}), "o-1", "qty: Field required"),
+        (with_(colour="red"), "o-1", "colour: unknown field"),
+        (with_(qty="3"), "o-1", "qty: Input should be a valid integer"),
+        (with_(qty=True), "o-1", "qty: Input should be a valid integer"),
+        (with_(qty=2.0), "o-1", "qty: Input should be a valid integer"),
+        (with_(qty=0), "o-1", "qty: Input should be greater than or equal to 1"),
+        (with_(qty=101), "o-1", "qty 101 is over the largest 100 for widget-a"),
+        (with_(qty=2).replace(b'"qty":2', b'"qty":' + b"9" * 40), "o-1", "qty: Input should be a valid integer"),
+        (with_(product_id="sprocket"), "o-1", "unknown product 'sprocket'"),
+        (with_(order_id="has space"), None, "order_id: String should match pattern"),
+        (with_(order_id="x" * 65), None, "order_id"),
+        (with_(warehouse=""), "o-1", "warehouse"),
+        (with_(priority="high"), "o-1", "priority"),
+    ],
+)
+def test_every_bad_input_is_rejected_with_a_reason(payload: bytes, order_id: str | None, reason: str) -> None:
+    got_id, got_reason = reject_reason(payload)
+    assert got_id == order_id
+    assert reason in got_reason
+
+
+def test_a_cancel_needs_exactly_an_order_id() -> None:
+    assert cancel_command(b'{"order_id": "o-1"}', LIMIT) == cmd.CancelOrder("o-1")
+    assert "unknown field" in str(cancel_command(b'{"order_id": "o-1", "now": true}', LIMIT))
+    assert "not JSON" in str(cancel_command(b"{", LIMIT))
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False) | st.text(max_size=80),
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=12), children, max_size=5),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.binary(max_size=600), json_values.map(orjson.dumps), st.builds(with_, qty=json_values)))
+def test_any_payload_is_an_order_or_a_rejection_never_a_crash(payload: bytes) -> None:
+    result = order_command(payload, PRODUCTS, LIMIT)
+    assert isinstance(result, cmd.SubmitOrder | cmd.RejectOrder)
+    if isinstance(result, cmd.RejectOrder):
+        assert result.reason
+        assert len(result.reason) < 2000  # a reason, not an echo of the payload
