@@ -32,7 +32,11 @@ log = logging.getLogger(__name__)
 
 BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 30.0
-MAX_INFLIGHT = 100
+MAX_INFLIGHT = 100  # our own unacknowledged publishes
+# Unacknowledged orders the broker may send us (MQTT 5 Receive Maximum). Orders wait
+# unacknowledged while the cell is full, so this bounds what waits in memory: past it the
+# broker holds them (backpressure), and nothing acknowledged is ever dropped.
+RECEIVE_MAXIMUM = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +146,7 @@ class Link:
         if self._config.protocol == "5":
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             properties.SessionExpiryInterval = self._config.session_expiry_s
+            properties.ReceiveMaximum = RECEIVE_MAXIMUM
             self._client.connect(
                 self._config.host, self._config.port, self._config.keepalive_s, clean_start=False, properties=properties
             )
