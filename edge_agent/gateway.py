@@ -19,6 +19,7 @@ from edge_agent import __version__
 from edge_agent.agent import Agent
 from edge_agent.config import Config
 from edge_agent.domain import commands as cmd
+from edge_agent.domain.events import Recorded
 from edge_agent.domain.moments import iso
 from edge_agent.domain.state import Stage
 from edge_agent.domain.view import state_view
@@ -26,12 +27,13 @@ from edge_agent.errors import CommandRejected
 from edge_agent.log.store import OUTBOX_CURSOR, EventLog, Row
 from edge_agent.mqtt.inbound import cancel_command, order_command
 from edge_agent.mqtt.link import Inbound, Link
-from edge_agent.mqtt.outbox import Outbox
+from edge_agent.mqtt.outbox import Outbox, messages
 from edge_agent.mqtt.topics import Topics
 
 log = logging.getLogger(__name__)
 
 CURSOR_SAVE_S = 1.0
+_OUTCOMES = frozenset({"InventoryIssued", "OrderFailed", "OrderCancelled"})
 
 
 class _LogSource:
@@ -100,7 +102,7 @@ class Gateway:
             order = order_command(message.payload, dict(self._agent.state.products.items()), max_bytes)
             if isinstance(order, cmd.RejectOrder):
                 log.warning("order rejected: %s", order.reason)
-            self._agent.offer(order, lambda records: self.link.ack(message))
+            self._agent.offer(order, lambda records: self._order_committed(order, records, message))
         elif topic == self.topics.cancel:
             cancel = cancel_command(message.payload, max_bytes)
             if isinstance(cancel, str):
@@ -114,6 +116,19 @@ class Gateway:
         else:
             log.warning("no such command: %s", topic)
             self.link.ack(message)
+
+    def _order_committed(
+        self, order: cmd.SubmitOrder | cmd.RejectOrder, records: list[Recorded], message: Inbound
+    ) -> None:
+        self.link.ack(message)
+        if records or not isinstance(order, cmd.SubmitOrder) or order.order_id in self._agent.state.work_items:
+            return
+        # The sender retried an order that is already finished: tell it again how it ended.
+        log_ = self._agent.journal.log
+        ended = [row for row in log_.rows(subject=order.order_id) if row.type in _OUTCOMES]
+        if ended:
+            for topic, payload in messages(ended[-1], self._config.device_id, self.topics):
+                self.link.publish(topic, payload)
 
     async def _cancel(self, cancel: cmd.CancelOrder, message: Inbound) -> None:
         try:

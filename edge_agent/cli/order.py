@@ -8,12 +8,14 @@ from typing import Annotated, Any
 
 import orjson
 import typer
+from pydantic import ValidationError
 
 from edge_agent.cli import display
 from edge_agent.cli.options import ConfigOption
 from edge_agent.config import load_config
-from edge_agent.errors import EdgeAgentError
+from edge_agent.errors import ConfigError, EdgeAgentError
 from edge_agent.mqtt.client import session
+from edge_agent.mqtt.inbound import OrderPayload, describe
 
 order_app = typer.Typer(help="Submit orders to the configured broker.", no_args_is_help=True)
 
@@ -58,6 +60,11 @@ def submit(
     prefix = settings.mqtt.topic_prefix
     order_id = order_id or f"order-{uuid.uuid4().hex[:12]}"
     body = {"order_id": order_id, "product_id": product, "qty": qty, "warehouse": warehouse, "priority": priority}
+    try:  # the checks every agent makes, before anything is sent
+        OrderPayload.model_validate(body)
+    except ValidationError as error:
+        field = str(error.errors()[0]["loc"][0])
+        raise ConfigError(describe(error), key=field) from error
     topic = f"{prefix}/{device}/orders" if device else f"{prefix}/orders"
     follow = [f"{prefix}/{device or '+'}/events"] if wait else []
     with session(settings.mqtt, follow) as client:

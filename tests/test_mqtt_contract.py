@@ -1,0 +1,640 @@
+"""The MQTT contract (SPEC §5) and the bad-input table (SPEC §10), end to end.
+
+`edge-agent run` is a real child process with a config file; the back office is
+a paho peer (tests/mqtt_peer.py), the `edge-agent order submit` CLI, or the
+Mosquitto command-line clients. Each test runs against both brokers where that
+makes sense: the embedded amqtt broker that the agent hosts itself (MQTT 3.1.1),
+and a real Mosquitto (MQTT 5).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import yaml
+
+from edge_agent import __version__
+from edge_agent.log.store import EventLog, Row
+from tests.brokers import Mosquitto, free_port, wait_for_port
+from tests.mqtt_peer import WAIT_S, Message, Peer, on, peer
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+PROFILE = ROOT / "device_profiles" / "simulated.yaml"
+PREFIX = "factory"
+ORDERS = f"{PREFIX}/orders"
+MAX_PAYLOAD = 16384  # room for a nesting deeper than JSON parsers allow, still small enough to exceed
+EVENT_KEYS = {"device_id", "seq", "ts", "type", "subject", "data"}
+STATUS_KEYS = {"state", "since", "version", "last_seq"}
+INVENTORY_KEYS = {"inventory_id", "order_id", "product_id", "qty", "warehouse", "device_id", "completed_at"}
+TELEMETRY_KEYS = {
+    "device_id",
+    "ts",
+    "stations",
+    "waiting",
+    "building",
+    "shipped",
+    "last_seq",
+    "outbox_lag",
+    "uptime_s",
+}
+
+
+# -- brokers and agents ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Broker:
+    name: str
+    port: int
+    protocol: str  # what the agent and the test peers speak to it
+    embedded: bool  # hosted by the agent process itself
+
+
+@pytest.fixture(params=["amqtt", "mosquitto"])
+def broker(request: pytest.FixtureRequest) -> Broker:
+    if request.param == "mosquitto":
+        mosquitto: Mosquitto = request.getfixturevalue("mosquitto_broker")
+        return Broker("mosquitto", mosquitto.port, "5", embedded=False)
+    return Broker("amqtt", free_port(), "3.1.1", embedded=True)
+
+
+class Topic:
+    """The device's topics, spelled out from SPEC §5 (not from the code under test)."""
+
+    def __init__(self, device_id: str) -> None:
+        own = f"{PREFIX}/{device_id}"
+        self.orders = f"{own}/orders"
+        self.cancel = f"{own}/cmd/cancel"
+        self.rebirth = f"{own}/cmd/rebirth"
+        self.status = f"{own}/status"
+        self.events = f"{own}/events"
+        self.inventory = f"{own}/inventory"
+        self.rejected = f"{own}/orders/rejected"
+        self.state = f"{own}/state"
+        self.telemetry = f"{own}/telemetry"
+
+
+class AgentProcess:
+    """`edge-agent run --config FILE` as a child process, its output in a file."""
+
+    def __init__(self, folder: Path, broker: Broker) -> None:
+        self.broker = broker
+        self.device_id = f"cell-{uuid.uuid4().hex[:8]}"
+        self.topic = Topic(self.device_id)
+        self.folder = folder
+        self.db = folder / "var" / "events.db"
+        self.config = folder / "config.yaml"
+        self.output = folder / "agent.out"
+        self.process: subprocess.Popen[bytes] | None = None
+        config = {
+            "device_id": self.device_id,
+            "data_dir": str(folder / "var"),
+            "profile": str(PROFILE),
+            "speed": 50,
+            "telemetry_interval_s": 0.5,
+            "http": {"enabled": False},
+            "limits": {"max_payload_bytes": MAX_PAYLOAD},
+            "mqtt": {"embedded": broker.embedded, "port": broker.port, "protocol": broker.protocol},
+        }
+        folder.mkdir(parents=True, exist_ok=True)
+        self.config.write_text(yaml.safe_dump(config), encoding="utf-8")
+
+    def start(self) -> None:
+        """Start, and return once the agent has said `online` on its status topic."""
+        with open(self.output, "ab") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "edge_agent", "run", "--config", str(self.config)],
+                cwd=ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            if self.broker.embedded:
+                wait_for_port(self.broker.port)
+            with self.peer(self.topic.status) as watcher:
+                watcher.wait_for(lambda m: m.topic == self.topic.status and m.json()["state"] == "online")
+        except AssertionError as error:
+            raise AssertionError(f"the agent did not come online: {error}\n{self.log_tail()}") from None
+
+    def peer(self, *topics: str, name: str = "peer") -> AbstractContextManager[Peer]:
+        return peer(self.broker.port, self.broker.protocol, *topics, name=name)
+
+    def log_tail(self) -> str:
+        return self.output.read_text(encoding="utf-8", errors="replace")[-4000:] if self.output.exists() else ""
+
+    def assert_alive(self) -> None:
+        assert self.process is not None
+        assert self.process.poll() is None, f"the agent exited with {self.process.returncode}:\n{self.log_tail()}"
+
+    def stop(self, signum: signal.Signals = signal.SIGTERM) -> int:
+        """Signal the agent and wait for it to exit; its exit code."""
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
+        try:
+            return self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError(f"the agent did not stop on {signum.name}:\n{self.log_tail()}") from None
+
+    def rows(self, type_: str | None = None, subject: str | None = None) -> list[Row]:
+        """The log as it is now (read-only; the agent may be writing)."""
+        with EventLog(self.db, readonly=True) as log_:
+            return list(log_.rows(type_=type_, subject=subject))
+
+    def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """`edge-agent ARGS --config FILE`."""
+        return subprocess.run(
+            [sys.executable, "-m", "edge_agent", *args, "--config", str(self.config)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+
+AgentFactory = Callable[..., AgentProcess]
+
+
+@pytest.fixture
+def new_agent(tmp_path: Path, broker: Broker) -> Iterator[AgentFactory]:
+    """Make agents on the broker under test (`start=False` to start one later); each is
+    stopped by SIGTERM at the end, and must then exit 0 unless the test killed it."""
+    made: list[AgentProcess] = []
+
+    def make(start: bool = True) -> AgentProcess:
+        agent = AgentProcess(tmp_path / f"agent{len(made)}", broker)
+        made.append(agent)
+        if start:
+            agent.start()
+        return agent
+
+    yield make
+    for agent in made:
+        if agent.process is None:
+            continue
+        if agent.process.returncode is not None:  # stopped (or killed) by the test itself
+            continue
+        code = agent.stop()
+        assert code == 0, f"the agent exited with {code} on SIGTERM:\n{agent.log_tail()}"
+
+
+def event(topic: Topic, type_: str, subject: str | None = None) -> Callable[[Message], bool]:
+    """An event of that type (and subject) on the device's events topic."""
+
+    def matches(message: Message) -> bool:
+        if message.topic != topic.events:
+            return False
+        body = message.json()
+        return bool(body["type"] == type_ and (subject is None or body["subject"] == subject))
+
+    return matches
+
+
+def order(order_id: str, product_id: str = "widget-a", qty: int = 2, warehouse: str = "WH1") -> dict[str, Any]:
+    return {"order_id": order_id, "product_id": product_id, "qty": qty, "warehouse": warehouse}
+
+
+def first_occurrences(messages: list[Message]) -> list[dict[str, Any]]:
+    """Events in arrival order, a redelivered seq counted once (at least once delivery)."""
+    seen: set[int] = set()
+    firsts = []
+    for message in messages:
+        body = message.json()
+        if body["seq"] not in seen:
+            seen.add(body["seq"])
+            firsts.append(body)
+    return firsts
+
+
+def assert_iso(value: object) -> None:
+    assert isinstance(value, str), value
+    assert datetime.fromisoformat(value).tzinfo is not None, f"{value} has no time zone"
+
+
+# -- 1. bad input (SPEC §10) -------------------------------------------------------------
+
+
+def _with(**changes: object) -> bytes:
+    return orjson.dumps({**order("bad"), **changes})
+
+
+def _oversized() -> bytes:
+    """An order that would be valid but for its size: JSON whitespace up to one byte over."""
+    body = orjson.dumps(order("bad-size"))
+    return body[:-1] + b" " * (MAX_PAYLOAD + 1 - len(body)) + b"}"
+
+
+def _nested_in_qty(depth: int) -> bytes:
+    return _with(order_id="bad-deep", qty="@").replace(b'"@"', b"[" * depth + b"]" * depth)
+
+
+WITHOUT_QTY = {"order_id": "bad-missing", "product_id": "widget-a", "warehouse": "WH1"}
+
+# (label, payload, the order id the rejection names, a part of its reason)
+BAD_INPUT: list[tuple[str, bytes, str | None, str]] = [
+    ("not JSON", b"not json {", None, "not JSON"),
+    ("empty", b"", None, "not JSON"),
+    ("not UTF-8", b'{"order_id": "\xff\xfe"}', None, "not UTF-8"),
+    ("over max_payload_bytes", _oversized(), None, f"over the limit of {MAX_PAYLOAD}"),
+    ("missing field", orjson.dumps(WITHOUT_QTY), "bad-missing", "qty: Field required"),
+    ("extra field", _with(order_id="bad-extra", colour="red"), "bad-extra", "colour: unknown field"),
+    ("qty as a string", _with(order_id="bad-str", qty="3"), "bad-str", "qty: Input should be a valid integer"),
+    ("qty as a bool", _with(order_id="bad-bool", qty=True), "bad-bool", "qty: Input should be a valid integer"),
+    ("qty as a float", _with(order_id="bad-float", qty=2.0), "bad-float", "qty: Input should be a valid integer"),
+    ("unknown product", _with(order_id="bad-product", product_id="sprocket"), "bad-product", "unknown product"),
+    ("qty 0", _with(order_id="bad-zero", qty=0), "bad-zero", "qty: Input should be greater than or equal to 1"),
+    ("qty over the profile max", _with(order_id="bad-101", qty=101), "bad-101", "qty 101 is over the largest 100"),
+    ("order_id with a space", _with(order_id="bad id"), None, "order_id: String should match pattern"),
+    ("order_id of 65 chars", _with(order_id="x" * 65), None, "order_id: String should match pattern"),
+    ("JSON array", orjson.dumps([order("bad-array")]), None, "not an object"),
+    ("JSON string", b'"an order"', None, "not an object"),
+    ("5000 nested arrays", b"[" * 5000 + b"]" * 5000, None, "not JSON"),
+    ("deep nesting in a field", _nested_in_qty(500), "bad-deep", "qty: Input should be a valid integer"),
+]
+
+
+def test_every_bad_input_is_rejected_with_a_reason_and_a_valid_order_after_completes(
+    new_agent: AgentFactory, broker: Broker
+) -> None:
+    agent = new_agent()
+    topic = agent.topic
+    with agent.peer(topic.events, topic.rejected, topic.inventory) as backoffice:
+        for label, payload, order_id, reason in BAD_INPUT:
+            mark = backoffice.mark()
+            backoffice.publish(ORDERS, payload)
+            rejected = backoffice.wait_for(lambda m: m.topic == topic.rejected, since=mark).json()
+            assert rejected["order_id"] == order_id, label
+            assert reason in rejected["reason"], (label, rejected)
+            assert len(rejected["reason"]) < 500, (label, "a reason, not an echo of the payload")
+            assert_iso(rejected["received_at"])
+            logged = backoffice.wait_for(event(topic, "OrderRejected"), since=mark).json()
+            assert logged["subject"] == (order_id or ""), label
+            assert logged["data"]["reason"] == rejected["reason"], label
+            agent.assert_alive()
+
+        good = order("good-after-bad", qty=2, warehouse="WH7")
+        backoffice.publish(ORDERS, good)
+        record = backoffice.wait_for(on(topic.inventory, order_id="good-after-bad")).json()
+        backoffice.wait_for(event(topic, "TidiedUp", "good-after-bad"))
+
+        if not broker.embedded:
+            # Every rejection was acknowledged: after a restart (a persistent session) the broker
+            # has nothing to send again. A new order after it proves the redeliveries are done.
+            assert agent.stop() == 0, agent.log_tail()
+            agent.start()
+            backoffice.publish(ORDERS, order("after-restart", qty=1))
+            backoffice.wait_for(event(topic, "TidiedUp", "after-restart"))
+
+    issued = agent.rows("InventoryIssued", "good-after-bad")
+    assert len(issued) == 1
+    assert record == {
+        "inventory_id": "INV00001",
+        "order_id": "good-after-bad",
+        "product_id": "widget-a",
+        "qty": 2,
+        "warehouse": "WH7",
+        "device_id": agent.device_id,
+        "completed_at": issued[0].ts,
+    }
+    # Nothing but the good orders became work items; every bad one left only its rejection.
+    accepted = [row.subject for row in agent.rows("OrderAccepted")]
+    assert accepted == ["good-after-bad"] if broker.embedded else ["good-after-bad", "after-restart"]
+    assert len(agent.rows("OrderRejected")) == len(BAD_INPUT)
+    status = agent.cli("status", "--json")
+    assert status.returncode == 0, status.stderr
+    view = json.loads(status.stdout)
+    assert view["inventory_seq"] == len(accepted)
+    assert view["work_items"] == []
+    assert all(station["order_id"] is None for station in view["stations"])
+
+
+# -- 2. outbound contract ------------------------------------------------------------------
+
+
+def test_status_and_state_are_retained_and_rebirth_republishes_them(new_agent: AgentFactory) -> None:
+    agent = new_agent()
+    topic = agent.topic
+    with agent.peer(topic.status, topic.state, name="late") as late:  # subscribes after the agent is online
+        status_message = late.wait_for(on(topic.status))
+        state_message = late.wait_for(on(topic.state))
+        assert status_message.retain
+        assert state_message.retain
+        status = status_message.json()
+        assert set(status) == STATUS_KEYS
+        assert status["state"] == "online"
+        assert status["version"] == __version__
+        assert_iso(status["since"])
+        head = agent.rows()[-1].seq
+        assert isinstance(status["last_seq"], int)
+        assert 1 <= status["last_seq"] <= head
+
+        state = state_message.json()
+        assert state["device_id"] == agent.device_id
+        assert [s["id"] for s in state["stations"]] == ["s1", "s2", "s3"]
+        assert all(s["order_id"] is None for s in state["stations"])
+        assert {"state", "order_id", "queue"} <= set(state["lane"])
+        assert state["work_items"] == []
+        assert state["estop"] is False
+
+        mark = late.mark()
+        late.publish(topic.rebirth, b"{}")
+        again = late.wait_for(on(topic.status), since=mark).json()
+        assert again["state"] == "online"
+        assert again["last_seq"] >= status["last_seq"]
+        assert late.wait_for(on(topic.state), since=mark).json()["stations"] == state["stations"]
+
+
+def test_every_event_arrives_in_seq_order_with_its_keys(new_agent: AgentFactory, broker: Broker) -> None:
+    agent = new_agent(start=False)
+    topic = agent.topic
+    with ExitStack() as stack:
+        if broker.embedded:  # the broker lives in the agent: subscribe once it is up
+            agent.start()
+            watcher = stack.enter_context(agent.peer(topic.events, topic.inventory))
+        else:  # subscribe first: every event from seq 1 on
+            watcher = stack.enter_context(agent.peer(topic.events, topic.inventory))
+            agent.start()
+        watcher.publish(ORDERS, order("in-order", qty=3))
+        inventory = watcher.wait_for(on(topic.inventory, order_id="in-order")).json()
+        tidied = watcher.wait_for(event(topic, "TidiedUp", "in-order")).json()
+        received = watcher.messages(topic.events)
+
+    firsts = first_occurrences(received)
+    seqs = [body["seq"] for body in firsts]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "out of order, or a gap"
+    if not broker.embedded:
+        assert seqs[0] == 1
+    assert seqs[-1] >= tidied["seq"]
+    rows = {row.seq: row for row in agent.rows()}
+    for body in firsts:
+        assert set(body) == EVENT_KEYS
+        row = rows[body["seq"]]
+        assert body["device_id"] == agent.device_id
+        assert (body["ts"], body["type"], body["subject"]) == (row.ts, row.type, row.subject)
+        assert body["data"] == json.loads(row.data)
+    types = [body["type"] for body in firsts if body["subject"] == "in-order"]
+    assert types[0] == "OrderAccepted"
+    assert types.count("UnitBuilt") == 3
+    assert types.index("InventoryIssued") < types.index("TidiedUp")
+    assert set(inventory) == INVENTORY_KEYS
+    issued = next(body for body in firsts if body["type"] == "InventoryIssued")
+    assert inventory["completed_at"] == issued["ts"]
+    assert inventory["inventory_id"] == issued["data"]["inventory_id"] == "INV00001"
+
+
+def test_telemetry_comes_at_qos_0_and_a_cancel_stops_a_build(new_agent: AgentFactory, broker: Broker) -> None:
+    agent = new_agent()
+    topic = agent.topic
+    with agent.peer(topic.telemetry, topic.events, topic.state) as watcher:
+        idle = watcher.wait_for(on(topic.telemetry))
+        if not broker.embedded:  # amqtt 0.12 delivers at the subscription's QoS, whatever the publisher's
+            assert idle.qos == 0  # subscribed at QoS 1: the agent published at 0
+        body = idle.json()
+        assert set(body) == TELEMETRY_KEYS
+        assert body["device_id"] == agent.device_id
+        assert body["stations"] == {"busy": 0, "free": 3}
+        assert (body["waiting"], body["building"], body["shipped"]) == (0, [], 0)
+        assert isinstance(body["last_seq"], int)
+        assert isinstance(body["outbox_lag"], int)
+        assert body["outbox_lag"] >= 0
+        assert body["uptime_s"] >= 0
+        assert_iso(body["ts"])
+
+        # 100 units at 1.5 s each, 50 times faster: three seconds of building to cancel.
+        watcher.publish(ORDERS, order("cancel-me", product_id="gadget-b", qty=100))
+        assigned = watcher.wait_for(event(topic, "StationAssigned", "cancel-me")).json()
+        building = watcher.wait_for(
+            lambda m: m.topic == topic.telemetry and m.json()["stations"]["busy"] == 1,
+        ).json()
+        assert building["stations"] == {"busy": 1, "free": 2}
+        [item] = building["building"]
+        assert item["order_id"] == "cancel-me"
+        assert item["station"] == assigned["data"]["station"]
+        assert 0 <= item["progress"] <= 100
+
+        # A cancel that is not one, and one for no such order: ignored, and the agent lives on.
+        watcher.publish(topic.cancel, b"{not json")
+        watcher.publish(topic.cancel, {"order_id": "no-such-order"})
+        mark = watcher.mark()
+        watcher.publish(topic.cancel, {"order_id": "cancel-me"})
+        watcher.wait_for(event(topic, "OrderCancelled", "cancel-me"), since=mark)
+        watcher.wait_for(
+            lambda m: m.topic == topic.state and all(s["order_id"] is None for s in m.json()["stations"]),
+            since=mark,
+        )
+        freed = watcher.wait_for(
+            lambda m: m.topic == topic.telemetry and m.json()["stations"]["busy"] == 0, since=mark
+        ).json()
+        assert freed["building"] == []
+    agent.assert_alive()
+    assert agent.rows("OrderCancelled", "cancel-me")
+    assert not agent.rows("InventoryIssued", "cancel-me")
+    assert not agent.rows("BuildComplete", "cancel-me")
+
+
+# -- 3. idempotency ----------------------------------------------------------------------
+
+
+def test_the_same_order_twice_is_one_work_item_and_another_body_is_a_conflicting_duplicate(
+    new_agent: AgentFactory,
+) -> None:
+    agent = new_agent()
+    topic = agent.topic
+    body = order("twice", qty=1)
+    with agent.peer(topic.events, topic.rejected, topic.inventory) as backoffice:
+        # Back to back (the agent may well decide them in one batch): the order, the same order
+        # laid out otherwise to the device's own topic, then again as it was.
+        backoffice.publish(ORDERS, body)
+        backoffice.publish(topic.orders, orjson.dumps(dict(reversed(body.items()))))
+        backoffice.publish(ORDERS, body)
+        # The same id with another body: rejected (and, arriving after them, proof they were handled).
+        backoffice.publish(ORDERS, {**body, "qty": 2})
+        conflict = backoffice.wait_for(on(topic.rejected, order_id="twice")).json()
+        assert "conflicting duplicate" in conflict["reason"]
+        backoffice.wait_for(on(topic.inventory, order_id="twice"))
+        backoffice.wait_for(event(topic, "TidiedUp", "twice"))
+        # Tidied up, still the same order: a late redelivery must not build it again.
+        mark = backoffice.mark()
+        backoffice.publish(ORDERS, body)
+        backoffice.publish(ORDERS, {**body, "warehouse": "WH2"})
+        backoffice.wait_for(on(topic.rejected, order_id="twice"), since=mark)
+        inventories = backoffice.messages(topic.inventory)
+
+    assert len(agent.rows("OrderAccepted", "twice")) == 1
+    assert len(agent.rows("InventoryIssued")) == 1
+    assert len(agent.rows("OrderRejected", "twice")) == 2
+    assert {m.json()["inventory_id"] for m in inventories} == {"INV00001"}
+
+
+# -- 4. Last Will and the farewell ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("broker", ["mosquitto"], indirect=True)  # the embedded broker dies with the agent
+def test_a_killed_agent_leaves_its_last_will_offline(new_agent: AgentFactory) -> None:
+    agent = new_agent()
+    topic = agent.topic
+    with agent.peer(topic.status) as watcher:
+        watcher.wait_for(on(topic.status, state="online"))
+        mark = watcher.mark()
+        agent.stop(signal.SIGKILL)
+        will = watcher.wait_for(on(topic.status), since=mark).json()
+    assert will["state"] == "offline"
+    assert set(will) == STATUS_KEYS
+    assert will["version"] == __version__
+    with agent.peer(topic.status, name="late") as late:
+        retained = late.wait_for(on(topic.status))
+    assert retained.retain
+    assert retained.json()["state"] == "offline"
+
+
+@pytest.mark.parametrize("broker", ["mosquitto"], indirect=True)
+def test_a_stopped_agent_leaves_offline_retained_with_its_log_position(new_agent: AgentFactory) -> None:
+    agent = new_agent()
+    assert agent.stop(signal.SIGTERM) == 0, agent.log_tail()
+    with agent.peer(agent.topic.status, name="late") as late:
+        retained = late.wait_for(on(agent.topic.status))
+    assert retained.retain
+    status = retained.json()
+    assert set(status) == STATUS_KEYS
+    assert status["state"] == "offline"
+    assert_iso(status["since"])
+    # The farewell is said before the agent logs its stop: only that comes after it.
+    assert [row.type for row in agent.rows() if row.seq > status["last_seq"]] == ["AgentStopped"]
+
+
+# -- 5. edge-agent order submit -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("broker", ["amqtt"], indirect=True)
+def test_order_submit_wait_follows_an_order_to_its_inventory_and_exits_1_on_rejection(
+    new_agent: AgentFactory,
+) -> None:
+    agent = new_agent()
+    done = agent.cli("order", "submit", "widget-a", "2", "--warehouse", "WH1", "--wait", "--timeout", "60")
+    assert done.returncode == 0, done.stderr
+    assert f"accepted by {agent.device_id}" in done.stdout
+    assert "inventory INV00001 in WH1" in done.stdout
+
+    refused = agent.cli(
+        "order", "submit", "sprocket", "1", "--warehouse", "WH1", "--order-id", "no-such", "--wait", "--timeout", "60"
+    )
+    assert refused.returncode == 1, refused.stdout
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1, refused.stderr
+    assert "no-such" in lines[0]
+    assert "rejected" in lines[0]
+    assert "unknown product 'sprocket'" in lines[0]
+
+
+@pytest.mark.parametrize("broker", ["amqtt"], indirect=True)
+def test_order_submit_wait_retried_for_a_finished_order_names_its_inventory(new_agent: AgentFactory) -> None:
+    """A sender's retry (same --order-id, same body) of a finished order logs nothing new, but
+    the agent tells it again how the order ended, so `--wait` names the inventory id."""
+    agent = new_agent()
+    submit = ["order", "submit", "widget-a", "1", "--warehouse", "WH1", "--order-id", "retried", "--wait"]
+    first = agent.cli(*submit, "--timeout", "60")
+    assert first.returncode == 0, first.stderr
+    assert "inventory INV00001 in WH1" in first.stdout
+    retry = agent.cli(*submit, "--timeout", "3")
+    assert retry.returncode == 0, retry.stderr
+    assert "INV00001" in retry.stdout
+    assert len(agent.rows("OrderAccepted", "retried")) == 1
+
+
+@pytest.mark.parametrize("broker", ["amqtt"], indirect=True)
+def test_order_submit_with_a_malformed_order_id_is_a_usage_error(new_agent: AgentFactory) -> None:
+    """A bad --order-id is a usage error (exit 2, one line naming it), found before publishing."""
+    agent = new_agent()
+    submit = ["order", "submit", "widget-a", "1", "--warehouse", "WH1", "--order-id", "bad id"]
+    result = agent.cli(*submit, "--wait", "--timeout", "3")
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "did not reach the warehouse" not in lines[0]
+    assert "order-id" in lines[0] or "order_id" in lines[0]
+    assert result.returncode == 2
+
+
+@pytest.mark.parametrize("broker", ["amqtt"], indirect=True)
+def test_order_submit_to_a_port_where_nothing_listens_fails_in_one_line(new_agent: AgentFactory) -> None:
+    agent = new_agent(start=False)  # its config names a free port, and nothing is started there
+    result = agent.cli("order", "submit", "widget-a", "1", "--warehouse", "WH1", "--wait", "--timeout", "5")
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error:")
+    assert "cannot reach the broker" in lines[0]
+    assert str(agent.broker.port) in lines[0]
+
+
+@pytest.mark.parametrize("broker", ["mosquitto"], indirect=True)  # a broker, and no agent behind it
+def test_order_submit_wait_gives_up_after_its_timeout_in_one_line(new_agent: AgentFactory) -> None:
+    agent = new_agent(start=False)
+    submit = ["order", "submit", "widget-a", "1", "--warehouse", "WH1", "--order-id", "lost"]
+    result = agent.cli(*submit, "--wait", "--timeout", "0.5")
+    assert result.returncode == 1, result.stdout
+    assert "submitted lost" in result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "order lost did not reach the warehouse within 0.5 s" in lines[0]
+
+
+# -- 6. the Mosquitto command-line clients ------------------------------------------------
+
+
+def test_mosquitto_pub_and_sub_carry_an_order_to_its_inventory(new_agent: AgentFactory, broker: Broker) -> None:
+    tools = [shutil.which(name) for name in ("mosquitto_pub", "mosquitto_sub", "stdbuf")]
+    if None in tools:
+        pytest.skip("needs mosquitto_pub, mosquitto_sub (apt-get install mosquitto-clients) and stdbuf")
+    agent = new_agent()
+    version = "mqttv5" if broker.protocol == "5" else "mqttv311"
+    connection = ["-h", "127.0.0.1", "-p", str(broker.port), "-V", version, "-q", "1"]
+    # -d prints "received SUBACK" once subscribed; stdbuf makes it arrive at once down the pipe.
+    # -R: amqtt 0.12 sends a new client the retained messages of *other* clients' subscriptions
+    # (here the agent's status), which -C 1 would otherwise count.
+    once = ["-d", "-R", "-C", "1", "-W", str(int(WAIT_S))]
+    sub = subprocess.Popen(
+        ["stdbuf", "-oL", "mosquitto_sub", *connection, *once, "-t", agent.topic.inventory],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert sub.stdout is not None
+        for line in sub.stdout:
+            if "SUBACK" in line:
+                break
+        else:
+            raise AssertionError(f"mosquitto_sub never subscribed: {sub.communicate()[1]}")
+        body = json.dumps(order("from-the-shell", product_id="gadget-b", qty=1, warehouse="WH3"))
+        subprocess.run(["mosquitto_pub", *connection, "-t", ORDERS, "-m", body], check=True, timeout=WAIT_S)
+        out, err = sub.communicate(timeout=WAIT_S + 5)
+    finally:
+        sub.kill()
+    assert sub.returncode == 0, err
+    [payload] = [line for line in out.splitlines() if line.startswith("{")]
+    record = json.loads(payload)
+    assert set(record) == INVENTORY_KEYS
+    assert (record["inventory_id"], record["order_id"], record["product_id"], record["qty"]) == (
+        "INV00001",
+        "from-the-shell",
+        "gadget-b",
+        1,
+    )
+    assert (record["warehouse"], record["device_id"]) == ("WH3", agent.device_id)
