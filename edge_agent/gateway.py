@@ -113,8 +113,8 @@ class Gateway:
         elif topic == self.topics.rebirth:
             self._birth()
             self.link.ack(message)
-        else:
-            log.warning("no such command: %s", topic)
+        else:  # an unknown command, or a retained message a broker sent unasked (amqtt does)
+            log.log(logging.WARNING if "/cmd/" in topic else logging.DEBUG, "ignored a message on %s", topic)
             self.link.ack(message)
 
     def _order_committed(
