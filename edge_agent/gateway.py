@@ -58,6 +58,7 @@ class Gateway:
         self._config = config
         self._loop = asyncio.get_running_loop()
         self._started = agent.clock.monotonic()
+        self.telemetry_interval_s = config.telemetry_interval_s  # SIGHUP may change it
         self.topics = Topics(config.mqtt.topic_prefix, config.device_id, config.mqtt.shared_group)
         self.link = Link(
             config.mqtt,
@@ -171,7 +172,7 @@ class Gateway:
     async def _telemetry(self) -> None:
         last_state_seq = -1
         while True:
-            await asyncio.sleep(self._config.telemetry_interval_s)
+            await asyncio.sleep(self.telemetry_interval_s)
             if not self.link.connected:
                 continue
             self.link.publish(self.topics.telemetry, orjson.dumps(self.telemetry()), qos=0)

@@ -1,5 +1,6 @@
 """Running the agent as a service: the embedded broker if configured, the agent,
-its MQTT gateway, and an orderly stop on SIGINT / SIGTERM."""
+its MQTT gateway, systemd notification and watchdog, and the signals —
+SIGINT / SIGTERM stop in order, SIGHUP reloads what can be reloaded."""
 
 from __future__ import annotations
 
@@ -7,23 +8,29 @@ import asyncio
 import logging
 import signal
 from contextlib import AsyncExitStack
+from pathlib import Path
 
 from edge_agent.agent import Agent, demo_orders
-from edge_agent.config import Config
+from edge_agent.config import Config, load_config
 from edge_agent.devices.profile import load_profile
+from edge_agent.errors import ConfigError
 from edge_agent.gateway import Gateway
 from edge_agent.mqtt.broker import EmbeddedBroker
+from edge_agent.sdnotify import Notifier
 
 log = logging.getLogger(__name__)
 
+RELOADABLE = frozenset({"log_level", "telemetry_interval_s"})
 
-def run_agent(config: Config, demo: int = 0) -> None:
+
+def run_agent(config: Config, demo: int = 0, config_path: Path | None = None) -> None:
     """Run in the foreground until SIGINT or SIGTERM."""
-    asyncio.run(serve(config, demo))
+    asyncio.run(serve(config, demo, config_path))
 
 
-async def serve(config: Config, demo: int = 0) -> None:
+async def serve(config: Config, demo: int = 0, config_path: Path | None = None) -> None:
     profile = load_profile(config.profile)  # a bad profile stops us before any pin or the log is touched
+    notifier = Notifier()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -33,13 +40,44 @@ async def serve(config: Config, demo: int = 0) -> None:
             await stack.enter_async_context(EmbeddedBroker(config.mqtt.port, config.mqtt.host))
         agent = await stack.enter_async_context(Agent(config, profile=profile))
         gateway = Gateway(agent, config)
+        loop.add_signal_handler(signal.SIGHUP, lambda: reload(config, config_path, gateway))
         async with asyncio.TaskGroup() as tasks:
             running = tasks.create_task(agent.run(), name="agent")
             online = tasks.create_task(gateway.run(), name="gateway")
+            background = [running]
+            if notifier.watchdog_interval_s is not None:
+                background.append(tasks.create_task(_watchdog(notifier, notifier.watchdog_interval_s), name="watchdog"))
+            notifier.ready(f"running; log at seq {agent.state.last_seq}")
             for order in demo_orders(demo, profile):
                 await agent.submit(order)
             await stop.wait()
             log.info("stopping on signal")
+            notifier.stopping("stopping: outputs off, going offline")
             online.cancel()  # first say offline, then stop the cell
             await asyncio.wait([online])
-            running.cancel()
+            for task in background:
+                task.cancel()
+
+
+async def _watchdog(notifier: Notifier, interval_s: float) -> None:
+    """Pings from the event loop itself: if the loop stalls, the pings stop and systemd acts."""
+    while True:
+        notifier.watchdog()
+        await asyncio.sleep(interval_s)
+
+
+def reload(config: Config, path: Path | None, gateway: Gateway) -> None:
+    """SIGHUP: apply the log level and the telemetry interval; name what needs a restart."""
+    try:
+        fresh = load_config(path)
+    except ConfigError as error:
+        log.error("reload refused, nothing changed: %s", error)
+        return
+    changed = {key for key in fresh.model_fields if getattr(fresh, key) != getattr(config, key)}
+    logging.getLogger().setLevel(fresh.log_level.upper())
+    gateway.telemetry_interval_s = fresh.telemetry_interval_s
+    applied = sorted(changed & RELOADABLE)
+    pending = sorted(changed - RELOADABLE)
+    log.info("reloaded: %s", ", ".join(applied) or "nothing changed that can be reloaded")
+    if pending:
+        log.warning("these take effect only after a restart: %s", ", ".join(pending))

@@ -66,7 +66,7 @@ def run(
     )
     for chatty in ("amqtt", "transitions"):  # the embedded broker's libraries log every step at INFO
         logging.getLogger(chatty).setLevel(logging.WARNING)
-    run_agent(settings, demo)
+    run_agent(settings, demo, config)
 
 
 @app.command()
