@@ -23,10 +23,9 @@ def wait_for_log(path: Path, condition_type: str, process: subprocess.Popen[str]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert process.poll() is None, process.communicate()[1]
-        with suppress(ConfigError):  # not there yet, or its tables not yet made
-            with EventLog(path, readonly=True) as log_:
-                if any(True for _ in log_.rows(type_=condition_type, limit=1)):
-                    return
+        with suppress(ConfigError), EventLog(path, readonly=True) as log_:  # ConfigError: not made yet
+            if any(True for _ in log_.rows(type_=condition_type, limit=1)):
+                return
         time.sleep(0.05)  # another process: SQLite offers nothing to wait on
     raise AssertionError(f"no {condition_type} in {path} after {timeout} s")
 
