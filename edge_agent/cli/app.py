@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 import traceback
+from enum import StrEnum
 from typing import Annotated
 
 import typer
@@ -50,23 +51,37 @@ def _root(
     """Durable, event-sourced controller for a small factory cell."""
 
 
+class LogLevel(StrEnum):
+    debug = "debug"
+    info = "info"
+    warning = "warning"
+    error = "error"
+
+
 @app.command()
 def run(
     config: ConfigOption = None,
     demo: Annotated[int, typer.Option("--demo", min=0, help="Submit this many demo orders in-process at start.")] = 0,
+    log_level: Annotated[
+        LogLevel | None, typer.Option("--log-level", help="Overrides log_level of the config.")
+    ] = None,
 ) -> None:
     """Run the agent in the foreground (what systemd runs)."""
     from edge_agent.service import run_agent  # the CLI's other commands need none of the runtime
 
     settings = load_config(config)
-    logging.basicConfig(
-        level=logging.DEBUG if "--debug" in sys.argv else settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stdout,
-    )
+    level = "debug" if "--debug" in sys.argv else (log_level or settings.log_level)
+    setup_logging(level)
+    run_agent(settings, demo, config)
+
+
+def setup_logging(level: str) -> None:
+    """One line per event on stdout; under journald (JOURNAL_STREAM set) without our own
+    timestamp, since the journal stamps every line itself."""
+    stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
+    logging.basicConfig(level=level.upper(), format=stamp + "%(levelname)s %(name)s: %(message)s", stream=sys.stdout)
     for chatty in ("amqtt", "transitions"):  # the embedded broker's libraries log every step at INFO
         logging.getLogger(chatty).setLevel(logging.WARNING)
-    run_agent(settings, demo, config)
 
 
 @app.command()
