@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
+from collections import Counter
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from edge_agent.config import Config, load_config
 from edge_agent.devices.profile import load_profile
 from edge_agent.errors import ConfigError
 from edge_agent.gateway import Gateway
+from edge_agent.health import HealthServer, Metrics
 from edge_agent.mqtt.broker import EmbeddedBroker
 from edge_agent.sdnotify import Notifier
 
@@ -40,6 +43,12 @@ async def serve(config: Config, demo: int = 0, config_path: Path | None = None) 
             await stack.enter_async_context(EmbeddedBroker(config.mqtt.port, config.mqtt.host))
         agent = await stack.enter_async_context(Agent(config, profile=profile))
         gateway = Gateway(agent, config)
+        if config.http.enabled:
+            health = HealthServer(
+                config.http.bind, config.http.port, lambda: problems(agent, gateway), metrics(agent, gateway)
+            )
+            health.start()
+            stack.callback(health.stop)
         loop.add_signal_handler(signal.SIGHUP, lambda: reload(config, config_path, gateway))
         async with asyncio.TaskGroup() as tasks:
             running = tasks.create_task(agent.run(), name="agent")
@@ -64,6 +73,48 @@ async def _watchdog(notifier: Notifier, interval_s: float) -> None:
     while True:
         notifier.watchdog()
         await asyncio.sleep(interval_s)
+
+
+MQTT_DOWN_BUDGET_S = 60.0  # past this, a lost broker connection makes the agent unhealthy
+
+
+def problems(agent: Agent, gateway: Gateway) -> list[str]:
+    """Why the agent is not healthy (empty: it is)."""
+    found = []
+    if agent.journal.failure is not None:
+        found.append(f"the event log is not writable: {agent.journal.failure}")
+    down_since = gateway.link.down_since
+    if down_since is not None and time.monotonic() - down_since > MQTT_DOWN_BUDGET_S:
+        found.append(f"no MQTT connection for {time.monotonic() - down_since:.0f} s")
+    return found
+
+
+def metrics(agent: Agent, gateway: Gateway) -> Metrics:
+    def counters() -> dict[str, float]:
+        state = agent.state
+        return {
+            "orders_accepted": len(state.orders),
+            "orders_rejected": state.rejected,
+            "mqtt_reconnects": gateway.link.reconnects,
+        }
+
+    def gauges() -> dict[str, float]:
+        state = agent.state
+        return {
+            "stations_busy": sum(1 for s in state.stations if s.order_id is not None),
+            "stations": len(state.stations),
+            "last_seq": state.last_seq,
+            "outbox_lag": state.last_seq - gateway.outbox.acked,
+            "estop": int(state.estop),
+            "mqtt_connected": int(gateway.link.connected),
+        }
+
+    def stages() -> dict[str, int]:
+        return dict(Counter(str(item.stage) for item in agent.state.work_items.values()))
+
+    result = Metrics(counters, gauges, stages)
+    agent.journal.commit_observer = result.commit_seconds.observe
+    return result
 
 
 def reload(config: Config, path: Path | None, gateway: Gateway) -> None:

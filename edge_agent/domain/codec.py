@@ -63,6 +63,7 @@ def state_to_dict(state: State) -> dict[str, Any]:
         "lane": {"order_id": state.lane.order_id, "queue": list(state.lane.queue)},
         "work_items": [[getattr(item, name) for name in _FIELDS[WorkItem]] for item in state.work_items.values()],
         "orders": dict(state.orders.items()),
+        "rejected": state.rejected,
     }
 
 
@@ -88,4 +89,5 @@ def state_from_dict(data: dict[str, Any]) -> State:
         lane=Lane(data["lane"]["order_id"], tuple(data["lane"]["queue"])),
         work_items=Map(items),
         orders=Map(data["orders"]),
+        rejected=data["rejected"],
     )

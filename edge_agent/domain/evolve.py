@@ -33,6 +33,7 @@ class _Draft:
         "policy",
         "products",
         "queue",
+        "rejected",
         "shipping",
         "stations",
     )
@@ -45,6 +46,7 @@ class _Draft:
         self.inventory_seq = state.inventory_seq
         self.products = state.products
         self.policy = state.policy
+        self.rejected = state.rejected
         self.stations: dict[str, str | None] = {s.id: s.order_id for s in state.stations}
         self.shipping = state.lane.order_id
         self.queue = list(state.lane.queue)
@@ -64,6 +66,7 @@ class _Draft:
             lane=Lane(self.shipping, tuple(self.queue)),
             work_items=self.items.finish(),
             orders=self.orders.finish(),
+            rejected=self.rejected,
         )
 
     def item(self, order_id: str) -> WorkItem:
@@ -111,8 +114,12 @@ def _accepted(d: _Draft, e: ev.OrderAccepted, r: ev.Recorded) -> None:
     d.orders[e.order_id] = e.digest
 
 
+def _rejected(d: _Draft, e: ev.OrderRejected, r: ev.Recorded) -> None:
+    d.rejected += 1
+
+
 def _for_the_record(d: _Draft, e: ev.Event, r: ev.Recorded) -> None:
-    """Rejections, starts and stops are facts for the record; they change no state."""
+    """Starts and stops are facts for the record; they change no state."""
 
 
 def _queued(d: _Draft, e: ev.OrderQueued, r: ev.Recorded) -> None:
@@ -212,7 +219,7 @@ def _estop_released(d: _Draft, e: ev.EstopReleased, r: ev.Recorded) -> None:
 _APPLY: dict[type[Any], Callable[[_Draft, Any, ev.Recorded], None]] = {
     ev.PlantConfigured: _plant_configured,
     ev.OrderAccepted: _accepted,
-    ev.OrderRejected: _for_the_record,
+    ev.OrderRejected: _rejected,
     ev.AgentStarted: _for_the_record,
     ev.AgentStopped: _for_the_record,
     ev.OrderQueued: _queued,

@@ -144,6 +144,7 @@ class State:
     work_items: Map[str, WorkItem] = field(default_factory=Map)
     # Every order id ever accepted, with its body digest: makes orders idempotent.
     orders: Map[str, str] = field(default_factory=Map)
+    rejected: int = 0  # orders rejected, ever
 
     def station(self, station_id: str) -> Station | None:
         return next((s for s in self.stations if s.id == station_id), None)

@@ -9,6 +9,7 @@ the events after it, with the hash chain of that tail checked on the way.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -84,6 +85,8 @@ class Journal:
         self._state = state
         self._snapshot_every = snapshot_every
         self._listeners: list[Callable[[State], None]] = []
+        self.commit_observer: Callable[[float], None] | None = None  # seconds per commit
+        self.failure: str | None = None  # why the last commit failed, until one succeeds
 
     def subscribe(self, listener: Callable[[State], None]) -> None:
         """Call `listener(state)` after every commit (outputs, the outbox, waiters)."""
@@ -116,11 +119,19 @@ class Journal:
         """Commit `events` as one transaction, then apply them to the state."""
         if not events:
             return []
-        with self.log.transaction() as tx:
-            records = tx.append(events)
-            state = fold(self._state, records)
-            if state.last_seq // self._snapshot_every > self._state.last_seq // self._snapshot_every:
-                tx.save_snapshot(state)
+        started = time.perf_counter()
+        try:
+            with self.log.transaction() as tx:
+                records = tx.append(events)
+                state = fold(self._state, records)
+                if state.last_seq // self._snapshot_every > self._state.last_seq // self._snapshot_every:
+                    tx.save_snapshot(state)
+        except LogError as error:
+            self.failure = str(error)
+            raise
+        self.failure = None
+        if self.commit_observer is not None:
+            self.commit_observer(time.perf_counter() - started)
         self._state = state
         for listener in self._listeners:
             listener(state)

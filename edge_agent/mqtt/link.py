@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -76,6 +77,7 @@ class Link:
         self._thread: threading.Thread | None = None
         self._rng = random.Random()
         self.connected = False
+        self.down_since: float | None = time.monotonic()  # not connected since then (None: connected)
         self._was_up = False
         self.reconnects = 0
         v5 = config.protocol == "5"
@@ -162,6 +164,7 @@ class Link:
             log.error("the broker refused the connection: %s", reason)
             return
         self.connected = self._was_up = True
+        self.down_since = None
         log.info("connected to the broker at %s:%d", self._config.host, self._config.port)
         topics = self._topics
         client.subscribe([(topics.orders, 1), (topics.device_orders, 1), (topics.commands, 1)])
@@ -171,6 +174,8 @@ class Link:
         self, client: paho.Client, userdata: object, flags: object, reason: ReasonCode, props: object
     ) -> None:
         was_connected, self.connected = self.connected, False
+        if was_connected:
+            self.down_since = time.monotonic()
         if was_connected:
             self._on_connection(False)
 
