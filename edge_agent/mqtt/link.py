@@ -74,6 +74,7 @@ class Link:
         self._on_connection = on_connection
         self._on_published = on_published
         self._stopping = threading.Event()
+        self._lost = threading.Event()  # the connection is gone (or we are stopping)
         self._thread: threading.Thread | None = None
         self._rng = random.Random()
         self.connected = False
@@ -100,7 +101,7 @@ class Link:
     # -- lifecycle ---------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="mqtt", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="mqtt supervisor", daemon=True)
         self._thread.start()
 
     def stop(self, farewell: tuple[str, bytes] | None = None, timeout_s: float = 2.0) -> None:
@@ -113,6 +114,7 @@ class Link:
             except (RuntimeError, ValueError):
                 log.warning("could not publish %s before stopping", farewell[0])
         self._client.disconnect()
+        self._lost.set()
         if self._thread is not None:
             self._thread.join(timeout_s + 1)
 
@@ -133,7 +135,13 @@ class Link:
                 attempt += 1
                 self._stopping.wait(delay)
                 continue
-            self._client.loop_forever(retry_first_connection=False)
+            # paho's own network thread (loop_start), so that publish() and ack() from the event
+            # loop only queue packets: with a thread of our own running loop_forever, paho would
+            # write from both threads at once, and two writers corrupt a TLS connection.
+            self._client.loop_start()
+            self._lost.wait()
+            self._client.loop_stop()
+            self._lost.clear()
             if self._stopping.is_set():
                 return
             if self._was_up:  # the connection had worked: start the backoff afresh
@@ -162,6 +170,7 @@ class Link:
     ) -> None:
         if reason.is_failure:
             log.error("the broker refused the connection: %s", reason)
+            self._lost.set()
             return
         self.connected = self._was_up = True
         self.down_since = None
@@ -176,6 +185,7 @@ class Link:
         was_connected, self.connected = self.connected, False
         if was_connected:
             self.down_since = time.monotonic()
+        self._lost.set()
         if was_connected:
             self._on_connection(False)
 
