@@ -174,7 +174,7 @@ class Agent:
                     async with asyncio.timeout(self.workflow.next_wake()):
                         await self._wake.wait()
                 except TimeoutError:
-                    self._handle(_Request(cmd.Tick()))
+                    self._handle(_Request(cmd.Tick(self.workflow.due())))
 
     def _handle(self, request: _Request) -> None:
         try:

@@ -32,6 +32,13 @@ class Cell:
         self.state, records = apply(self.state, command, T0 + timedelta(seconds=t))
         return [r.event for r in records]
 
+    def tick(self, t: float) -> list[ev.Event]:
+        """Time `t` has come on a steady clock: every item whose logged deadline has passed is due."""
+        due = tuple(
+            i.order_id for i in self.state.work_items.values() if (m := i.paused_until or i.deadline) and m <= at(t)
+        )
+        return self.do(cmd.Tick(due), t)
+
     def building(self, order_id: str = "o1", qty: int = 3) -> None:
         self.do(submit(order_id, qty=qty))
         self.do(cmd.QueueOrder(order_id))
@@ -43,22 +50,22 @@ def test_a_station_assignment_arms_the_unit_timeout() -> None:
     cell.building()
     item = cell.state.work_items["o1"]
     assert (item.timer, item.deadline) == ("unit", at(10))
-    assert cell.do(cmd.Tick(), 9.9) == []
+    assert cell.tick(9.9) == []
 
 
 def test_a_unit_timeout_retries_with_capped_backoff_then_fails_with_the_reason() -> None:
     cell = Cell()
     cell.building()
-    assert cell.do(cmd.Tick(), 10) == [
+    assert cell.tick(10) == [
         ev.RetryScheduled("o1", 1, "no unit from station s1 within 10 s", at(11)),
     ]
     assert desired_outputs(cell.state)["s1.run"] is False  # held off during the backoff
     assert cell.do(cmd.RecordUnit("s1"), 10.5) == []  # a pulse while off builds nothing
-    assert cell.do(cmd.Tick(), 11) == [ev.TimerArmed("o1", "unit", at(21))]
+    assert cell.tick(11) == [ev.TimerArmed("o1", "unit", at(21))]
     assert desired_outputs(cell.state)["s1.run"] is True
-    assert cell.do(cmd.Tick(), 21)[0].resume_at == at(22.5)  # type: ignore[union-attr]  # 2 s capped at 1.5
-    cell.do(cmd.Tick(), 22.5)
-    (failed,) = cell.do(cmd.Tick(), 32.5)
+    assert cell.tick(21)[0].resume_at == at(22.5)  # type: ignore[union-attr]  # 2 s capped at 1.5
+    cell.tick(22.5)
+    (failed,) = cell.tick(32.5)
     assert failed == ev.OrderFailed("o1", "no unit from station s1 within 10 s (gave up after 2 retries)")
     assert cell.state.work_items["o1"].stage is Stage.FAILED
     assert cell.state.stations[0].order_id is None
@@ -70,11 +77,11 @@ def test_each_unit_rearms_the_timeout_and_completion_stops_it() -> None:
     cell.building(qty=2)
     cell.do(cmd.RecordUnit("s1"), 8)
     assert cell.state.work_items["o1"].deadline == at(18)
-    assert cell.do(cmd.Tick(), 17) == []
+    assert cell.tick(17) == []
     cell.do(cmd.RecordUnit("s1"), 17)
     item = cell.state.work_items["o1"]
     assert (item.stage, item.timer, item.deadline) == (Stage.FACTORY_COMPLETE, None, None)
-    assert cell.do(cmd.Tick(), 100) == []
+    assert cell.tick(100) == []
 
 
 def test_a_transit_timeout_retries_the_conveyor_then_fails_and_frees_the_lane() -> None:
@@ -83,10 +90,10 @@ def test_a_transit_timeout_retries_the_conveyor_then_fails_and_frees_the_lane() 
     cell.do(cmd.RecordUnit("s1"))
     assert cell.do(cmd.StartShipment(), 1) == [ev.ShipmentStarted("o1"), ev.TimerArmed("o1", "transit", at(21))]
     assert desired_outputs(cell.state)[CONVEYOR] is True
-    cell.do(cmd.Tick(), 21)
+    cell.tick(21)
     assert desired_outputs(cell.state)[CONVEYOR] is False
-    assert cell.do(cmd.Tick(), 23) == [ev.TimerArmed("o1", "transit", at(43))]
-    (failed,) = cell.do(cmd.Tick(), 43)
+    assert cell.tick(23) == [ev.TimerArmed("o1", "transit", at(43))]
+    (failed,) = cell.tick(43)
     assert failed == ev.OrderFailed("o1", "batch did not arrive within 20 s (gave up after 1 retries)")
     assert cell.state.lane.order_id is None
     assert desired_outputs(cell.state)[CONVEYOR] is False
@@ -96,20 +103,20 @@ def test_the_estop_freezes_timeouts_and_resumes_them_exactly_on_release() -> Non
     cell = Cell()
     cell.building()
     cell.do(cmd.EngageEstop(), 4)
-    assert cell.do(cmd.Tick(), 50) == []  # frozen: no timeout while stopped
+    assert cell.tick(50) == []  # frozen: no timeout while stopped
     assert set(desired_outputs(cell.state).values()) == {False}
     cell.do(cmd.ReleaseEstop(), 104)  # stopped for 100 s
     assert cell.state.work_items["o1"].deadline == at(110)
     assert desired_outputs(cell.state)["s1.run"] is True
     assert desired_outputs(cell.state)[STATUS_LED] is True
-    assert cell.do(cmd.Tick(), 109.9) == []
-    assert cell.do(cmd.Tick(), 110)[0] == ev.RetryScheduled("o1", 1, "no unit from station s1 within 10 s", at(111))
+    assert cell.tick(109.9) == []
+    assert cell.tick(110)[0] == ev.RetryScheduled("o1", 1, "no unit from station s1 within 10 s", at(111))
 
 
 def test_the_estop_also_freezes_a_retry_pause() -> None:
     cell = Cell()
     cell.building()
-    cell.do(cmd.Tick(), 10)  # paused until 11
+    cell.tick(10)  # paused until 11
     cell.do(cmd.EngageEstop(), 10.5)
     cell.do(cmd.ReleaseEstop(), 20.5)
     assert cell.state.work_items["o1"].paused_until == at(21)

@@ -98,7 +98,10 @@ class CompleteStep:
 
 @dataclass(frozen=True, slots=True)
 class Tick:
-    """Time has passed: act on every timeout and retry pause that has run out."""
+    """These items' timeouts or retry pauses have run out (measured in-process on a
+    monotonic clock, so the wall clock jumping cannot fire or hold back a timeout)."""
+
+    due: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)

@@ -68,8 +68,8 @@ def decide(state: State, command: cmd.Command, now: datetime) -> list[ev.Event]:
                 ev.ShipmentArrived(moving),
                 ev.InventoryIssued(moving, issued, item.product_id, item.qty, item.warehouse),
             ]
-        case cmd.Tick():
-            return [] if state.estop else _tick(state, at)
+        case cmd.Tick(due):
+            return [] if state.estop else _tick(state, due, at)
         case cmd.RearmTimers():
             return [] if state.estop else _rearm(state, at)
         case cmd.FailOrder(order_id, reason):
@@ -171,13 +171,16 @@ def _record_fault(state: State, station_id: str, at: str) -> list[ev.Event]:
     return [ev.OrderFailed(item.order_id, reason)]
 
 
-def _tick(state: State, at: str) -> list[ev.Event]:
+def _tick(state: State, due: tuple[str, ...], at: str) -> list[ev.Event]:
     events: list[ev.Event] = []
-    for item in state.work_items.values():
-        if item.paused_until is not None and item.paused_until <= at:
+    for order_id in due:
+        item = state.work_items.get(order_id)
+        if item is None:
+            continue
+        if item.paused_until is not None:  # the pause is over: try again
             timer = item.timer or UNIT_TIMER
             events.append(ev.TimerArmed(item.order_id, timer, later(at, _timeout(state, timer))))
-        elif item.deadline is not None and item.deadline <= at:
+        elif item.deadline is not None:
             events += _retry_or_fail(state, item, _timeout_reason(state, item), at)
     return events
 

@@ -47,6 +47,7 @@ class Workflow:
     def __init__(self, journal: Ledger, clock: Clock) -> None:
         self.journal = journal
         self._clock = clock
+        self._timers: dict[str, tuple[str, float]] = {}  # order id -> (logged deadline, monotonic due time)
 
     @property
     def state(self) -> State:
@@ -111,17 +112,43 @@ class Workflow:
             return decide(state, step.act(item), now)
         return []
 
-    def next_wake(self) -> float | None:
-        """Seconds until the next timeout or retry is due (None: nothing is timed, or e-stop)."""
+    def _sync_timers(self) -> None:
+        """Follow the logged deadlines on the monotonic clock.
+
+        A deadline is taken over when it first appears: its length as the wall clock
+        measures it at that moment (never more than the longest timeout or pause), from
+        then on counted on the monotonic clock, so a later wall-clock jump neither fires
+        it early nor holds it back."""
         state = self.state
         if state.estop:
-            return None  # timers are frozen
-        due = [
-            moment
-            for item in state.work_items.values()
-            for moment in (item.deadline, item.paused_until)
-            if moment is not None
-        ]
-        if not due:
+            return  # frozen; the release moves every logged deadline, and they are taken over anew
+        mono, wall = self._clock.monotonic(), self._clock.now()
+        policy = state.policy
+        longest = max(policy.unit_timeout_s, policy.transit_timeout_s, policy.backoff_max_s)
+        timers: dict[str, tuple[str, float]] = {}
+        for item in state.work_items.values():
+            moment = item.paused_until or item.deadline
+            if moment is None:
+                continue
+            known = self._timers.get(item.order_id)
+            if known is not None and known[0] == moment:
+                timers[item.order_id] = known
+            else:
+                left = min(longest, max(0.0, (parse(moment) - wall).total_seconds()))
+                timers[item.order_id] = (moment, mono + left)
+        self._timers = timers
+
+    def due(self) -> tuple[str, ...]:
+        """The items whose timeout or retry pause has run out."""
+        self._sync_timers()
+        if self.state.estop:
+            return ()
+        now = self._clock.monotonic()
+        return tuple(order_id for order_id, (_, at) in self._timers.items() if at <= now)
+
+    def next_wake(self) -> float | None:
+        """Seconds until the next timeout or retry is due (None: nothing is timed, or e-stop)."""
+        self._sync_timers()
+        if self.state.estop or not self._timers:
             return None
-        return max(0.0, (parse(min(due)) - self._clock.now()).total_seconds())
+        return max(0.0, min(at for _, at in self._timers.values()) - self._clock.monotonic())

@@ -1,0 +1,128 @@
+"""Wall-clock jumps (no RTC, NTP late): timeouts run on the monotonic clock in-process,
+and logged deadlines are re-armed sanely after a restart, whichever way the clock jumped."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from contextlib import suppress
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from edge_agent.agent import Agent
+from edge_agent.config import Config
+from edge_agent.domain import commands as cmd
+from edge_agent.domain.state import Stage, State
+from tests.brokers import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEED = 50.0
+UNIT_TIMEOUT_S = 10 / SPEED  # simulated.yaml's unit_timeout_s at this speed
+HOUR = timedelta(hours=1)
+
+
+class JumpingClock:
+    """The real clocks, but the wall clock can be jumped."""
+
+    def __init__(self) -> None:
+        self.offset = timedelta(0)
+
+    def now(self) -> datetime:
+        return datetime.now(UTC) + self.offset
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+
+def config(tmp_path: Path) -> Config:
+    return Config(
+        device_id="clock-test",
+        data_dir=tmp_path,
+        profile=ROOT / "device_profiles" / "simulated.yaml",
+        speed=SPEED,
+        mqtt={"port": free_port()},
+    )
+
+
+def order(order_id: str) -> cmd.SubmitOrder:
+    return cmd.SubmitOrder(order_id, "widget-a", 3, "WH1", 0, f"d-{order_id}")
+
+
+async def timed(agent: Agent, condition: Callable[[State], bool], timeout: float = 10) -> float:
+    """Wait for a committed state that satisfies `condition`; the monotonic time it came."""
+    async with asyncio.timeout(timeout):
+        await agent.wait_until(condition)
+    return time.monotonic()
+
+
+def retried(order_id: str) -> Callable[[State], bool]:
+    return lambda s: s.work_items[order_id].attempt >= 1
+
+
+def building(order_id: str) -> Callable[[State], bool]:
+    return lambda s: order_id in s.work_items and s.work_items[order_id].stage is Stage.FACTORY_ACCEPTED
+
+
+@pytest.mark.parametrize("jump", [HOUR, -HOUR], ids=["forward", "backward"])
+def test_a_wall_clock_jump_while_running_neither_fires_nor_holds_back_a_timeout(
+    tmp_path: Path, jump: timedelta
+) -> None:
+    clock = JumpingClock()
+
+    async def scenario() -> None:
+        async with Agent(config(tmp_path), clock=clock) as agent:
+            assert agent.simulator is not None
+            agent.simulator.jammed.update({"s1", "s2"})  # no unit will ever come
+            running = asyncio.create_task(agent.run())
+            try:
+                await agent.submit(order("a"))
+                armed = await timed(agent, building("a"))
+                clock.offset = jump
+                await agent.submit(order("b"))  # wakes the control loop after the jump
+                fired = await timed(agent, retried("a"))
+                assert fired - armed >= UNIT_TIMEOUT_S * 0.9  # not early after a forward jump
+                assert fired - armed < UNIT_TIMEOUT_S + 2.0  # not an hour late after a backward one
+            finally:
+                running.cancel()
+                with suppress(asyncio.CancelledError):
+                    await running
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("jump", [HOUR, -HOUR], ids=["forward", "backward"])
+def test_after_a_restart_across_a_wall_clock_jump_timeouts_start_afresh(tmp_path: Path, jump: timedelta) -> None:
+    clock = JumpingClock()
+
+    async def first_run() -> None:
+        async with Agent(config(tmp_path), clock=clock) as agent:
+            assert agent.simulator is not None
+            agent.simulator.jammed.add("s1")
+            running = asyncio.create_task(agent.run())
+            await agent.submit(order("a"))
+            await timed(agent, building("a"))
+            running.cancel()
+            with suppress(asyncio.CancelledError):
+                await running
+
+    async def second_run() -> None:
+        clock.offset = jump  # the device was off; its clock came back wrong
+        async with Agent(config(tmp_path), clock=clock) as agent:
+            assert agent.simulator is not None
+            agent.simulator.jammed.add("s1")
+            started = time.monotonic()
+            running = asyncio.create_task(agent.run())
+            try:
+                fired = await timed(agent, retried("a"))
+                assert fired - started >= UNIT_TIMEOUT_S * 0.9
+                assert fired - started < UNIT_TIMEOUT_S + 2.0
+            finally:
+                running.cancel()
+                with suppress(asyncio.CancelledError):
+                    await running
+
+    asyncio.run(first_run())
+    asyncio.run(second_run())
