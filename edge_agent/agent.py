@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 from collections import deque
 from collections.abc import Callable
 from contextlib import AsyncExitStack
@@ -26,6 +27,7 @@ from edge_agent.domain import commands as cmd
 from edge_agent.domain.events import Recorded
 from edge_agent.domain.outputs import desired_outputs
 from edge_agent.domain.state import Policy, State
+from edge_agent.errors import LogError
 from edge_agent.log.journal import Journal
 from edge_agent.workflow.engine import Workflow
 
@@ -33,6 +35,7 @@ log = logging.getLogger(__name__)
 
 
 ORDER_BATCH = 256  # orders decided and committed in one transaction at most
+FAULT_RETRY_S = 1.0  # how often a storage fault is checked again
 
 
 @dataclass
@@ -87,6 +90,8 @@ class Agent:
         self._wake = asyncio.Event()
         self._changed = asyncio.Condition()
         self._driving = False  # outputs follow the state only while running
+        self.fault: str | None = None  # why the log cannot be written now (None: it can)
+        self.on_fault: Callable[[str | None], None] | None = None  # told when `fault` changes
         self._stack = AsyncExitStack()
         self.devices: Devices
         self.journal: Journal
@@ -160,21 +165,74 @@ class Agent:
                 tasks.create_task(self.simulator.run(), name="simulator")
 
     async def _control(self) -> None:
-        """The single writer: inputs and requests in, decisions committed, work advanced."""
+        """The single writer: inputs and requests in, decisions committed, work advanced.
+
+        When the log cannot be written (an I/O error, a full disk) or free space is below
+        `limits.min_free_mb`, nothing can happen that the log would not know of: every
+        output goes off, no order is taken (so none is acknowledged and the broker keeps
+        them), and every FAULT_RETRY_S the agent checks again, resuming by itself."""
         while True:
-            self.workflow.advance()
-            self._wake.clear()
-            if self._requests:
-                self._handle(self._requests.popleft())
-            elif self._orders and self._room() > 0:
-                self._take_orders()
-            else:
-                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation.
-                try:
-                    async with asyncio.timeout(self.workflow.next_wake()):
-                        await self._wake.wait()
-                except TimeoutError:
-                    self._handle(_Request(cmd.Tick(self.workflow.due())))
+            try:
+                await self._step()
+            except LogError as error:
+                self._enter_fault(str(error))
+            if self.fault is not None:
+                await asyncio.sleep(FAULT_RETRY_S)
+                self._probe_storage()
+
+    async def _step(self) -> None:
+        self.workflow.advance()
+        self._wake.clear()
+        if self._requests:
+            self._handle(self._requests.popleft())
+        elif self._orders and self._room() > 0:
+            self._take_orders()
+        else:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation.
+            try:
+                async with asyncio.timeout(self.workflow.next_wake()):
+                    await self._wake.wait()
+            except TimeoutError:
+                self._handle(_Request(cmd.Tick(self.workflow.due())))
+
+    def _enter_fault(self, reason: str) -> None:
+        if self.fault is None:
+            log.error("cannot write the event log, outputs off and no orders taken until it can: %s", reason)
+        changed = self.fault != reason
+        self.fault = reason
+        self._driving = False
+        self.devices.all_off()
+        if changed and self.on_fault is not None:
+            self.on_fault(reason)
+
+    def _probe_storage(self) -> None:
+        """In a fault: is there room again, and does a write succeed? Then resume."""
+        low = self._low_space()
+        if low is not None:
+            self._enter_fault(low)
+            return
+        try:
+            self.workflow.execute(cmd.RearmTimers())  # a real commit; the outputs were off meanwhile
+            self.journal.log.probe_write()
+        except LogError as error:
+            self._enter_fault(str(error))
+            return
+        log.warning("the event log is writable again: resuming")
+        self.fault = None
+        if self.on_fault is not None:
+            self.on_fault(None)
+        self._driving = True
+        self.devices.apply(desired_outputs(self.state))
+        self._wake.set()
+
+    def _low_space(self) -> str | None:
+        free_mb = shutil.disk_usage(self.config.data_dir).free / 1e6
+        floor = self.config.limits.min_free_mb
+        return (
+            f"{free_mb:.0f} MB free on {self.config.data_dir}, below the floor of {floor} MB"
+            if free_mb < floor
+            else None
+        )
 
     def _handle(self, request: _Request) -> None:
         try:
@@ -194,8 +252,15 @@ class Agent:
     def _take_orders(self) -> None:
         """Decide waiting orders as one group commit, then acknowledge each. While the cell
         is full, orders stay unacknowledged and the broker stops sending more."""
+        low = self._low_space()
+        if low is not None:
+            raise LogError(low)
         batch = [self._orders.popleft() for _ in range(min(len(self._orders), self._room(), ORDER_BATCH))]
-        records = self.workflow.execute_batch([offer.command for offer in batch])
+        try:
+            records = self.workflow.execute_batch([offer.command for offer in batch])
+        except LogError:
+            self._orders.extendleft(reversed(batch))  # not acknowledged: taken again once the log works
+            raise
         for offer in batch:
             subject = offer.command.order_id or ""
             offer.committed([r for r in records if r.event.subject == subject])

@@ -60,6 +60,7 @@ class LogConfig(_Section):
 class LimitsConfig(_Section):
     max_payload_bytes: int = Field(65536, ge=256)
     max_open_items: int = Field(10000, ge=1)
+    min_free_mb: int = Field(50, ge=0)  # below this free space, no order is taken
 
 
 class HttpConfig(_Section):

@@ -71,6 +71,7 @@ class Gateway:
         )
         self.outbox = Outbox(_LogSource(agent.journal.log), self.link.publish, self.topics, config.device_id)
         agent.journal.subscribe(lambda state: self.outbox.pump())
+        agent.on_fault = lambda fault: self._publish_status()
 
     async def run(self) -> None:
         """Connect and serve until cancelled; then say `offline` and disconnect."""
@@ -142,12 +143,19 @@ class Gateway:
 
     def _status(self, state: str, last_seq: int | None) -> bytes:
         since = iso(self._agent.clock.now()) if last_seq is not None else None
-        return orjson.dumps({"state": state, "since": since, "version": __version__, "last_seq": last_seq})
+        status: dict[str, Any] = {"state": state, "since": since, "version": __version__, "last_seq": last_seq}
+        if self._agent.fault is not None and state == "online":
+            status["fault"] = self._agent.fault  # online, but taking no orders: why
+        return orjson.dumps(status)
+
+    def _publish_status(self) -> None:
+        status = self._status("online", self._agent.state.last_seq)
+        self.link.publish(self.topics.status, status, retain=True)
 
     def _birth(self) -> None:
         """`online` with the log position, and the whole live state (both retained)."""
         state = self._agent.state
-        self.link.publish(self.topics.status, self._status("online", state.last_seq), retain=True)
+        self._publish_status()
         snapshot: dict[str, Any] = {"device_id": self._config.device_id, **state_view(state, self._agent.clock.now())}
         self.link.publish(self.topics.state, orjson.dumps(snapshot), retain=True)
 

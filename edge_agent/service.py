@@ -81,8 +81,9 @@ MQTT_DOWN_BUDGET_S = 60.0  # past this, a lost broker connection makes the agent
 def problems(agent: Agent, gateway: Gateway) -> list[str]:
     """Why the agent is not healthy (empty: it is)."""
     found = []
-    if agent.journal.failure is not None:
-        found.append(f"the event log is not writable: {agent.journal.failure}")
+    fault = agent.fault or agent.journal.failure
+    if fault is not None:
+        found.append(f"the event log is not writable, no orders taken: {fault}")
     down_since = gateway.link.down_since
     if down_since is not None and time.monotonic() - down_since > MQTT_DOWN_BUDGET_S:
         found.append(f"no MQTT connection for {time.monotonic() - down_since:.0f} s")

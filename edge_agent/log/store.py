@@ -244,6 +244,12 @@ class EventLog:
         (after,) = self._db.execute("SELECT min(seq) FROM events WHERE ts > ?", (until,)).fetchone()
         return int(after) - 1 if after is not None else self.head().seq
 
+    def probe_write(self) -> None:
+        """Prove the file can be written (LogError if not), changing nothing."""
+        with self.transaction():
+            self._db.execute("INSERT OR REPLACE INTO cursors (name, seq) VALUES ('probe', 0)")
+            self._db.execute("DELETE FROM cursors WHERE name = 'probe'")
+
     def cursor(self, name: str) -> int | None:
         """How far the consumer `name` has got (None if it never said)."""
         row = self._db.execute("SELECT seq FROM cursors WHERE name = ?", (name,)).fetchone()

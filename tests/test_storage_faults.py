@@ -1,0 +1,160 @@
+"""Disk and I/O faults: no order taken (so none acknowledged), outputs safe, the reason
+told, and work resumed by itself once the log can be written again."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+from collections.abc import Callable, Iterator
+from contextlib import suppress
+from pathlib import Path
+
+import pytest
+
+from edge_agent.agent import Agent
+from edge_agent.config import Config
+from edge_agent.domain import commands as cmd
+from edge_agent.domain.events import Recorded
+from edge_agent.domain.state import Stage
+from tests.brokers import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_config(data_dir: Path, **limits: int) -> Config:
+    return Config(
+        device_id="fault-test",
+        data_dir=data_dir,
+        profile=ROOT / "device_profiles" / "simulated.yaml",
+        speed=50,
+        mqtt={"port": free_port()},
+        limits={"min_free_mb": 0, **limits},
+    )
+
+
+def order(order_id: str) -> cmd.SubmitOrder:
+    return cmd.SubmitOrder(order_id, "widget-a", 3, "WH1", 0, f"d-{order_id}")
+
+
+async def until(agent: Agent, condition: Callable[[], bool], timeout: float = 10) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.01)  # the fault path commits nothing: no commit to wait on
+
+
+class Acks:
+    """Stands in for the MQTT acknowledgements of offered orders."""
+
+    def __init__(self) -> None:
+        self.acked: list[str] = []
+
+    def offer(self, agent: Agent, order_id: str) -> None:
+        agent.offer(order(order_id), lambda records: self._ack(order_id, records))
+
+    def _ack(self, order_id: str, records: list[Recorded]) -> None:
+        self.acked.append(order_id)
+
+
+def outputs_on(agent: Agent) -> list[str]:
+    return [name for name in agent.devices.outputs if agent.devices.is_on(name)]
+
+
+def test_an_io_error_stops_orders_and_outputs_until_the_log_is_writable_again(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with Agent(make_config(tmp_path)) as agent:
+            running = asyncio.create_task(agent.run())
+            acks = Acks()
+            try:
+                acks.offer(agent, "before")
+                await agent.wait_until(lambda s: "before" in s.work_items and s.work_items["before"].units_done > 0)
+                assert "s1.run" in outputs_on(agent)
+
+                agent.journal.log._db.execute("PRAGMA query_only = ON")  # every write fails from now
+                acks.offer(agent, "during")
+                await until(agent, lambda: agent.fault is not None)
+                assert "readonly" in (agent.fault or "")
+                assert outputs_on(agent) == []  # outputs safe
+                await asyncio.sleep(0.3)  # units would keep coming if anything still ran
+                assert acks.acked == ["before"]  # the order that could not be logged is not acknowledged
+                assert outputs_on(agent) == []
+
+                agent.journal.log._db.execute("PRAGMA query_only = OFF")  # the disk works again
+                await until(agent, lambda: agent.fault is None)
+                await until(agent, lambda: acks.acked == ["before", "during"])
+                done = await agent.wait_until(lambda s: not s.work_items and len(s.orders) == 2)
+                assert done.inventory_seq == 2  # both completed, nothing lost, nothing twice
+            finally:
+                running.cancel()
+                with suppress(asyncio.CancelledError):
+                    await running
+
+    asyncio.run(scenario())
+
+
+def test_free_space_below_the_floor_stops_orders_until_there_is_room(tmp_path: Path) -> None:
+    huge = 10**12  # MB: more than any disk has free
+
+    async def scenario() -> None:
+        async with Agent(make_config(tmp_path, min_free_mb=huge)) as agent:
+            running = asyncio.create_task(agent.run())
+            acks = Acks()
+            try:
+                acks.offer(agent, "waits")
+                await until(agent, lambda: agent.fault is not None)
+                assert "below the floor" in (agent.fault or "")
+                assert acks.acked == []
+                agent.config = make_config(tmp_path, min_free_mb=0)  # room again
+                await until(agent, lambda: acks.acked == ["waits"])
+                assert agent.fault is None
+                await agent.wait_until(lambda s: s.inventory_seq == 1)
+            finally:
+                running.cancel()
+                with suppress(asyncio.CancelledError):
+                    await running
+
+    asyncio.run(scenario())
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 3 MB file system of its own, where the machine allows mounting one."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small file system here: {mounted.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_a_really_full_disk_is_survived_and_work_resumes_when_space_returns(small_disk: Path) -> None:
+    async def scenario() -> None:
+        async with Agent(make_config(small_disk)) as agent:
+            running = asyncio.create_task(agent.run())
+            acks = Acks()
+            filler = small_disk / "filler"
+            try:
+                with open(filler, "wb") as fill, suppress(OSError):
+                    while True:  # until the file system is full
+                        fill.write(b"\0" * 65536)
+                        fill.flush()
+                        os.fsync(fill.fileno())
+                for n in range(20):
+                    acks.offer(agent, f"o{n}")
+                await until(agent, lambda: agent.fault is not None)
+                assert outputs_on(agent) == []
+                assert len(acks.acked) < 20
+                filler.unlink()  # space returns
+                await until(agent, lambda: len(acks.acked) == 20, timeout=20)
+                state = await agent.wait_until(lambda s: s.inventory_seq == 20 and not s.work_items)
+                assert len(state.orders) == 20
+                assert all(item.stage is not Stage.FAILED for item in state.work_items.values())
+            finally:
+                running.cancel()
+                with suppress(asyncio.CancelledError):
+                    await running
+
+    asyncio.run(scenario())
