@@ -48,6 +48,7 @@ class Inbound:
     payload: bytes
     mid: int
     qos: int
+    connection: int  # which connection it came on: a PUBACK belongs on that one only
 
 
 def backoff_s(attempt: int, rng: random.Random) -> float:
@@ -75,6 +76,7 @@ class Link:
         self._on_published = on_published
         self._stopping = threading.Event()
         self._lost = threading.Event()  # the connection is gone (or we are stopping)
+        self._connection = 0  # counts successful connections
         self._thread: threading.Thread | None = None
         self._rng = random.Random()
         self.connected = False
@@ -174,6 +176,7 @@ class Link:
             return
         self.connected = self._was_up = True
         self.down_since = None
+        self._connection += 1
         log.info("connected to the broker at %s:%d", self._config.host, self._config.port)
         topics = self._topics
         client.subscribe([(topics.orders, 1), (topics.device_orders, 1), (topics.commands, 1)])
@@ -190,7 +193,7 @@ class Link:
             self._on_connection(False)
 
     def _message(self, client: paho.Client, userdata: object, message: paho.MQTTMessage) -> None:
-        self._on_message(Inbound(message.topic, bytes(message.payload), message.mid, message.qos))
+        self._on_message(Inbound(message.topic, bytes(message.payload), message.mid, message.qos, self._connection))
 
     def _published(self, client: paho.Client, userdata: object, mid: int, reason: ReasonCode, props: object) -> None:
         self._on_published(mid)
@@ -205,8 +208,10 @@ class Link:
         return info.mid
 
     def ack(self, message: Inbound) -> None:
-        """Acknowledge an inbound message: only once its outcome is committed."""
-        if message.qos > 0:
+        """Acknowledge an inbound message: only once its outcome is committed. A message from
+        an earlier connection is not acknowledged on this one (its id may now name another
+        message); the broker sends it again, and it is then recognised by its order id."""
+        if message.qos > 0 and message.connection == self._connection:
             self._client.ack(message.mid, message.qos)
 
 
