@@ -38,6 +38,9 @@ async def serve(config: Config, demo: int = 0, config_path: Path | None = None) 
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    # From the start: SIGHUP's default action would end the process.
+    reloading: list[Gateway] = []
+    loop.add_signal_handler(signal.SIGHUP, lambda: reload(config, config_path, reloading[0] if reloading else None))
     async with AsyncExitStack() as stack:
         if config.mqtt.embedded:
             await stack.enter_async_context(EmbeddedBroker(config.mqtt.port, config.mqtt.host))
@@ -49,7 +52,7 @@ async def serve(config: Config, demo: int = 0, config_path: Path | None = None) 
             )
             health.start()
             stack.callback(health.stop)
-        loop.add_signal_handler(signal.SIGHUP, lambda: reload(config, config_path, gateway))
+        reloading.append(gateway)
         async with asyncio.TaskGroup() as tasks:
             running = tasks.create_task(agent.run(), name="agent")
             online = tasks.create_task(gateway.run(), name="gateway")
@@ -118,7 +121,7 @@ def metrics(agent: Agent, gateway: Gateway) -> Metrics:
     return result
 
 
-def reload(config: Config, path: Path | None, gateway: Gateway) -> None:
+def reload(config: Config, path: Path | None, gateway: Gateway | None) -> None:
     """SIGHUP: apply the log level and the telemetry interval; name what needs a restart."""
     try:
         fresh = load_config(path)
@@ -127,7 +130,9 @@ def reload(config: Config, path: Path | None, gateway: Gateway) -> None:
         return
     changed = {key for key in fresh.model_fields if getattr(fresh, key) != getattr(config, key)}
     logging.getLogger().setLevel(fresh.log_level.upper())
-    gateway.telemetry_interval_s = fresh.telemetry_interval_s
+    log.debug("logging at %s", fresh.log_level)  # seen only if that level is now in force
+    if gateway is not None:
+        gateway.telemetry_interval_s = fresh.telemetry_interval_s
     applied = sorted(changed & RELOADABLE)
     pending = sorted(changed - RELOADABLE)
     log.info("reloaded: %s", ", ".join(applied) or "nothing changed that can be reloaded")

@@ -1,0 +1,99 @@
+"""Signals and the service log: SIGHUP reloads what it can and names the rest; one line
+per event, without a timestamp of our own under journald."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from queue import Empty, Queue
+
+from tests.brokers import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_config(path: Path, level: str, telemetry_s: float, port: int, speed: float = 1.0) -> None:
+    path.write_text(
+        f"device_id: signal-test\ndata_dir: ./var\nprofile: {ROOT / 'device_profiles' / 'simulated.yaml'}\n"
+        f"log_level: {level}\ntelemetry_interval_s: {telemetry_s}\nspeed: {speed}\n"
+        f"mqtt: {{port: {port}}}\nhttp: {{enabled: false}}\n",
+        encoding="utf-8",
+    )
+
+
+class Output:
+    """The agent's stdout, line by line, to wait on."""
+
+    def __init__(self, process: subprocess.Popen[str]) -> None:
+        self.lines: Queue[str] = Queue()
+        self.seen: list[str] = []
+        assert process.stdout is not None
+        stream = process.stdout
+
+        def read() -> None:
+            for line in stream:
+                self.lines.put(line)
+
+        threading.Thread(target=read, daemon=True).start()
+
+    def wait_for(self, text: str, timeout: float = 15) -> str:
+        while True:
+            try:
+                line = self.lines.get(timeout=timeout)
+            except Empty:
+                raise AssertionError(f"no line with {text!r}; saw:\n{''.join(self.seen)}") from None
+            self.seen.append(line)
+            if text in line:
+                return line
+
+
+def start(config: Path, **env: str) -> tuple[subprocess.Popen[str], Output]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "edge_agent", "run", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **env},
+    )
+    return process, Output(process)
+
+
+def test_sighup_reloads_the_log_level_and_telemetry_interval_and_names_what_needs_a_restart(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    port = free_port()
+    write_config(config, "info", 5, port)
+    process, output = start(config)
+    try:
+        output.wait_for("edge-agent 0.1.0 on signal-test")
+        write_config(config, "debug", 2, port, speed=3)
+        process.send_signal(signal.SIGHUP)
+        output.wait_for("DEBUG edge_agent.service: logging at debug")  # the new level is in force
+        reloaded = output.wait_for("reloaded:")
+        assert "log_level" in reloaded
+        assert "telemetry_interval_s" in reloaded
+        assert "speed" in output.wait_for("only after a restart")
+        write_config(config, "debug", 0, port)  # invalid: nothing changes, the agent goes on
+        process.send_signal(signal.SIGHUP)
+        assert "telemetry_interval_s" in output.wait_for("reload refused")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=5) == 0
+    finally:
+        process.kill()
+
+
+def test_one_line_per_event_with_no_timestamp_of_our_own_under_journald(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    write_config(config, "info", 5, free_port())
+    for journald in (False, True):
+        process, output = start(config, **({"JOURNAL_STREAM": "8:12345"} if journald else {}))
+        try:
+            line = output.wait_for("edge-agent 0.1.0 on signal-test")
+            assert line.startswith("INFO edge_agent.agent: ") == journald, line
+            assert line.count("\n") == 1
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=5)
