@@ -37,7 +37,8 @@ fi
 
 step "venv in $dest/opt/edge-agent/venv"
 mkdir -p "$dest/opt/edge-agent"
-python3 -m venv "$dest/opt/edge-agent/venv"
+# System site packages: the GPIO library (python3-lgpio) comes from the distribution.
+python3 -m venv --system-site-packages "$dest/opt/edge-agent/venv"
 "$dest/opt/edge-agent/venv/bin/python" -m pip install --quiet --upgrade pip
 "$dest/opt/edge-agent/venv/bin/python" -m pip install --quiet "$src"
 install -m 0644 "$src/README.md" "$dest/opt/edge-agent/README.md"
