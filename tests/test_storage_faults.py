@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from contextlib import suppress
 from pathlib import Path
 
+import orjson
 import pytest
 
 from edge_agent.agent import Agent
@@ -152,6 +153,40 @@ def test_a_really_full_disk_is_survived_and_work_resumes_when_space_returns(smal
                 state = await agent.wait_until(lambda s: s.inventory_seq == 20 and not s.work_items)
                 assert len(state.orders) == 20
                 assert all(item.stage is not Stage.FAILED for item in state.work_items.values())
+            finally:
+                running.cancel()
+                with suppress(asyncio.CancelledError):
+                    await running
+
+    asyncio.run(scenario())
+
+
+def test_the_status_topic_says_why_no_orders_are_taken(tmp_path: Path) -> None:
+    from edge_agent.gateway import Gateway
+
+    async def scenario() -> None:
+        config = make_config(tmp_path)
+        async with Agent(config) as agent:
+            gateway = Gateway(agent, config)
+            published: list[tuple[str, dict[str, object]]] = []
+
+            def record(topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int | None:
+                published.append((topic, orjson.loads(payload)))
+                return None
+
+            gateway.link.publish = record  # type: ignore[method-assign]  # what would go to the broker
+            running = asyncio.create_task(agent.run())
+            try:
+                agent.journal.log._db.execute("PRAGMA query_only = ON")
+                Acks().offer(agent, "x")
+                await until(agent, lambda: agent.fault is not None)
+                status = [payload for topic, payload in published if topic == gateway.topics.status]
+                assert status[-1]["state"] == "online"
+                assert "readonly" in str(status[-1]["fault"])
+                agent.journal.log._db.execute("PRAGMA query_only = OFF")
+                await until(agent, lambda: agent.fault is None)
+                status = [payload for topic, payload in published if topic == gateway.topics.status]
+                assert "fault" not in status[-1]
             finally:
                 running.cancel()
                 with suppress(asyncio.CancelledError):
