@@ -51,9 +51,9 @@ class Output:
                 return line
 
 
-def start(config: Path, **env: str) -> tuple[subprocess.Popen[str], Output]:
+def start(config: Path, *args: str, **env: str) -> tuple[subprocess.Popen[str], Output]:
     process = subprocess.Popen(
-        [sys.executable, "-m", "edge_agent", "run", "--config", str(config)],
+        [sys.executable, "-m", "edge_agent", "run", "--config", str(config), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -97,3 +97,16 @@ def test_one_line_per_event_with_no_timestamp_of_our_own_under_journald(tmp_path
         finally:
             process.send_signal(signal.SIGTERM)
             process.wait(timeout=5)
+
+
+def test_log_level_on_the_command_line_overrides_the_config(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    write_config(config, "info", 5, free_port())
+    process, output = start(config, "--log-level", "warning")
+    try:
+        first = output.wait_for("cannot reach the broker")  # a warning: shown
+        assert "WARNING" in first
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=5)
+    assert not any(" INFO " in line for line in output.seen)  # info: not shown

@@ -179,3 +179,38 @@ def test_the_agent_reports_ready_pings_the_watchdog_and_stops_within_5_s(
         assert time.monotonic() - stopped_at < 5
     finally:
         process.kill()
+
+
+def test_a_stalled_event_loop_stops_the_watchdog_pings(notify_socket: tuple[socket.socket, str]) -> None:
+    """The pings come from the event loop itself, so a loop that hangs stops them and
+    systemd restarts the service."""
+    import asyncio
+
+    from edge_agent.service import _watchdog
+
+    sock, path = notify_socket
+    sock.setblocking(False)
+    notifier = Notifier({"NOTIFY_SOCKET": path})
+
+    async def scenario() -> tuple[int, int]:
+        pinging = asyncio.create_task(_watchdog(notifier, 0.01))
+        await asyncio.sleep(0.1)
+        before = drain(sock)
+        time.sleep(0.3)  # the loop is stuck: a blocking call on it
+        during = drain(sock)
+        pinging.cancel()
+        return before, during
+
+    before, during = asyncio.run(scenario())
+    assert before >= 3
+    assert during <= 1  # at most the ping that was already due when the loop stalled
+
+
+def drain(sock: socket.socket) -> int:
+    count = 0
+    while True:
+        try:
+            sock.recv(4096)
+        except BlockingIOError:
+            return count
+        count += 1
