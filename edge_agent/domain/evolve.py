@@ -1,14 +1,15 @@
 """evolve(state, event) -> state: how each recorded event changes the state.
 
-Replay is a fold of these. The fold works on a transient draft (mutable maps
-that are frozen once at the end), so folding a million events costs one pass,
-not a copy of the state per event; evolve is the fold of a single event.
+Replay is a fold of these. The fold works on a transient draft (mutable maps,
+and the items it touches as plain dicts, all frozen once at the end), so folding
+a million events costs one pass, not a copy of the state or of an item per
+event; evolve is the fold of a single event.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import replace
+from dataclasses import MISSING, fields
 from typing import Any
 
 from immutables import Map
@@ -18,11 +19,15 @@ from edge_agent.domain.moments import later, seconds_between
 from edge_agent.domain.state import Lane, Stage, State, Station, StationStage, WorkItem
 from edge_agent.errors import InvalidEvent
 
+_ITEM_FIELDS = tuple(f.name for f in fields(WorkItem))
+_ITEM_DEFAULTS = {f.name: f.default for f in fields(WorkItem) if f.default is not MISSING}
+
 
 class _Draft:
     """A mutable working copy of the state, used only inside `fold`."""
 
     __slots__ = (
+        "dirty",
         "estop",
         "estop_since",
         "inventory_seq",
@@ -51,9 +56,11 @@ class _Draft:
         self.shipping = state.lane.order_id
         self.queue = list(state.lane.queue)
         self.items = state.work_items.mutate()
+        self.dirty: dict[str, dict[str, Any]] = {}  # items changed in this fold, as mutable fields
         self.orders = state.orders.mutate()
 
     def freeze(self) -> State:
+        self.flush()
         return State(
             last_seq=self.last_seq,
             last_ts=self.last_ts,
@@ -69,14 +76,30 @@ class _Draft:
             rejected=self.rejected,
         )
 
-    def item(self, order_id: str) -> WorkItem:
-        return self.items[order_id]
+    def value(self, order_id: str, name: str) -> Any:
+        fields = self.dirty.get(order_id)
+        return fields[name] if fields is not None else getattr(self.items[order_id], name)
 
     def update(self, order_id: str, **changes: Any) -> None:
-        self.items[order_id] = replace(self.items[order_id], **changes)
+        fields = self.dirty.get(order_id)
+        if fields is None:
+            item = self.items[order_id]
+            fields = self.dirty[order_id] = {name: getattr(item, name) for name in _ITEM_FIELDS}
+        fields.update(changes)
+
+    def remove(self, order_id: str) -> None:
+        if self.dirty.pop(order_id, None) is None or order_id in self.items:
+            del self.items[order_id]
+
+    def flush(self) -> None:
+        """Freeze the items changed so far."""
+        for order_id, fields in self.dirty.items():
+            self.items[order_id] = WorkItem(**fields)
+        self.dirty.clear()
 
     def snapshot_items(self) -> Map[str, WorkItem]:
         """The items as they are now (a mutation cannot be iterated; its result can)."""
+        self.flush()
         items = self.items.finish()
         self.items = items.mutate()
         return items
@@ -86,7 +109,7 @@ class _Draft:
 
     def release(self, order_id: str) -> None:
         """Take the item off its station and the lane, wherever it is."""
-        station = self.items[order_id].station
+        station = self.value(order_id, "station")
         if station is not None and self.stations.get(station) == order_id:
             self.stations[station] = None
         if self.shipping == order_id:
@@ -102,15 +125,16 @@ def _plant_configured(d: _Draft, e: ev.PlantConfigured, r: ev.Recorded) -> None:
 
 
 def _accepted(d: _Draft, e: ev.OrderAccepted, r: ev.Recorded) -> None:
-    d.items[e.order_id] = WorkItem(
-        order_id=e.order_id,
-        product_id=e.product_id,
-        qty=e.qty,
-        warehouse=e.warehouse,
-        priority=e.priority,
-        accepted_seq=r.seq,
-        accepted_at=r.ts,
-    )
+    d.dirty[e.order_id] = {
+        **_ITEM_DEFAULTS,
+        "order_id": e.order_id,
+        "product_id": e.product_id,
+        "qty": e.qty,
+        "warehouse": e.warehouse,
+        "priority": e.priority,
+        "accepted_seq": r.seq,
+        "accepted_at": r.ts,
+    }
     d.orders[e.order_id] = e.digest
 
 
@@ -138,7 +162,7 @@ def _assigned(d: _Draft, e: ev.StationAssigned, r: ev.Recorded) -> None:
 
 
 def _unit_built(d: _Draft, e: ev.UnitBuilt, r: ev.Recorded) -> None:
-    d.update(e.order_id, units_done=d.item(e.order_id).units_done + 1)
+    d.update(e.order_id, units_done=d.value(e.order_id, "units_done") + 1)
 
 
 def _build_complete(d: _Draft, e: ev.BuildComplete, r: ev.Recorded) -> None:
@@ -170,7 +194,7 @@ def _inventory_issued(d: _Draft, e: ev.InventoryIssued, r: ev.Recorded) -> None:
 
 
 def _tidied_up(d: _Draft, e: ev.TidiedUp, r: ev.Recorded) -> None:
-    del d.items[e.order_id]
+    d.remove(e.order_id)
 
 
 def _failed(d: _Draft, e: ev.OrderFailed, r: ev.Recorded) -> None:
@@ -184,7 +208,7 @@ def _cancelled(d: _Draft, e: ev.OrderCancelled, r: ev.Recorded) -> None:
 
 
 def _step_completed(d: _Draft, e: ev.StepCompleted, r: ev.Recorded) -> None:
-    done = d.item(e.order_id).steps_done
+    done = d.value(e.order_id, "steps_done")
     if e.step != len(done):
         raise ValueError(f"step {e.step} ({e.name}) completed after {len(done)} steps")
     d.update(e.order_id, steps_done=(*done, e.name))

@@ -1,0 +1,155 @@
+"""Benchmarks: each figure beside its raw limit, measured in the same run.
+
+    python -m benchmarks.bench [--events N]      (make bench)
+
+Prints a table and writes bench-results.json in the working directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sqlite3
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from edge_agent.domain import events as ev
+from edge_agent.domain.evolve import fold
+from edge_agent.domain.state import State
+from edge_agent.log.journal import Journal, replay
+from edge_agent.log.store import EventLog
+
+BATCH = 100
+
+
+def lifecycle(n: int) -> list[ev.Event]:
+    """The events of one order's whole life (as the workflow logs them)."""
+    o = f"order-{n:07d}"
+    return [
+        ev.OrderAccepted(o, "widget-a", 2, "WH1", n % 3, "d" * 64),
+        ev.OrderQueued(o),
+        ev.StepCompleted(o, 0, "validate"),
+        ev.StationAssigned(o, "s1"),
+        ev.TimerArmed(o, "unit", "2026-01-01T00:00:10.000000Z"),
+        ev.StepCompleted(o, 1, "send_to_factory"),
+        ev.UnitBuilt(o, "s1"),
+        ev.TimerArmed(o, "unit", "2026-01-01T00:00:20.000000Z"),
+        ev.UnitBuilt(o, "s1"),
+        ev.BuildComplete(o, "s1"),
+        ev.StepCompleted(o, 2, "wait_factory_complete"),
+        ev.ShipmentStarted(o),
+        ev.TimerArmed(o, "transit", "2026-01-01T00:00:30.000000Z"),
+        ev.ShipmentArrived(o),
+        ev.InventoryIssued(o, f"INV{n + 1:05d}", "widget-a", 2, "WH1"),
+        ev.StepCompleted(o, 3, "move_to_warehouse"),
+        ev.StepCompleted(o, 4, "publish_inventory"),
+        ev.StepCompleted(o, 5, "tidy_up"),
+        ev.TidiedUp(o),
+    ]
+
+
+def history(count: int) -> list[ev.Event]:
+    out: list[ev.Event] = [ev.PlantConfigured(("s1", "s2", "s3"), (("widget-a", 100),))]
+    n = 0
+    while len(out) < count:
+        out += lifecycle(n)
+        n += 1
+    return out[:count]
+
+
+def rate(count: int, run: Callable[[], None]) -> float:
+    started = time.perf_counter()
+    run()
+    return count / (time.perf_counter() - started)
+
+
+def bench_log_append(folder: Path, count: int) -> dict[str, float]:
+    events = history(count)
+    log_ = EventLog(folder / "append.db", synchronous="full")
+
+    def ours() -> None:
+        for start in range(0, len(events), BATCH):
+            log_.append(events[start : start + BATCH])
+
+    ours_rate = rate(len(events), ours)
+    log_.close()
+    rows = [(r.seq, r.ts, r.type, r.subject, r.data, r.hash) for r in EventLog(folder / "append.db").rows()]
+    raw = sqlite3.connect(folder / "raw.db", isolation_level=None)
+    raw.execute("PRAGMA journal_mode = WAL")
+    raw.execute("PRAGMA synchronous = FULL")
+    raw.execute("CREATE TABLE events (seq INTEGER PRIMARY KEY, ts TEXT, type TEXT, subject TEXT, data TEXT, hash TEXT)")
+
+    def raw_insert() -> None:
+        for start in range(0, len(rows), BATCH):
+            raw.execute("BEGIN IMMEDIATE")
+            raw.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?)", rows[start : start + BATCH])
+            raw.execute("COMMIT")
+
+    raw_rate = rate(len(rows), raw_insert)
+    raw.close()
+    return {"events_per_s": ours_rate, "raw_events_per_s": raw_rate, "ratio": ours_rate / raw_rate}
+
+
+def bench_replay(folder: Path, count: int) -> dict[str, float]:
+    path = folder / "replay.db"
+    events = history(count)
+    with Journal.open(path, synchronous="normal", snapshot_every=1000) as journal:
+        for start in range(0, len(events), 1000):
+            journal.append(events[start : start + 1000])
+    with EventLog(path, readonly=True) as log_:
+        rows = list(log_.rows())
+
+        def fold_all() -> None:
+            fold(State(), [row.decode() for row in rows])
+
+        def decode_all() -> None:
+            for row in rows:
+                orjson.loads(row.data)
+
+        fold_rate = rate(len(rows), fold_all)
+        decode_rate = rate(len(rows), decode_all)
+        started = time.perf_counter()
+        replay(log_)
+        restart = time.perf_counter() - started
+    small = folder / "small.db"
+    with Journal.open(small, synchronous="normal", snapshot_every=1000) as journal:
+        journal.append(history(1000))
+    started = time.perf_counter()
+    Journal.open(small).close()
+    restart_small = time.perf_counter() - started
+    started = time.perf_counter()
+    Journal.open(path).close()
+    restart = time.perf_counter() - started
+    return {
+        "events_per_s": fold_rate,
+        "raw_decode_events_per_s": decode_rate,
+        "ratio": fold_rate / decode_rate,
+        "restart_s": restart,
+        "restart_s_small_log": restart_small,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--events", type=int, default=1_000_000, help="events in the replay log")
+    parser.add_argument("--append-events", type=int, default=100_000, help="events appended at FULL durability")
+    args = parser.parse_args()
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        print(f"log_append: {args.append_events} events in batches of {BATCH}, synchronous=FULL ...", flush=True)
+        results["log_append"] = bench_log_append(Path(folder), args.append_events)
+        print(f"replay: {args.events} events ...", flush=True)
+        results["replay"] = bench_replay(Path(folder), args.events)
+    print(f"\n{'figure':<40}{'value':>16}")
+    for section, figures in results.items():
+        for name, value in figures.items():
+            print(f"{section + '.' + name:<40}{value:>16,.3f}")
+    Path("bench-results.json").write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
+
+
+if __name__ == "__main__":
+    main()
