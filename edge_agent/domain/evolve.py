@@ -77,15 +77,15 @@ class _Draft:
         )
 
     def value(self, order_id: str, name: str) -> Any:
-        fields = self.dirty.get(order_id)
-        return fields[name] if fields is not None else getattr(self.items[order_id], name)
+        changed = self.dirty.get(order_id)
+        return changed[name] if changed is not None else getattr(self.items[order_id], name)
 
     def update(self, order_id: str, **changes: Any) -> None:
-        fields = self.dirty.get(order_id)
-        if fields is None:
+        changed = self.dirty.get(order_id)
+        if changed is None:
             item = self.items[order_id]
-            fields = self.dirty[order_id] = {name: getattr(item, name) for name in _ITEM_FIELDS}
-        fields.update(changes)
+            changed = self.dirty[order_id] = {name: getattr(item, name) for name in _ITEM_FIELDS}
+        changed.update(changes)
 
     def remove(self, order_id: str) -> None:
         if self.dirty.pop(order_id, None) is None or order_id in self.items:
@@ -93,8 +93,8 @@ class _Draft:
 
     def flush(self) -> None:
         """Freeze the items changed so far."""
-        for order_id, fields in self.dirty.items():
-            self.items[order_id] = WorkItem(**fields)
+        for order_id, changed in self.dirty.items():
+            self.items[order_id] = WorkItem(**changed)
         self.dirty.clear()
 
     def snapshot_items(self) -> Map[str, WorkItem]:
