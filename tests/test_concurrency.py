@@ -33,21 +33,7 @@ def journal(tmp_path: Path) -> Iterator[Journal]:
         yield j
 
 
-@pytest.fixture
-def readers() -> Iterator[list[subprocess.Popen[str]]]:
-    """The reader processes started by a test; none outlives it."""
-    started: list[subprocess.Popen[str]] = []
-    yield started
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        for stream in (proc.stdin, proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
-
-
-def start_reader(readers: list[subprocess.Popen[str]], mode: str, path: Path) -> subprocess.Popen[str]:
+def start_reader(children: list[subprocess.Popen[str]], mode: str, path: Path) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.log_reader", mode, str(path)],
         cwd=ROOT,
@@ -56,7 +42,7 @@ def start_reader(readers: list[subprocess.Popen[str]], mode: str, path: Path) ->
         stderr=subprocess.PIPE,
         text=True,
     )
-    readers.append(proc)
+    children.append(proc)
     return proc
 
 
@@ -103,11 +89,11 @@ def read_until(reader: subprocess.Popen[str], seen: list[tuple[int, str]], lengt
 
 @pytest.mark.slow
 def test_reader_process_sees_consistent_growing_prefixes_while_writer_appends(
-    journal: Journal, readers: list[subprocess.Popen[str]]
+    journal: Journal, children: list[subprocess.Popen[str]]
 ) -> None:
     clock = FakeClock()
     produce(journal, 5, clock=clock, prefix="start-")
-    reader = start_reader(readers, "follow", journal.log.path)
+    reader = start_reader(children, "follow", journal.log.path)
     seen: list[tuple[int, str]] = []
     read_until(reader, seen, journal.state.last_seq)  # the reader is reading before the writer goes on
 
@@ -134,13 +120,13 @@ def test_reader_process_sees_consistent_growing_prefixes_while_writer_appends(
 
 @pytest.mark.slow
 def test_long_read_transaction_in_another_process_does_not_block_the_writer(
-    journal: Journal, readers: list[subprocess.Popen[str]]
+    journal: Journal, children: list[subprocess.Popen[str]]
 ) -> None:
     clock = FakeClock()
     produce(journal, HELD_LOG_EVENTS // 10 + 1, clock=clock, prefix="old-")
     held_head = journal.state.last_seq
     assert held_head > HELD_LOG_EVENTS
-    reader = start_reader(readers, "hold", journal.log.path)
+    reader = start_reader(children, "hold", journal.log.path)
     assert next_line(reader) == ["holding", "1"]  # its read transaction is open, its cursor mid-way
 
     # Enough commits for the WAL to pass the automatic checkpoint threshold (1000 pages)

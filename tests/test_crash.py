@@ -17,7 +17,6 @@ import random
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,20 +57,6 @@ def seed() -> int:
     value = int(os.environ.get("EDGE_AGENT_CRASH_SEED") or random.randrange(2**32))
     print(f"crash test seed: {value} (set EDGE_AGENT_CRASH_SEED={value} to replay it)")
     return value
-
-
-@pytest.fixture
-def writers() -> Iterator[list[subprocess.Popen[str]]]:
-    """The writer processes started by a test; none outlives it."""
-    started: list[subprocess.Popen[str]] = []
-    yield started
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
 
 
 def spawn(path: Path, seed: int) -> subprocess.Popen[str]:
@@ -157,7 +142,7 @@ def check_log(path: Path, batches: list[tuple[int, int]], acked: int) -> Recover
 
 @pytest.mark.slow
 def test_sigkill_at_random_moments_loses_no_acknowledged_event(
-    tmp_path: Path, seed: int, writers: list[subprocess.Popen[str]]
+    tmp_path: Path, seed: int, children: list[subprocess.Popen[str]]
 ) -> None:
     rng = random.Random(seed)
     path = tmp_path / "events.db"
@@ -166,7 +151,7 @@ def test_sigkill_at_random_moments_loses_no_acknowledged_event(
 
     for kill in range(KILLS):
         proc = spawn(path, rng.randrange(2**32))
-        writers.append(proc)
+        children.append(proc)
         word, seq, state_digest = read_line(proc).split()
         assert word == "ready"
         if expected is not None:  # the child's own recovery, on the file exactly as the kill left it
