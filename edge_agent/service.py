@@ -40,7 +40,12 @@ async def serve(config: Config, demo: int = 0, config_path: Path | None = None) 
         loop.add_signal_handler(signum, stop.set)
     # From the start: SIGHUP's default action would end the process.
     reloading: list[Gateway] = []
-    loop.add_signal_handler(signal.SIGHUP, lambda: reload(config, config_path, reloading[0] if reloading else None))
+    in_force = [config]
+
+    def on_hup() -> None:
+        in_force[0] = reload(in_force[0], config_path, reloading[0] if reloading else None)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     async with AsyncExitStack() as stack:
         if config.mqtt.embedded:
             await stack.enter_async_context(EmbeddedBroker(config.mqtt.port, config.mqtt.host))
@@ -121,14 +126,15 @@ def metrics(agent: Agent, gateway: Gateway) -> Metrics:
     return result
 
 
-def reload(config: Config, path: Path | None, gateway: Gateway | None) -> None:
-    """SIGHUP: apply the log level and the telemetry interval; name what needs a restart."""
+def reload(config: Config, path: Path | None, gateway: Gateway | None) -> Config:
+    """SIGHUP: apply the log level and the telemetry interval, and name what needs a
+    restart; the config now in force is returned."""
     try:
         fresh = load_config(path)
     except ConfigError as error:
         log.error("reload refused, nothing changed: %s", error)
-        return
-    changed = {key for key in fresh.model_fields if getattr(fresh, key) != getattr(config, key)}
+        return config
+    changed = {key for key in type(fresh).model_fields if getattr(fresh, key) != getattr(config, key)}
     logging.getLogger().setLevel(fresh.log_level.upper())
     log.debug("logging at %s", fresh.log_level)  # seen only if that level is now in force
     if gateway is not None:
@@ -138,3 +144,4 @@ def reload(config: Config, path: Path | None, gateway: Gateway | None) -> None:
     log.info("reloaded: %s", ", ".join(applied) or "nothing changed that can be reloaded")
     if pending:
         log.warning("these take effect only after a restart: %s", ", ".join(pending))
+    return config.model_copy(update={key: getattr(fresh, key) for key in RELOADABLE})

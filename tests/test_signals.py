@@ -76,6 +76,9 @@ def test_sighup_reloads_the_log_level_and_telemetry_interval_and_names_what_need
         assert "log_level" in reloaded
         assert "telemetry_interval_s" in reloaded
         assert "speed" in output.wait_for("only after a restart")
+        process.send_signal(signal.SIGHUP)  # the same file again: what was applied is not news
+        assert "nothing changed that can be reloaded" in output.wait_for("reloaded:")
+        assert "speed" in output.wait_for("only after a restart")  # still waiting for one
         write_config(config, "debug", 0, port)  # invalid: nothing changes, the agent goes on
         process.send_signal(signal.SIGHUP)
         assert "telemetry_interval_s" in output.wait_for("reload refused")
