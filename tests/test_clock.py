@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from contextlib import suppress
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from edge_agent.agent import Agent
 from edge_agent.config import Config
 from edge_agent.domain import commands as cmd
 from edge_agent.domain.state import Stage, State
+from tests.agents import running
 from tests.brokers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,8 +76,7 @@ def test_a_wall_clock_jump_while_running_neither_fires_nor_holds_back_a_timeout(
         async with Agent(config(tmp_path), clock=clock) as agent:
             assert agent.simulator is not None
             agent.simulator.jammed.update({"s1", "s2"})  # no unit will ever come
-            running = asyncio.create_task(agent.run())
-            try:
+            async with running(agent):
                 await agent.submit(order("a"))
                 armed = await timed(agent, building("a"))
                 clock.offset = jump
@@ -85,10 +84,6 @@ def test_a_wall_clock_jump_while_running_neither_fires_nor_holds_back_a_timeout(
                 fired = await timed(agent, retried("a"))
                 assert fired - armed >= UNIT_TIMEOUT_S * 0.9  # not early after a forward jump
                 assert fired - armed < UNIT_TIMEOUT_S + 2.0  # not an hour late after a backward one
-            finally:
-                running.cancel()
-                with suppress(asyncio.CancelledError):
-                    await running
 
     asyncio.run(scenario())
 
@@ -101,12 +96,9 @@ def test_after_a_restart_across_a_wall_clock_jump_timeouts_start_afresh(tmp_path
         async with Agent(config(tmp_path), clock=clock) as agent:
             assert agent.simulator is not None
             agent.simulator.jammed.add("s1")
-            running = asyncio.create_task(agent.run())
-            await agent.submit(order("a"))
-            await timed(agent, building("a"))
-            running.cancel()
-            with suppress(asyncio.CancelledError):
-                await running
+            async with running(agent):
+                await agent.submit(order("a"))
+                await timed(agent, building("a"))
 
     async def second_run() -> None:
         clock.offset = jump  # the device was off; its clock came back wrong
@@ -114,15 +106,10 @@ def test_after_a_restart_across_a_wall_clock_jump_timeouts_start_afresh(tmp_path
             assert agent.simulator is not None
             agent.simulator.jammed.add("s1")
             started = time.monotonic()
-            running = asyncio.create_task(agent.run())
-            try:
+            async with running(agent):
                 fired = await timed(agent, retried("a"))
                 assert fired - started >= UNIT_TIMEOUT_S * 0.9
                 assert fired - started < UNIT_TIMEOUT_S + 2.0
-            finally:
-                running.cancel()
-                with suppress(asyncio.CancelledError):
-                    await running
 
     asyncio.run(first_run())
     asyncio.run(second_run())

@@ -19,6 +19,7 @@ import pytest
 from edge_agent.clock import FakeClock
 from edge_agent.log.journal import Journal, checked
 from edge_agent.log.store import GENESIS_HASH, EventLog
+from tests.agents import next_line
 from tests.plant import produce
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,17 +47,6 @@ def start_reader(children: list[subprocess.Popen[str]], mode: str, path: Path) -
     return proc
 
 
-def next_line(proc: subprocess.Popen[str]) -> list[str]:
-    """The reader's next line, split; fails the test (with its stderr) if it died instead."""
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line.endswith("\n"):
-        proc.wait()
-        stderr = proc.stderr.read() if proc.stderr else ""
-        pytest.fail(f"the reader stopped (exit {proc.returncode}):\n{stderr}")
-    return line.split()
-
-
 def tell(proc: subprocess.Popen[str], line: str) -> None:
     assert proc.stdin is not None
     proc.stdin.write(line + "\n")
@@ -78,7 +68,7 @@ def read_until(reader: subprocess.Popen[str], seen: list[tuple[int, str]], lengt
     """Collect the reader's `saw N HASH` lines until it has seen `length` events
     (returns {}) or, with `length` None, until its report (returned)."""
     while True:
-        words = next_line(reader)
+        words = next_line(reader, "reader").split()
         if words[0] != "saw":
             assert length is None, words
             return report_of(words)
@@ -127,7 +117,7 @@ def test_long_read_transaction_in_another_process_does_not_block_the_writer(
     held_head = journal.state.last_seq
     assert held_head > HELD_LOG_EVENTS
     reader = start_reader(children, "hold", journal.log.path)
-    assert next_line(reader) == ["holding", "1"]  # its read transaction is open, its cursor mid-way
+    assert next_line(reader, "reader").split() == ["holding", "1"]  # its read transaction is open, its cursor mid-way
 
     # Enough commits for the WAL to pass the automatic checkpoint threshold (1000 pages)
     # while the snapshot is held: checkpoints must not wait for the reader either.

@@ -29,6 +29,7 @@ from edge_agent.domain.state import State
 from edge_agent.log.journal import Journal
 from edge_agent.log.store import EventLog, Row
 from edge_agent.log.verify import verify
+from tests.agents import next_line
 from tests.crash_writer import SNAPSHOT_EVERY, digest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,17 +69,6 @@ def spawn(path: Path, seed: int) -> subprocess.Popen[str]:
         stderr=subprocess.PIPE,
         text=True,
     )
-
-
-def read_line(proc: subprocess.Popen[str]) -> str:
-    """The child's next line; fails the test (with its stderr) if it died instead."""
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line.endswith("\n"):
-        proc.wait()
-        stderr = proc.stderr.read() if proc.stderr else ""
-        pytest.fail(f"the writer stopped on its own (exit {proc.returncode}):\n{stderr}")
-    return line
 
 
 def acknowledged(line: str) -> tuple[int, int]:
@@ -152,12 +142,12 @@ def test_sigkill_at_random_moments_loses_no_acknowledged_event(
     for kill in range(KILLS):
         proc = spawn(path, rng.randrange(2**32))
         children.append(proc)
-        word, seq, state_digest = read_line(proc).split()
+        word, seq, state_digest = next_line(proc, "writer on its own").split()
         assert word == "ready"
         if expected is not None:  # the child's own recovery, on the file exactly as the kill left it
             assert (int(seq), state_digest) == (expected.head, expected.digest), f"kill {kill}: bad recovery"
 
-        batches = [acknowledged(read_line(proc)) for _ in range(rng.randint(0, MAX_ACKS))]
+        batches = [acknowledged(next_line(proc, "writer on its own")) for _ in range(rng.randint(0, MAX_ACKS))]
         proc.kill()  # at once: somewhere inside the next commit, or between two
         if proc.wait() != -signal.SIGKILL:
             stderr = proc.stderr.read() if proc.stderr else ""

@@ -6,7 +6,6 @@ import asyncio
 import re
 import urllib.error
 import urllib.request
-from contextlib import suppress
 from pathlib import Path
 
 import orjson
@@ -19,6 +18,7 @@ from edge_agent.domain import commands as cmd
 from edge_agent.errors import LogError
 from edge_agent.gateway import Gateway
 from edge_agent.health import HealthServer
+from tests.agents import running
 from tests.brokers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,43 +48,40 @@ def test_health_and_metrics_tell_the_truth(tmp_path: Path, monkeypatch: pytest.M
             )
             server.start()
             base = f"http://127.0.0.1:{server.port}"
-            running = asyncio.create_task(agent.run())
-            try:
-                await agent.submit(cmd.SubmitOrder("h1", "widget-a", 1, "WH1", 0, "d"))
-                await agent.submit(cmd.RejectOrder(None, "not JSON"))
-                status, body = await asyncio.to_thread(get, base + "/healthz")
-                assert (status, orjson.loads(body)) == (200, {"status": "ok", "reasons": []})  # within the budget
+            async with running(agent):
+                try:
+                    await agent.submit(cmd.SubmitOrder("h1", "widget-a", 1, "WH1", 0, "d"))
+                    await agent.submit(cmd.RejectOrder(None, "not JSON"))
+                    status, body = await asyncio.to_thread(get, base + "/healthz")
+                    assert (status, orjson.loads(body)) == (200, {"status": "ok", "reasons": []})  # within the budget
 
-                status, text = await asyncio.to_thread(get, base + "/metrics")
-                assert status == 200
-                metrics = text.decode()
-                assert "edge_agent_orders_accepted_total 1.0" in metrics
-                assert "edge_agent_orders_rejected_total 1.0" in metrics
-                assert re.search(r'edge_agent_work_items\{stage="\w+"\} 1.0', metrics)
-                assert "edge_agent_stations 3.0" in metrics
-                assert "edge_agent_mqtt_connected 0.0" in metrics
-                assert "edge_agent_commit_seconds_count" in metrics
-                assert f"edge_agent_last_seq {agent.state.last_seq}.0" in metrics
+                    status, text = await asyncio.to_thread(get, base + "/metrics")
+                    assert status == 200
+                    metrics = text.decode()
+                    assert "edge_agent_orders_accepted_total 1.0" in metrics
+                    assert "edge_agent_orders_rejected_total 1.0" in metrics
+                    assert re.search(r'edge_agent_work_items\{stage="\w+"\} 1.0', metrics)
+                    assert "edge_agent_stations 3.0" in metrics
+                    assert "edge_agent_mqtt_connected 0.0" in metrics
+                    assert "edge_agent_commit_seconds_count" in metrics
+                    assert f"edge_agent_last_seq {agent.state.last_seq}.0" in metrics
 
-                monkeypatch.setattr(service, "MQTT_DOWN_BUDGET_S", 0.0)
-                agent.journal.log._db.execute("PRAGMA query_only = ON")  # the disk refuses every write
-                with pytest.raises(LogError):
-                    await agent.request(cmd.EngageEstop())
-                status, body = await asyncio.to_thread(get, base + "/healthz")
-                answer = orjson.loads(body)
-                assert status == 503
-                assert answer["status"] == "unhealthy"
-                assert any("not writable" in reason for reason in answer["reasons"])
-                assert any("no MQTT connection" in reason for reason in answer["reasons"])
-                agent.journal.log._db.execute("PRAGMA query_only = OFF")
-                await agent.request(cmd.EngageEstop())  # a write succeeds again: healthy again but for MQTT
-                status, body = await asyncio.to_thread(get, base + "/healthz")
-                assert not any("not writable" in reason for reason in orjson.loads(body)["reasons"])
-                assert (await asyncio.to_thread(get, base + "/nope"))[0] == 404
-            finally:
-                server.stop()
-                running.cancel()
-                with suppress(asyncio.CancelledError):
-                    await running
+                    monkeypatch.setattr(service, "MQTT_DOWN_BUDGET_S", 0.0)
+                    agent.journal.log._db.execute("PRAGMA query_only = ON")  # the disk refuses every write
+                    with pytest.raises(LogError):
+                        await agent.request(cmd.EngageEstop())
+                    status, body = await asyncio.to_thread(get, base + "/healthz")
+                    answer = orjson.loads(body)
+                    assert status == 503
+                    assert answer["status"] == "unhealthy"
+                    assert any("not writable" in reason for reason in answer["reasons"])
+                    assert any("no MQTT connection" in reason for reason in answer["reasons"])
+                    agent.journal.log._db.execute("PRAGMA query_only = OFF")
+                    await agent.request(cmd.EngageEstop())  # a write succeeds again: healthy again but for MQTT
+                    status, body = await asyncio.to_thread(get, base + "/healthz")
+                    assert not any("not writable" in reason for reason in orjson.loads(body)["reasons"])
+                    assert (await asyncio.to_thread(get, base + "/nope"))[0] == 404
+                finally:
+                    server.stop()
 
     asyncio.run(scenario())

@@ -18,6 +18,7 @@ from edge_agent.config import Config
 from edge_agent.domain import commands as cmd
 from edge_agent.domain.events import Recorded
 from edge_agent.domain.state import Stage
+from tests.agents import running
 from tests.brokers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,9 +65,8 @@ def outputs_on(agent: Agent) -> list[str]:
 def test_an_io_error_stops_orders_and_outputs_until_the_log_is_writable_again(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with Agent(make_config(tmp_path)) as agent:
-            running = asyncio.create_task(agent.run())
             acks = Acks()
-            try:
+            async with running(agent):
                 acks.offer(agent, "before")
                 await agent.wait_until(lambda s: "before" in s.work_items and s.work_items["before"].units_done > 0)
                 assert "s1.run" in outputs_on(agent)
@@ -85,10 +85,6 @@ def test_an_io_error_stops_orders_and_outputs_until_the_log_is_writable_again(tm
                 await until(agent, lambda: acks.acked == ["before", "during"])
                 done = await agent.wait_until(lambda s: not s.work_items and len(s.orders) == 2)
                 assert done.inventory_seq == 2  # both completed, nothing lost, nothing twice
-            finally:
-                running.cancel()
-                with suppress(asyncio.CancelledError):
-                    await running
 
     asyncio.run(scenario())
 
@@ -98,9 +94,8 @@ def test_free_space_below_the_floor_stops_orders_until_there_is_room(tmp_path: P
 
     async def scenario() -> None:
         async with Agent(make_config(tmp_path, min_free_mb=huge)) as agent:
-            running = asyncio.create_task(agent.run())
             acks = Acks()
-            try:
+            async with running(agent):
                 acks.offer(agent, "waits")
                 await until(agent, lambda: agent.fault is not None)
                 assert "below the floor" in (agent.fault or "")
@@ -109,10 +104,6 @@ def test_free_space_below_the_floor_stops_orders_until_there_is_room(tmp_path: P
                 await until(agent, lambda: acks.acked == ["waits"])
                 assert agent.fault is None
                 await agent.wait_until(lambda s: s.inventory_seq == 1)
-            finally:
-                running.cancel()
-                with suppress(asyncio.CancelledError):
-                    await running
 
     asyncio.run(scenario())
 
@@ -134,10 +125,9 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 def test_a_really_full_disk_is_survived_and_work_resumes_when_space_returns(small_disk: Path) -> None:
     async def scenario() -> None:
         async with Agent(make_config(small_disk)) as agent:
-            running = asyncio.create_task(agent.run())
             acks = Acks()
             filler = small_disk / "filler"
-            try:
+            async with running(agent):
                 with open(filler, "wb") as fill, suppress(OSError):
                     while True:  # until the file system is full
                         fill.write(b"\0" * 65536)
@@ -153,10 +143,6 @@ def test_a_really_full_disk_is_survived_and_work_resumes_when_space_returns(smal
                 state = await agent.wait_until(lambda s: s.inventory_seq == 20 and not s.work_items)
                 assert len(state.orders) == 20
                 assert all(item.stage is not Stage.FAILED for item in state.work_items.values())
-            finally:
-                running.cancel()
-                with suppress(asyncio.CancelledError):
-                    await running
 
     asyncio.run(scenario())
 
@@ -175,8 +161,7 @@ def test_the_status_topic_says_why_no_orders_are_taken(tmp_path: Path) -> None:
                 return None
 
             gateway.link.publish = record  # type: ignore[method-assign]  # what would go to the broker
-            running = asyncio.create_task(agent.run())
-            try:
+            async with running(agent):
                 agent.journal.log._db.execute("PRAGMA query_only = ON")
                 Acks().offer(agent, "x")
                 await until(agent, lambda: agent.fault is not None)
@@ -187,9 +172,5 @@ def test_the_status_topic_says_why_no_orders_are_taken(tmp_path: Path) -> None:
                 await until(agent, lambda: agent.fault is None)
                 status = [payload for topic, payload in published if topic == gateway.topics.status]
                 assert "fault" not in status[-1]
-            finally:
-                running.cancel()
-                with suppress(asyncio.CancelledError):
-                    await running
 
     asyncio.run(scenario())
