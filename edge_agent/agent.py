@@ -88,7 +88,7 @@ class Agent:
         self._requests: deque[_Request] = deque()
         self._orders: deque[_Offer] = deque()
         self._wake = asyncio.Event()
-        self._changed = asyncio.Condition()
+        self._committed_event = asyncio.Event()  # set (and replaced) at every commit
         self._driving = False  # outputs follow the state only while running
         self.fault: str | None = None  # why the log cannot be written now (None: it can)
         self.on_fault: Callable[[str | None], None] | None = None  # told when `fault` changes
@@ -268,11 +268,10 @@ class Agent:
     def _committed(self, state: State) -> None:
         if self._driving:
             self.devices.apply(desired_outputs(state))
-        asyncio.get_running_loop().create_task(self._notify())
-
-    async def _notify(self) -> None:
-        async with self._changed:
-            self._changed.notify_all()
+        # Wake every waiter on the event they hold, and give later waiters a fresh one:
+        # one attribute swap per commit, no task.
+        self._committed_event.set()
+        self._committed_event = asyncio.Event()
 
     def _on_edge(self, edge: Edge) -> None:
         command = _edge_command(edge)
@@ -311,8 +310,8 @@ class Agent:
 
     async def wait_until(self, condition: Callable[[State], bool]) -> State:
         """Wait for a committed state that satisfies `condition`."""
-        async with self._changed:
-            await self._changed.wait_for(lambda: condition(self.state))
+        while not condition(self.state):
+            await self._committed_event.wait()
         return self.state
 
 
