@@ -20,10 +20,11 @@ import orjson
 from edge_agent.domain import events as ev
 from edge_agent.domain.evolve import fold
 from edge_agent.domain.state import State
-from edge_agent.log.journal import Journal, replay
+from edge_agent.log.journal import Journal
 from edge_agent.log.store import EventLog
 
 BATCH = 100
+ROUNDS = 3  # each figure is the best of this many runs, alternated with its raw limit
 
 
 def lifecycle(n: int) -> list[ev.Event]:
@@ -61,10 +62,14 @@ def history(count: int) -> list[ev.Event]:
     return out[:count]
 
 
-def rate(count: int, run: Callable[[], None]) -> float:
+def seconds(run: Callable[[], None]) -> float:
     started = time.perf_counter()
     run()
-    return count / (time.perf_counter() - started)
+    return time.perf_counter() - started
+
+
+def rate(count: int, run: Callable[[], None]) -> float:
+    return count / seconds(run)
 
 
 def bench_log_append(folder: Path, count: int) -> dict[str, float]:
@@ -95,41 +100,38 @@ def bench_log_append(folder: Path, count: int) -> dict[str, float]:
 
 
 def bench_replay(folder: Path, count: int) -> dict[str, float]:
+    """Replay streams the rows from the file, decodes and folds them; the raw limit
+    reads the same rows' JSON from the same file and only decodes it."""
     path = folder / "replay.db"
     events = history(count)
     with Journal.open(path, synchronous="normal", snapshot_every=1000) as journal:
         for start in range(0, len(events), 1000):
             journal.append(events[start : start + 1000])
     with EventLog(path, readonly=True) as log_:
-        rows = list(log_.rows())
+        raw = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
 
         def fold_all() -> None:
-            fold(State(), [row.decode() for row in rows])
+            fold(State(), log_.read())
 
         def decode_all() -> None:
-            for row in rows:
-                orjson.loads(row.data)
+            for (data,) in raw.execute("SELECT data FROM events ORDER BY seq"):
+                orjson.loads(data)
 
-        fold_rate = rate(len(rows), fold_all)
-        decode_rate = rate(len(rows), decode_all)
-        started = time.perf_counter()
-        replay(log_)
-        restart = time.perf_counter() - started
+        # Alternate the two and keep the best of each: a busy neighbour slows one run, not the figure.
+        fold_rate = decode_rate = 0.0
+        for _ in range(ROUNDS):
+            fold_rate = max(fold_rate, rate(count, fold_all))
+            decode_rate = max(decode_rate, rate(count, decode_all))
+        raw.close()
     small = folder / "small.db"
     with Journal.open(small, synchronous="normal", snapshot_every=1000) as journal:
         journal.append(history(1000))
-    started = time.perf_counter()
-    Journal.open(small).close()
-    restart_small = time.perf_counter() - started
-    started = time.perf_counter()
-    Journal.open(path).close()
-    restart = time.perf_counter() - started
     return {
         "events_per_s": fold_rate,
         "raw_decode_events_per_s": decode_rate,
         "ratio": fold_rate / decode_rate,
-        "restart_s": restart,
-        "restart_s_small_log": restart_small,
+        "restart_s": min(seconds(lambda: Journal.open(path).close()) for _ in range(ROUNDS)),
+        "restart_s_small_log": min(seconds(lambda: Journal.open(small).close()) for _ in range(ROUNDS)),
     }
 
 

@@ -9,44 +9,36 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any
 
+import msgspec
 from immutables import Map
 
 from edge_agent.domain import events as ev
 from edge_agent.domain.state import Lane, Policy, Stage, State, Station, StationStage, WorkItem
 from edge_agent.errors import InvalidEvent
 
-_FIELDS: dict[type[Any], tuple[str, ...]] = {
-    cls: tuple(f.name for f in fields(cls)) for cls in (*ev.EVENT_TYPES.values(), WorkItem, Policy)
-}
+_FIELDS: dict[type[Any], tuple[str, ...]] = {cls: tuple(f.name for f in fields(cls)) for cls in (WorkItem, Policy)}
+_ENCODER = msgspec.json.Encoder()
+_DECODERS = {name: msgspec.json.Decoder(cls) for name, cls in ev.EVENT_TYPES.items()}
 
 
-def event_to_dict(event: ev.Event) -> dict[str, Any]:
-    """The event's fields, as JSON-ready values."""
-    data = {name: getattr(event, name) for name in _FIELDS[type(event)]}
-    if isinstance(event, ev.PlantConfigured):
-        data["policy"] = _policy_dict(event.policy)
-    return data
+def event_to_json(event: ev.Event) -> bytes:
+    """The event's fields as a JSON object, in the order they are declared."""
+    return _ENCODER.encode(event)
+
+
+def event_from_json(type_name: str, data: str | bytes, seq: int = 0) -> ev.Event:
+    """The event of type `type_name` that `data` holds (InvalidEvent if it holds none)."""
+    decoder = _DECODERS.get(type_name)
+    if decoder is None:
+        raise InvalidEvent(seq, f"unknown event type {type_name!r}")
+    try:
+        return decoder.decode(data)
+    except msgspec.DecodeError as error:  # also a ValidationError: wrong, missing or unexpected fields
+        raise InvalidEvent(seq, f"{type_name} has unexpected data ({error})") from error
 
 
 def _policy_dict(policy: Policy) -> dict[str, Any]:
     return {name: getattr(policy, name) for name in _FIELDS[Policy]}
-
-
-def event_from_dict(type_name: str, data: dict[str, Any], seq: int = 0) -> ev.Event:
-    cls = ev.EVENT_TYPES.get(type_name)
-    if cls is None:
-        raise InvalidEvent(seq, f"unknown event type {type_name!r}")
-    if cls is ev.PlantConfigured:  # JSON has lists and objects where the event has tuples and a Policy
-        data = {
-            **data,
-            "stations": tuple(data.get("stations", ())),
-            "products": tuple((p, n) for p, n in data.get("products", ())),
-            "policy": Policy(**data.get("policy", {})),
-        }
-    try:
-        return cls(**data)
-    except TypeError as error:
-        raise InvalidEvent(seq, f"{type_name} has unexpected data ({error})") from error
 
 
 def state_to_dict(state: State) -> dict[str, Any]:

@@ -7,13 +7,18 @@ renaming a class or a field is a breaking change of the contract.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import msgspec
 
 from edge_agent.domain.state import Policy
 
 
-@dataclass(frozen=True, slots=True)
-class _OrderEvent:
+class _Fact(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=True):
+    """A frozen record of plain values. A msgspec Struct rather than a dataclass: it is
+    built and decoded straight from the log's JSON about ten times faster, which is
+    most of what replaying a long log costs; `gc=False` since it holds no cycles."""
+
+
+class _OrderEvent(_Fact, frozen=True):
     """An event about one work item; the order id is its subject."""
 
     order_id: str
@@ -23,8 +28,7 @@ class _OrderEvent:
         return self.order_id
 
 
-@dataclass(frozen=True, slots=True)
-class OrderAccepted(_OrderEvent):
+class OrderAccepted(_OrderEvent, frozen=True):
     """A valid order became a work item (stage `New`)."""
 
     product_id: str
@@ -34,44 +38,37 @@ class OrderAccepted(_OrderEvent):
     digest: str  # of the order body: tells a redelivery from a conflicting duplicate
 
 
-@dataclass(frozen=True, slots=True)
-class OrderQueued(_OrderEvent):
+class OrderQueued(_OrderEvent, frozen=True):
     """Validated; waiting for a station (stage `FactoryReady`)."""
 
 
-@dataclass(frozen=True, slots=True)
-class StationAssigned(_OrderEvent):
+class StationAssigned(_OrderEvent, frozen=True):
     """A station started building the item (stage `FactoryAccepted`)."""
 
     station: str
 
 
-@dataclass(frozen=True, slots=True)
-class UnitBuilt(_OrderEvent):
+class UnitBuilt(_OrderEvent, frozen=True):
     """The station reported one finished unit of the item."""
 
     station: str
 
 
-@dataclass(frozen=True, slots=True)
-class BuildComplete(_OrderEvent):
+class BuildComplete(_OrderEvent, frozen=True):
     """All units are built (stage `FactoryComplete`); the batch waits to ship."""
 
     station: str
 
 
-@dataclass(frozen=True, slots=True)
-class ShipmentStarted(_OrderEvent):
+class ShipmentStarted(_OrderEvent, frozen=True):
     """The batch is on the shipping lane (stage `MoveToWarehouse`)."""
 
 
-@dataclass(frozen=True, slots=True)
-class ShipmentArrived(_OrderEvent):
+class ShipmentArrived(_OrderEvent, frozen=True):
     """The batch reached the warehouse; the lane is free."""
 
 
-@dataclass(frozen=True, slots=True)
-class InventoryIssued(_OrderEvent):
+class InventoryIssued(_OrderEvent, frozen=True):
     """The next inventory id was given to the batch (stage `InventoryAvailable`). It carries
     the whole inventory record, so the record can be published from this event alone."""
 
@@ -81,41 +78,35 @@ class InventoryIssued(_OrderEvent):
     warehouse: str
 
 
-@dataclass(frozen=True, slots=True)
-class TidiedUp(_OrderEvent):
+class TidiedUp(_OrderEvent, frozen=True):
     """A finished item left the live state; it stays in the log."""
 
 
-@dataclass(frozen=True, slots=True)
-class OrderFailed(_OrderEvent):
+class OrderFailed(_OrderEvent, frozen=True):
     """The item cannot be completed (stage `Failed`); `reason` says why."""
 
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
-class OrderCancelled(_OrderEvent):
+class OrderCancelled(_OrderEvent, frozen=True):
     """The item was cancelled before it was complete (stage `Cancelled`)."""
 
 
-@dataclass(frozen=True, slots=True)
-class StepCompleted(_OrderEvent):
+class StepCompleted(_OrderEvent, frozen=True):
     """The item's workflow finished step number `step`, called `name`."""
 
     step: int
     name: str
 
 
-@dataclass(frozen=True, slots=True)
-class TimerArmed(_OrderEvent):
+class TimerArmed(_OrderEvent, frozen=True):
     """A durable timeout (`unit` or `transit`) runs until `deadline` (UTC)."""
 
     timer: str
     deadline: str
 
 
-@dataclass(frozen=True, slots=True)
-class RetryScheduled(_OrderEvent):
+class RetryScheduled(_OrderEvent, frozen=True):
     """A timeout or fault: the output stays off until `resume_at`, then the
     step is tried again (attempt number `attempt`)."""
 
@@ -124,8 +115,7 @@ class RetryScheduled(_OrderEvent):
     resume_at: str
 
 
-@dataclass(frozen=True, slots=True)
-class OrderRejected:
+class OrderRejected(_Fact, frozen=True):
     """An inbound order was refused; no work item exists for it."""
 
     order_id: str | None  # None when the payload was unreadable
@@ -136,22 +126,20 @@ class OrderRejected:
         return self.order_id or ""
 
 
-@dataclass(frozen=True, slots=True)
-class PlantConfigured:
+class PlantConfigured(_Fact, frozen=True):
     """What the device profile provides: stations, products with their largest
     quantity, and the timeout and retry policy (logged when any of it changes)."""
 
     stations: tuple[str, ...]
     products: tuple[tuple[str, int], ...] = ()
-    policy: Policy = field(default_factory=Policy)
+    policy: Policy = msgspec.field(default_factory=Policy)
 
     @property
     def subject(self) -> str:
         return "plant"
 
 
-@dataclass(frozen=True, slots=True)
-class AgentStarted:
+class AgentStarted(_Fact, frozen=True):
     """The agent started: every output was turned off, then the log recovered."""
 
     version: str
@@ -162,8 +150,7 @@ class AgentStarted:
         return "agent"
 
 
-@dataclass(frozen=True, slots=True)
-class AgentStopped:
+class AgentStopped(_Fact, frozen=True):
     """The agent stopped in order: every output is off."""
 
     reason: str
@@ -173,8 +160,7 @@ class AgentStopped:
         return "agent"
 
 
-@dataclass(frozen=True, slots=True)
-class EstopEngaged:
+class EstopEngaged(_Fact, frozen=True):
     """The emergency stop became active: every output is off."""
 
     @property
@@ -182,8 +168,7 @@ class EstopEngaged:
         return "estop"
 
 
-@dataclass(frozen=True, slots=True)
-class EstopReleased:
+class EstopReleased(_Fact, frozen=True):
     """The emergency stop was released: work resumes where it was."""
 
     @property
@@ -217,8 +202,7 @@ Event = (
 EVENT_TYPES: dict[str, type[Event]] = {cls.__name__: cls for cls in Event.__args__}
 
 
-@dataclass(frozen=True, slots=True)
-class Recorded:
+class Recorded(_Fact, frozen=True):
     """An event as the log holds it: its position and its commit time."""
 
     seq: int

@@ -76,16 +76,13 @@ class _Draft:
             rejected=self.rejected,
         )
 
-    def value(self, order_id: str, name: str) -> Any:
-        changed = self.dirty.get(order_id)
-        return changed[name] if changed is not None else getattr(self.items[order_id], name)
-
-    def update(self, order_id: str, **changes: Any) -> None:
+    def item(self, order_id: str) -> dict[str, Any]:
+        """The item's fields, to read and change in place (frozen again at `flush`)."""
         changed = self.dirty.get(order_id)
         if changed is None:
             item = self.items[order_id]
             changed = self.dirty[order_id] = {name: getattr(item, name) for name in _ITEM_FIELDS}
-        changed.update(changes)
+        return changed
 
     def remove(self, order_id: str) -> None:
         if self.dirty.pop(order_id, None) is None or order_id in self.items:
@@ -104,12 +101,15 @@ class _Draft:
         self.items = items.mutate()
         return items
 
-    def stop_timer(self, order_id: str, **changes: Any) -> None:
-        self.update(order_id, timer=None, deadline=None, paused_until=None, **changes)
+    def stop_timer(self, order_id: str) -> dict[str, Any]:
+        """The item, its timer stopped."""
+        item = self.item(order_id)
+        item["timer"] = item["deadline"] = item["paused_until"] = None
+        return item
 
     def release(self, order_id: str) -> None:
         """Take the item off its station and the lane, wherever it is."""
-        station = self.value(order_id, "station")
+        station = self.item(order_id)["station"]
         if station is not None and self.stations.get(station) == order_id:
             self.stations[station] = None
         if self.shipping == order_id:
@@ -147,38 +147,39 @@ def _for_the_record(d: _Draft, e: ev.Event, r: ev.Recorded) -> None:
 
 
 def _queued(d: _Draft, e: ev.OrderQueued, r: ev.Recorded) -> None:
-    d.update(e.order_id, stage=Stage.FACTORY_READY, station_stage=StationStage.WAITING, queued_at=r.ts)
+    item = d.item(e.order_id)
+    item["stage"] = Stage.FACTORY_READY
+    item["station_stage"] = StationStage.WAITING
+    item["queued_at"] = r.ts
 
 
 def _assigned(d: _Draft, e: ev.StationAssigned, r: ev.Recorded) -> None:
-    d.update(
-        e.order_id,
-        stage=Stage.FACTORY_ACCEPTED,
-        station=e.station,
-        station_stage=StationStage.BUILDING,
-        build_started_at=r.ts,
-    )
+    item = d.item(e.order_id)
+    item["stage"] = Stage.FACTORY_ACCEPTED
+    item["station"] = e.station
+    item["station_stage"] = StationStage.BUILDING
+    item["build_started_at"] = r.ts
     d.stations[e.station] = e.order_id
 
 
 def _unit_built(d: _Draft, e: ev.UnitBuilt, r: ev.Recorded) -> None:
-    d.update(e.order_id, units_done=d.value(e.order_id, "units_done") + 1)
+    d.item(e.order_id)["units_done"] += 1
 
 
 def _build_complete(d: _Draft, e: ev.BuildComplete, r: ev.Recorded) -> None:
-    d.stop_timer(
-        e.order_id,
-        attempt=0,
-        stage=Stage.FACTORY_COMPLETE,
-        station_stage=StationStage.COMPLETE,
-        build_finished_at=r.ts,
-    )
+    item = d.stop_timer(e.order_id)
+    item["attempt"] = 0
+    item["stage"] = Stage.FACTORY_COMPLETE
+    item["station_stage"] = StationStage.COMPLETE
+    item["build_finished_at"] = r.ts
     d.stations[e.station] = None
     d.queue.append(e.order_id)
 
 
 def _shipment_started(d: _Draft, e: ev.ShipmentStarted, r: ev.Recorded) -> None:
-    d.update(e.order_id, stage=Stage.MOVE_TO_WAREHOUSE, attempt=0)
+    item = d.item(e.order_id)
+    item["stage"] = Stage.MOVE_TO_WAREHOUSE
+    item["attempt"] = 0
     d.queue.remove(e.order_id)
     d.shipping = e.order_id
 
@@ -190,7 +191,9 @@ def _shipment_arrived(d: _Draft, e: ev.ShipmentArrived, r: ev.Recorded) -> None:
 
 def _inventory_issued(d: _Draft, e: ev.InventoryIssued, r: ev.Recorded) -> None:
     d.inventory_seq += 1
-    d.update(e.order_id, stage=Stage.INVENTORY_AVAILABLE, inventory_id=e.inventory_id)
+    item = d.item(e.order_id)
+    item["stage"] = Stage.INVENTORY_AVAILABLE
+    item["inventory_id"] = e.inventory_id
 
 
 def _tidied_up(d: _Draft, e: ev.TidiedUp, r: ev.Recorded) -> None:
@@ -199,27 +202,36 @@ def _tidied_up(d: _Draft, e: ev.TidiedUp, r: ev.Recorded) -> None:
 
 def _failed(d: _Draft, e: ev.OrderFailed, r: ev.Recorded) -> None:
     d.release(e.order_id)
-    d.stop_timer(e.order_id, stage=Stage.FAILED, reason=e.reason)
+    item = d.stop_timer(e.order_id)
+    item["stage"] = Stage.FAILED
+    item["reason"] = e.reason
 
 
 def _cancelled(d: _Draft, e: ev.OrderCancelled, r: ev.Recorded) -> None:
     d.release(e.order_id)
-    d.stop_timer(e.order_id, stage=Stage.CANCELLED)
+    d.stop_timer(e.order_id)["stage"] = Stage.CANCELLED
 
 
 def _step_completed(d: _Draft, e: ev.StepCompleted, r: ev.Recorded) -> None:
-    done = d.value(e.order_id, "steps_done")
+    item = d.item(e.order_id)
+    done = item["steps_done"]
     if e.step != len(done):
         raise ValueError(f"step {e.step} ({e.name}) completed after {len(done)} steps")
-    d.update(e.order_id, steps_done=(*done, e.name))
+    item["steps_done"] = (*done, e.name)
 
 
 def _timer_armed(d: _Draft, e: ev.TimerArmed, r: ev.Recorded) -> None:
-    d.update(e.order_id, timer=e.timer, deadline=e.deadline, paused_until=None)
+    item = d.item(e.order_id)
+    item["timer"] = e.timer
+    item["deadline"] = e.deadline
+    item["paused_until"] = None
 
 
 def _retry_scheduled(d: _Draft, e: ev.RetryScheduled, r: ev.Recorded) -> None:
-    d.update(e.order_id, attempt=e.attempt, deadline=None, paused_until=e.resume_at)
+    item = d.item(e.order_id)
+    item["attempt"] = e.attempt
+    item["deadline"] = None
+    item["paused_until"] = e.resume_at
 
 
 def _estop_engaged(d: _Draft, e: ev.EstopEngaged, r: ev.Recorded) -> None:
@@ -231,11 +243,9 @@ def _estop_released(d: _Draft, e: ev.EstopReleased, r: ev.Recorded) -> None:
     # Timers were frozen while the e-stop was active: move every deadline on by that long.
     frozen_s = seconds_between(d.estop_since, r.ts) if d.estop_since else 0.0
     for item in [i for i in d.snapshot_items().values() if i.deadline or i.paused_until]:
-        d.update(
-            item.order_id,
-            deadline=item.deadline and later(item.deadline, frozen_s),
-            paused_until=item.paused_until and later(item.paused_until, frozen_s),
-        )
+        changed = d.item(item.order_id)
+        changed["deadline"] = item.deadline and later(item.deadline, frozen_s)
+        changed["paused_until"] = item.paused_until and later(item.paused_until, frozen_s)
     d.estop = False
     d.estop_since = None
 
@@ -267,17 +277,18 @@ _APPLY: dict[type[Any], Callable[[_Draft, Any, ev.Recorded], None]] = {
 def fold(state: State, records: Iterable[ev.Recorded]) -> State:
     """Apply recorded events, in seq order, to `state`."""
     draft = _Draft(state)
+    last = draft.last_seq  # kept in a local: this loop runs once per event of a replay
     for record in records:
-        if record.seq != draft.last_seq + 1:
-            raise InvalidEvent(record.seq, f"expected seq {draft.last_seq + 1}")
+        if record.seq != last + 1:
+            raise InvalidEvent(record.seq, f"expected seq {last + 1}")
+        event = record.event
         try:
-            _APPLY[type(record.event)](draft, record.event, record)
+            _APPLY[type(event)](draft, event, record)
         except (KeyError, ValueError) as error:
-            raise InvalidEvent(
-                record.seq, f"{type(record.event).__name__} does not fit the state ({error!r})"
-            ) from error
-        draft.last_seq = record.seq
+            raise InvalidEvent(record.seq, f"{type(event).__name__} does not fit the state ({error!r})") from error
+        last = record.seq
         draft.last_ts = record.ts
+    draft.last_seq = last
     return draft.freeze()
 
 

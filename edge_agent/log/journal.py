@@ -60,12 +60,14 @@ def replay(
         if base.seq:
             raise LogCorrupted(base.seq, "the log was compacted but its snapshot is missing or damaged")
         state, prev_hash = State(), base.hash
-    rows: Iterable[Row] = log_.rows(state.last_seq + 1, to_seq)
+    records: Iterable[Recorded]
     if verify:
-        rows = checked(rows, state.last_seq, prev_hash)
+        records = (row.decode() for row in checked(log_.rows(state.last_seq + 1, to_seq), state.last_seq, prev_hash))
+    else:
+        records = log_.read(state.last_seq + 1, to_seq)
     batch: list[Recorded] = []
-    for row in rows:
-        batch.append(row.decode())
+    for record in records:
+        batch.append(record)
         if len(batch) == _FOLD_BATCH:
             state = fold(state, batch)
             if progress:
