@@ -261,9 +261,11 @@ class Agent:
         except LogError:
             self._orders.extendleft(reversed(batch))  # not acknowledged: taken again once the log works
             raise
+        by_subject: dict[str, list[Recorded]] = {}
+        for record in records:
+            by_subject.setdefault(record.event.subject, []).append(record)
         for offer in batch:
-            subject = offer.command.order_id or ""
-            offer.committed([r for r in records if r.event.subject == subject])
+            offer.committed(by_subject.get(offer.command.order_id or "", []))
 
     def _committed(self, state: State) -> None:
         if self._driving:

@@ -48,6 +48,11 @@ class Workflow:
         self.journal = journal
         self._clock = clock
         self._timers: dict[str, tuple[str, float]] = {}  # order id -> (logged deadline, monotonic due time)
+        # The items to look at again: an item's next step and its timer depend on the item
+        # alone, so only items that events have touched since the last look can have moved.
+        # (Scanning every live item on each commit would make a long queue quadratic.)
+        self._to_step: set[str] = set(journal.state.work_items)
+        self._to_time: set[str] = set(journal.state.work_items)
 
     @property
     def state(self) -> State:
@@ -65,9 +70,18 @@ class Workflow:
             if len(item.steps_done) > len(STEP_NAMES):
                 raise WorkflowMismatch(f"order {item.order_id}: more steps recorded than this agent's workflow has")
 
+    def _commit(self, events: Sequence[ev.Event]) -> list[Recorded]:
+        records = self.journal.append(events)
+        for record in records:
+            if isinstance(record.event, ev.EstopReleased):  # it moved every deadline
+                self._to_time.update(self.state.work_items)
+            self._to_step.add(record.event.subject)
+            self._to_time.add(record.event.subject)
+        return records
+
     def execute(self, command: cmd.Command) -> list[Recorded]:
         """Decide `command` now and commit the result (CommandRejected if it does not apply)."""
-        return self.journal.append(decide(self.state, command, self._clock.now()))
+        return self._commit(decide(self.state, command, self._clock.now()))
 
     def execute_batch(self, commands: Sequence[cmd.Command]) -> list[Recorded]:
         """Decide each command in turn, each seeing the ones before it, and commit them all
@@ -84,7 +98,7 @@ class Workflow:
             # What the batch so far leads to, so that the next command sees it (seqs as they will be).
             state = fold(state, [Recorded(state.last_seq + i, iso(now), e) for i, e in enumerate(decided, 1)])
             events += decided
-        return self.journal.append(events)
+        return self._commit(events)
 
     def advance(self) -> None:
         """Move every item and the cell forward until nothing more can happen now."""
@@ -92,13 +106,16 @@ class Workflow:
             now = self._clock.now()
             state = self.state
             events: list[ev.Event] = []
-            for item in state.work_items.values():
-                events += self._step(state, item, now)
+            touched, self._to_step = self._to_step, set()
+            for order_id in sorted(touched):  # sorted: the same log for the same inputs
+                item = state.work_items.get(order_id)
+                if item is not None:
+                    events += self._step(state, item, now)
             if not events:  # the cell's own moves, once every item has caught up
                 events = decide(state, cmd.AssignStations(), now) or decide(state, cmd.StartShipment(), now)
             if not events:
                 return
-            self.journal.append(events)
+            self._commit(events)
 
     def _step(self, state: State, item: WorkItem, now: datetime) -> list[ev.Event]:
         if item.stage in _ENDED:  # failed or cancelled: the workflow ends; only the tidy-up is left
@@ -125,18 +142,17 @@ class Workflow:
         mono, wall = self._clock.monotonic(), self._clock.now()
         policy = state.policy
         longest = max(policy.unit_timeout_s, policy.transit_timeout_s, policy.backoff_max_s)
-        timers: dict[str, tuple[str, float]] = {}
-        for item in state.work_items.values():
-            moment = item.paused_until or item.deadline
+        touched, self._to_time = self._to_time, set()
+        for order_id in touched:
+            item = state.work_items.get(order_id)
+            moment = None if item is None else item.paused_until or item.deadline
             if moment is None:
+                self._timers.pop(order_id, None)
                 continue
-            known = self._timers.get(item.order_id)
-            if known is not None and known[0] == moment:
-                timers[item.order_id] = known
-            else:
+            known = self._timers.get(order_id)
+            if known is None or known[0] != moment:
                 left = min(longest, max(0.0, (parse(moment) - wall).total_seconds()))
-                timers[item.order_id] = (moment, mono + left)
-        self._timers = timers
+                self._timers[order_id] = (moment, mono + left)
 
     def due(self) -> tuple[str, ...]:
         """The items whose timeout or retry pause has run out."""
