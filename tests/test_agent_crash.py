@@ -119,9 +119,6 @@ def _issued_not_tidied(state: State, order_id: str) -> bool:
 MID_BUILD = KillPoint("mid-build", _unit_not_last, _mid_build)
 MID_SHIPMENT = KillPoint("mid-shipment", lambda c: _first(c.subjects("ShipmentStarted")), _mid_shipment)
 ISSUED = KillPoint("inventory-issued", lambda c: _first(c.subjects("InventoryIssued")), _issued_not_tidied)
-MOVED = KillPoint(
-    "moved-to-warehouse", lambda c: _first(c.subjects("StepCompleted", "move_to_warehouse")), _issued_not_tidied
-)
 
 
 @dataclass(frozen=True)
@@ -133,8 +130,8 @@ class Kill:
 SCENARIOS = {
     "mid-build": (Kill(MID_BUILD, True), Kill(MID_BUILD, True), Kill(MID_BUILD, False)),
     "mid-shipment": (Kill(MID_SHIPMENT, True), Kill(MID_SHIPMENT, True), Kill(MID_SHIPMENT, False)),
-    # ShipmentArrived + InventoryIssued commit together; then steps 3, 4 and 5 (with TidiedUp) one by one.
-    "arrival-to-tidy-up": (Kill(ISSUED, True), Kill(MOVED, True), Kill(ISSUED, False)),
+    # ShipmentArrived + InventoryIssued commit together; then steps 3, 4 and 5 with TidiedUp in one more.
+    "arrival-to-tidy-up": (Kill(ISSUED, True), Kill(ISSUED, True), Kill(ISSUED, False)),
 }
 
 

@@ -16,7 +16,7 @@ from edge_agent.domain import events as ev
 from edge_agent.domain.state import Lane, Policy, Stage, State, Station, StationStage, WorkItem
 from edge_agent.errors import InvalidEvent
 
-_FIELDS: dict[type[Any], tuple[str, ...]] = {cls: tuple(f.name for f in fields(cls)) for cls in (WorkItem, Policy)}
+_POLICY_FIELDS = tuple(f.name for f in fields(Policy))
 _ENCODER = msgspec.json.Encoder()
 _DECODERS = {name: msgspec.json.Decoder(cls) for name, cls in ev.EVENT_TYPES.items()}
 
@@ -38,7 +38,7 @@ def event_from_json(type_name: str, data: str | bytes, seq: int = 0) -> ev.Event
 
 
 def _policy_dict(policy: Policy) -> dict[str, Any]:
-    return {name: getattr(policy, name) for name in _FIELDS[Policy]}
+    return {name: getattr(policy, name) for name in _POLICY_FIELDS}
 
 
 def state_to_dict(state: State) -> dict[str, Any]:
@@ -53,14 +53,14 @@ def state_to_dict(state: State) -> dict[str, Any]:
         "products": dict(state.products.items()),
         "policy": _policy_dict(state.policy),
         "lane": {"order_id": state.lane.order_id, "queue": list(state.lane.queue)},
-        "work_items": [[getattr(item, name) for name in _FIELDS[WorkItem]] for item in state.work_items.values()],
+        "work_items": [msgspec.structs.astuple(item) for item in state.work_items.values()],
         "orders": dict(state.orders.items()),
         "rejected": state.rejected,
     }
 
 
 def state_from_dict(data: dict[str, Any]) -> State:
-    names = _FIELDS[WorkItem]
+    names = WorkItem.__struct_fields__
     items = {}
     for row in data["work_items"]:
         values = dict(zip(names, row, strict=True))

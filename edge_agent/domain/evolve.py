@@ -9,9 +9,9 @@ event; evolve is the fold of a single event.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import MISSING, fields
 from typing import Any
 
+import msgspec
 from immutables import Map
 
 from edge_agent.domain import events as ev
@@ -19,8 +19,8 @@ from edge_agent.domain.moments import later, seconds_between
 from edge_agent.domain.state import Lane, Stage, State, Station, StationStage, WorkItem
 from edge_agent.errors import InvalidEvent
 
-_ITEM_FIELDS = tuple(f.name for f in fields(WorkItem))
-_ITEM_DEFAULTS = {f.name: f.default for f in fields(WorkItem) if f.default is not MISSING}
+_ITEM_FIELDS = WorkItem.__struct_fields__
+_ITEM_DEFAULTS = {f.name: f.default for f in msgspec.structs.fields(WorkItem) if f.default is not msgspec.NODEFAULT}
 
 
 class _Draft:
@@ -81,7 +81,7 @@ class _Draft:
         changed = self.dirty.get(order_id)
         if changed is None:
             item = self.items[order_id]
-            changed = self.dirty[order_id] = {name: getattr(item, name) for name in _ITEM_FIELDS}
+            changed = self.dirty[order_id] = dict(zip(_ITEM_FIELDS, msgspec.structs.astuple(item), strict=True))
         return changed
 
     def remove(self, order_id: str) -> None:

@@ -7,9 +7,18 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+_last_iso: tuple[datetime | None, str] = (None, "")
+
 
 def iso(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # A batch formats the same moment once per command: remember the last one (one
+    # tuple, so a reader on another thread sees a matching pair).
+    global _last_iso
+    last, text = _last_iso
+    if moment is not last:
+        text = moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        _last_iso = (moment, text)
+    return text
 
 
 def parse(ts: str) -> datetime:

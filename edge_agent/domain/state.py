@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 
+import msgspec
 from immutables import Map
 
 
@@ -57,9 +58,9 @@ class Policy:
         return min(self.backoff_max_s, self.backoff_s * 2.0 ** (attempt - 1))
 
 
-@dataclass(frozen=True, slots=True)
-class WorkItem:
-    """One accepted order on its way through the cell."""
+class WorkItem(msgspec.Struct, frozen=True, gc=False):
+    """One accepted order on its way through the cell. (A Struct, not a dataclass: every
+    fold builds one per item it changed, and this is ten times cheaper to build.)"""
 
     order_id: str
     product_id: str

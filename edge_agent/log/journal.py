@@ -86,6 +86,7 @@ class Journal:
         self.log = log_
         self._state = state
         self._snapshot_every = snapshot_every
+        self._snapshot_seq = max([log_.base().seq, *log_.snapshot_seqs()])
         self._listeners: list[Callable[[State], None]] = []
         self.commit_observer: Callable[[float], None] | None = None  # seconds per commit
         self.failure: str | None = None  # why the last commit failed, until one succeeds
@@ -126,7 +127,8 @@ class Journal:
             with self.log.transaction() as tx:
                 records = tx.append(events)
                 state = fold(self._state, records)
-                if state.last_seq // self._snapshot_every > self._state.last_seq // self._snapshot_every:
+                snapshot = self._snapshot_due(state)
+                if snapshot:
                     tx.save_snapshot(state)
         except LogError as error:
             self.failure = str(error)
@@ -134,10 +136,19 @@ class Journal:
         self.failure = None
         if self.commit_observer is not None:
             self.commit_observer(time.perf_counter() - started)
+        if snapshot:
+            self._snapshot_seq = state.last_seq
         self._state = state
         for listener in self._listeners:
             listener(state)
         return records
+
+    def _snapshot_due(self, state: State) -> bool:
+        """Every `snapshot_every` events, or, while more items than that are live, every
+        as many events as there are live items: a snapshot costs in proportion to the
+        live items, so this keeps its cost per event flat however long the queue is (and
+        start-up, which reads the snapshot anyway, in proportion to the state)."""
+        return state.last_seq - self._snapshot_seq >= max(self._snapshot_every, len(state.work_items))
 
     def close(self) -> None:
         self.log.close()

@@ -30,6 +30,12 @@ _ENDED = frozenset({Stage.FAILED, Stage.CANCELLED})
 _MAX_PASSES = 10_000  # a safety net: each pass commits progress, so this is never reached
 
 
+def _ahead(state: State, events: Sequence[ev.Event], now: datetime) -> State:
+    """What `events`, not yet committed, will lead to (with the seqs they will get)."""
+    at = iso(now)
+    return fold(state, [Recorded(state.last_seq + i, at, event) for i, event in enumerate(events, 1)])
+
+
 class WorkflowMismatch(EdgeAgentError):
     """The log records workflow steps that this version of the code does not have."""
 
@@ -95,27 +101,35 @@ class Workflow:
             except CommandRejected as error:
                 log.warning("%s refused: %s", type(command).__name__, error)
                 continue
-            # What the batch so far leads to, so that the next command sees it (seqs as they will be).
-            state = fold(state, [Recorded(state.last_seq + i, iso(now), e) for i, e in enumerate(decided, 1)])
+            state = _ahead(state, decided, now)
             events += decided
         return self._commit(events)
 
     def advance(self) -> None:
-        """Move every item and the cell forward until nothing more can happen now."""
+        """Move every item and the cell forward until nothing more can happen now, and
+        commit all of it at once: each round of moves is decided on the state the rounds
+        before it lead to, so a batch of new orders is validated, stepped and put on the
+        free stations in one transaction."""
+        now = self._clock.now()
+        state = self.state
+        events: list[ev.Event] = []
+        touched = set(self._to_step)  # cleared only once all is committed: nothing is missed after an error
         for _ in range(_MAX_PASSES):
-            now = self._clock.now()
-            state = self.state
-            events: list[ev.Event] = []
-            touched, self._to_step = self._to_step, set()
+            moves: list[ev.Event] = []
             for order_id in sorted(touched):  # sorted: the same log for the same inputs
                 item = state.work_items.get(order_id)
                 if item is not None:
-                    events += self._step(state, item, now)
-            if not events:  # the cell's own moves, once every item has caught up
-                events = decide(state, cmd.AssignStations(), now) or decide(state, cmd.StartShipment(), now)
-            if not events:
-                return
+                    moves += self._step(state, item, now)
+            if not moves:  # the cell's own moves, once every item has caught up
+                moves = decide(state, cmd.AssignStations(), now) or decide(state, cmd.StartShipment(), now)
+            if not moves:
+                break
+            state = _ahead(state, moves, now)
+            events += moves
+            touched = {event.subject for event in moves}
+        if events:
             self._commit(events)
+        self._to_step.clear()  # every item moved here was looked at again after its last move
 
     def _step(self, state: State, item: WorkItem, now: datetime) -> list[ev.Event]:
         if item.stage in _ENDED:  # failed or cancelled: the workflow ends; only the tidy-up is left
