@@ -188,7 +188,7 @@ def test_verify_names_a_snapshot_that_differs_from_replay(db: Path) -> None:
     with EventLog(db, readonly=True) as log_:
         seq = log_.snapshot_seqs()[0]
         state = log_.snapshot(seq).state
-    from dataclasses import replace
+    from msgspec.structs import replace
 
     from edge_agent.domain.codec import state_to_dict
     from edge_agent.log.store import _checksum

@@ -6,7 +6,6 @@ the MQTT `events` payload.
 
 from __future__ import annotations
 
-from dataclasses import fields
 from typing import Any
 
 import msgspec
@@ -16,7 +15,6 @@ from edge_agent.domain import events as ev
 from edge_agent.domain.state import Lane, Policy, Stage, State, Station, StationStage, WorkItem
 from edge_agent.errors import InvalidEvent
 
-_POLICY_FIELDS = tuple(f.name for f in fields(Policy))
 _ENCODER = msgspec.json.Encoder()
 _DECODERS = {name: msgspec.json.Decoder(cls) for name, cls in ev.EVENT_TYPES.items()}
 
@@ -38,7 +36,8 @@ def event_from_json(type_name: str, data: str | bytes, seq: int = 0) -> ev.Event
 
 
 def _policy_dict(policy: Policy) -> dict[str, Any]:
-    return {name: getattr(policy, name) for name in _POLICY_FIELDS}
+    data: dict[str, Any] = msgspec.structs.asdict(policy)
+    return data
 
 
 def state_to_dict(state: State) -> dict[str, Any]:

@@ -7,6 +7,7 @@ with nothing to count); `CommandRejected` means it was asked for wrongly.
 
 from __future__ import annotations
 
+import heapq
 from datetime import datetime
 
 from edge_agent.domain import commands as cmd
@@ -129,7 +130,8 @@ def _assign_stations(state: State, at: str) -> list[ev.Event]:
     idle = [s.id for s in state.stations if s.order_id is None]
     if not idle:
         return []
-    waiting = sorted(
+    waiting = heapq.nsmallest(  # not a sort: a long queue is scanned once for the few it needs
+        len(idle),
         (item for item in state.work_items.values() if item.stage is Stage.FACTORY_READY),
         key=lambda item: (-item.priority, item.accepted_seq),
     )

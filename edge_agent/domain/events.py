@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import msgspec
 
-from edge_agent.domain.state import Policy
+from edge_agent.domain.state import Frozen, Policy
 
 
-class _Fact(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=True):
-    """A frozen record of plain values. A msgspec Struct rather than a dataclass: it is
-    built and decoded straight from the log's JSON about ten times faster, which is
-    most of what replaying a long log costs; `gc=False` since it holds no cycles."""
+class _Fact(Frozen, frozen=True, forbid_unknown_fields=True):
+    """An event: decoded straight from the log's JSON, which must hold its fields and no others."""
 
 
 class _OrderEvent(_Fact, frozen=True):

@@ -20,7 +20,10 @@ from edge_agent.domain.state import Lane, Stage, State, Station, StationStage, W
 from edge_agent.errors import InvalidEvent
 
 _ITEM_FIELDS = WorkItem.__struct_fields__
-_ITEM_DEFAULTS = {f.name: f.default for f in msgspec.structs.fields(WorkItem) if f.default is not msgspec.NODEFAULT}
+# Every field in order, the required ones None until set: `flush` builds items positionally.
+_ITEM_DEFAULTS = {
+    f.name: None if f.default is msgspec.NODEFAULT else f.default for f in msgspec.structs.fields(WorkItem)
+}
 
 
 class _Draft:
@@ -91,7 +94,7 @@ class _Draft:
     def flush(self) -> None:
         """Freeze the items changed so far."""
         for order_id, changed in self.dirty.items():
-            self.items[order_id] = WorkItem(**changed)
+            self.items[order_id] = WorkItem(*changed.values())  # the dicts keep the fields' order
         self.dirty.clear()
 
     def snapshot_items(self) -> Map[str, WorkItem]:
@@ -125,16 +128,14 @@ def _plant_configured(d: _Draft, e: ev.PlantConfigured, r: ev.Recorded) -> None:
 
 
 def _accepted(d: _Draft, e: ev.OrderAccepted, r: ev.Recorded) -> None:
-    d.dirty[e.order_id] = {
-        **_ITEM_DEFAULTS,
-        "order_id": e.order_id,
-        "product_id": e.product_id,
-        "qty": e.qty,
-        "warehouse": e.warehouse,
-        "priority": e.priority,
-        "accepted_seq": r.seq,
-        "accepted_at": r.ts,
-    }
+    item = d.dirty[e.order_id] = dict(_ITEM_DEFAULTS)
+    item["order_id"] = e.order_id
+    item["product_id"] = e.product_id
+    item["qty"] = e.qty
+    item["warehouse"] = e.warehouse
+    item["priority"] = e.priority
+    item["accepted_seq"] = r.seq
+    item["accepted_at"] = r.ts
     d.orders[e.order_id] = e.digest
 
 

@@ -7,7 +7,6 @@ device has seen, and a replay can batch changes through a transient mutation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 
@@ -42,8 +41,13 @@ class StationStage(StrEnum):
     COMPLETE = "Complete"
 
 
-@dataclass(frozen=True, slots=True)
-class Policy:
+class Frozen(msgspec.Struct, frozen=True, gc=False):
+    """A frozen record. A msgspec Struct rather than a dataclass: a fold builds a state and
+    an item per item it changed, and a Struct is about ten times cheaper to build; it
+    holds no cycles, so the garbage collector need not track it."""
+
+
+class Policy(Frozen, frozen=True):
     """Timeouts and retries of the cell (from the device profile, scaled by speed)."""
 
     unit_timeout_s: float = 30.0
@@ -58,9 +62,8 @@ class Policy:
         return min(self.backoff_max_s, self.backoff_s * 2.0 ** (attempt - 1))
 
 
-class WorkItem(msgspec.Struct, frozen=True, gc=False):
-    """One accepted order on its way through the cell. (A Struct, not a dataclass: every
-    fold builds one per item it changed, and this is ten times cheaper to build.)"""
+class WorkItem(Frozen, frozen=True):
+    """One accepted order on its way through the cell."""
 
     order_id: str
     product_id: str
@@ -105,8 +108,7 @@ def _span(start: str | None, end: str | None, now: datetime) -> float | None:
     return max(0.0, (finish - datetime.fromisoformat(start)).total_seconds())
 
 
-@dataclass(frozen=True, slots=True)
-class Station:
+class Station(Frozen, frozen=True):
     """A production station; builds one work item at a time."""
 
     id: str
@@ -117,8 +119,7 @@ class Station:
         return "idle" if self.order_id is None else "building"
 
 
-@dataclass(frozen=True, slots=True)
-class Lane:
+class Lane(Frozen, frozen=True):
     """The shipping lane: one batch moving at a time, the rest queued FIFO."""
 
     order_id: str | None = None
@@ -129,8 +130,7 @@ class Lane:
         return "idle" if self.order_id is None else "moving"
 
 
-@dataclass(frozen=True, slots=True)
-class State:
+class State(Frozen, frozen=True):
     """Everything the agent knows, as of log position `last_seq`."""
 
     last_seq: int = 0
@@ -139,12 +139,12 @@ class State:
     inventory_seq: int = 0
     estop_since: str | None = None  # timers are frozen from then until the release
     stations: tuple[Station, ...] = ()
-    products: Map[str, int] = field(default_factory=Map)  # product_id -> largest qty
+    products: Map[str, int] = msgspec.field(default_factory=Map)  # product_id -> largest qty
     policy: Policy = Policy()
     lane: Lane = Lane()
-    work_items: Map[str, WorkItem] = field(default_factory=Map)
+    work_items: Map[str, WorkItem] = msgspec.field(default_factory=Map)
     # Every order id ever accepted, with its body digest: makes orders idempotent.
-    orders: Map[str, str] = field(default_factory=Map)
+    orders: Map[str, str] = msgspec.field(default_factory=Map)
     rejected: int = 0  # orders rejected, ever
 
     def station(self, station_id: str) -> Station | None:
