@@ -19,7 +19,6 @@ from edge_agent.domain.moments import later, seconds_between
 from edge_agent.domain.state import Lane, Stage, State, Station, StationStage, WorkItem
 from edge_agent.errors import InvalidEvent
 
-_ITEM_FIELDS = WorkItem.__struct_fields__
 # Every field in order, the required ones None until set: `flush` builds items positionally.
 _ITEM_DEFAULTS = {
     f.name: None if f.default is msgspec.NODEFAULT else f.default for f in msgspec.structs.fields(WorkItem)
@@ -84,7 +83,7 @@ class _Draft:
         changed = self.dirty.get(order_id)
         if changed is None:
             item = self.items[order_id]
-            changed = self.dirty[order_id] = dict(zip(_ITEM_FIELDS, msgspec.structs.astuple(item), strict=True))
+            changed = self.dirty[order_id] = msgspec.structs.asdict(item)
         return changed
 
     def remove(self, order_id: str) -> None:
