@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import sqlite3
-import tempfile
 import time
 from collections.abc import Callable
 from functools import partial
@@ -18,6 +17,11 @@ from typing import Any
 
 import orjson
 
+from benchmarks.common import disk_folder
+from benchmarks.idle import bench_idle
+from benchmarks.ingest import bench_ingest
+from benchmarks.latency import bench_latency
+from benchmarks.wear import bench_wear
 from edge_agent.domain import events as ev
 from edge_agent.domain.evolve import fold
 from edge_agent.domain.state import State
@@ -143,13 +147,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--events", type=int, default=1_000_000, help="events in the replay log")
     parser.add_argument("--append-events", type=int, default=100_000, help="events appended at FULL durability")
+    parser.add_argument("--orders", type=int, default=10_000, help="orders sent through the broker (ingest)")
+    parser.add_argument("--idle-seconds", type=float, default=60.0, help="length of the idle window")
+    parser.add_argument("--edges", type=int, default=2000, help="sensor edges timed (latency)")
+    parser.add_argument("--wear-orders", type=int, default=200, help="orders run to completion (wear)")
     args = parser.parse_args()
     results: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory() as folder:
+    # Each in a fresh folder on a real disk: durability and write counts mean nothing on tmpfs.
+    with disk_folder() as folder:
         print(f"log_append: {args.append_events} events in batches of {BATCH}, synchronous=FULL ...", flush=True)
-        results["log_append"] = bench_log_append(Path(folder), args.append_events)
+        results["log_append"] = bench_log_append(folder, args.append_events)
+    with disk_folder() as folder:
         print(f"replay: {args.events} events ...", flush=True)
-        results["replay"] = bench_replay(Path(folder), args.events)
+        results["replay"] = bench_replay(folder, args.events)
+    with disk_folder() as folder:
+        print(f"ingest: {args.orders} orders through Mosquitto at QoS 1 ...", flush=True)
+        results["ingest"] = bench_ingest(folder, args.orders)
+    with disk_folder() as folder:
+        print(f"idle: {args.idle_seconds:.0f} s of the whole agent without orders ...", flush=True)
+        results["idle"] = bench_idle(folder, args.idle_seconds)
+    with disk_folder() as folder:
+        print(f"latency: {args.edges} sensor edges to their committed events ...", flush=True)
+        results["latency"] = bench_latency(folder, args.edges)
+    with disk_folder() as folder:
+        print(f"wear: {args.wear_orders} orders run to completion ...", flush=True)
+        results["wear"] = bench_wear(folder, args.wear_orders)
     print(f"\n{'figure':<40}{'value':>16}")
     for section, figures in results.items():
         for name, value in figures.items():

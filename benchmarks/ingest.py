@@ -1,0 +1,128 @@
+"""Order ingestion through a real broker, beside what the broker path itself carries.
+
+    python -m benchmarks.ingest [--orders N]
+
+`ingest.orders_per_s`: N distinct valid orders, sent at QoS 1 by `mosquitto_pub -l`
+through a local Mosquitto to the whole agent in a child process (`python -m
+edge_agent run`: MQTT 5 with its Receive Maximum, synchronous=FULL group commits,
+the PUBACK of each order only after its OrderAccepted event is committed), from the
+publisher's start until the Nth OrderAccepted is committed in the log. This is
+acceptance, not the workflow: the plant runs at its normal slow pace, and
+`limits.max_open_items` is above N so the agent never holds orders back for room.
+
+`ingest.raw_qos1_msgs_per_s` (the raw limit): the same N payloads from the same
+publisher through the same broker to `mosquitto_sub -q 1` (MQTT 5, the same Receive
+Maximum), until it has received the Nth; the best of a few runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import select
+import subprocess
+import time
+from pathlib import Path
+
+from benchmarks.common import (
+    PREFIX,
+    RECEIVE_WINDOW,
+    BenchError,
+    LogWatch,
+    agent_config,
+    agent_process,
+    disk_folder,
+    mosquitto,
+    order_lines,
+    print_figures,
+    publish_lines,
+    tool,
+)
+
+ORDERS = 10_000
+RAW_RUNS = 3  # the raw run is short, so its best of three is taken as the limit
+TIMEOUT_S = 300.0
+WARM_UP = "warm-up"
+WARM_UP_LINE = b"warm-up\n"
+
+
+def raw_rate(port: int, lines: list[bytes]) -> float:
+    """Messages per second from `mosquitto_pub -l` to `mosquitto_sub` at QoS 1."""
+    topic = f"{PREFIX}/raw"
+    subscriber = subprocess.Popen(
+        [
+            *(tool("mosquitto_sub"), "-p", str(port), "-V", "5", "-q", "1", "-t", topic),
+            *("-D", "connect", "receive-maximum", str(RECEIVE_WINDOW)),  # the agent's window
+        ],
+        stdout=subprocess.PIPE,
+    )
+    assert subscriber.stdout is not None
+    out = subscriber.stdout
+    try:
+        # Until the subscription is in place: a warm-up message that comes back through it
+        # (one sent before the broker has the subscription is simply lost, so send again).
+        deadline = time.monotonic() + 30
+        while not select.select([out], [], [], 0.2)[0]:
+            if time.monotonic() > deadline:
+                raise BenchError("mosquitto_sub did not subscribe")
+            subprocess.run([tool("mosquitto_pub"), "-p", str(port), "-q", "1", "-t", topic, "-m", WARM_UP], check=True)
+        started = time.perf_counter()
+        publisher = publish_lines(port, topic, lines)
+        received = 0
+        while received < len(lines):
+            line = out.readline()
+            if not line:
+                raise BenchError(f"mosquitto_sub stopped after {received} of {len(lines)} messages")
+            received += line != WARM_UP_LINE  # late warm-ups may still come through
+        elapsed = time.perf_counter() - started
+        publisher.wait(TIMEOUT_S)
+    finally:
+        subscriber.kill()
+        subscriber.wait()
+    return len(lines) / elapsed
+
+
+def agent_rate(folder: Path, port: int, lines: list[bytes]) -> float:
+    """Orders per second accepted durably by the agent process."""
+    device = "bench-ingest"
+    config = agent_config(
+        folder / "agent",
+        port,
+        device,
+        limits={"max_open_items": len(lines) + 1000},  # acceptance is measured, not the plant's room
+    )
+    watch = LogWatch(folder / "agent" / "data" / "events.db")
+    with agent_process(config, device, port) as agent:
+
+        def alive() -> None:
+            if agent.poll() is not None:
+                raise BenchError(f"the agent exited with {agent.returncode} during the run")
+
+        watch.poll()  # start-up events are not orders
+        started = time.perf_counter()
+        publisher = publish_lines(port, f"{PREFIX}/orders", lines)
+        done = watch.wait("OrderAccepted", len(lines), TIMEOUT_S, alive)
+        publisher.wait(TIMEOUT_S)
+        rejected = watch.poll().get("OrderRejected", 0)
+    watch.close()
+    if rejected:
+        raise BenchError(f"the agent rejected {rejected} of the benchmark's orders")
+    return len(lines) / (done - started)
+
+
+def bench_ingest(folder: Path, orders: int = ORDERS) -> dict[str, float]:
+    with mosquitto(folder / "broker") as broker:
+        raw = max(raw_rate(broker.port, order_lines(orders, f"raw{run}")) for run in range(RAW_RUNS))
+        ours = agent_rate(folder, broker.port, order_lines(orders, "order"))
+    return {"orders_per_s": ours, "raw_qos1_msgs_per_s": raw, "ratio": ours / raw}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--orders", type=int, default=ORDERS, help="orders sent")
+    args = parser.parse_args()
+    with disk_folder() as folder:
+        print_figures("ingest", bench_ingest(folder, args.orders))
+
+
+if __name__ == "__main__":
+    main()
