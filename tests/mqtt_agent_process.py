@@ -1,4 +1,4 @@
-"""The agent with its MQTT gateway in a child process, for the MQTT fault tests.
+"""The agent with its MQTT gateway in a child process, for the MQTT fault and chaos tests.
 
 Run as `python -m tests.mqtt_agent_process CONFIG [--crash-before-commit N | --crash-before-ack N]`
 from the project root. It runs `edge_agent.service.serve(config)` in-process
