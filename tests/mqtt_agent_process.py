@@ -90,14 +90,14 @@ def crash_before_commit(n: int) -> None:
     execute_batch = Workflow.execute_batch
     offered = 0
 
-    def batch(self: Workflow, commands: Sequence[cmd.Command]) -> list[Recorded]:
+    def batch(self: Workflow, orders: Sequence[cmd.SubmitOrder | cmd.RejectOrder]) -> list[Recorded]:
         nonlocal offered
-        offered += len(commands)
+        offered += len(orders)
         if offered >= n:
-            ids = [getattr(command, "order_id", None) for command in commands]
+            ids = [order.order_id for order in orders]
             say("crash", before="commit", offered=offered, batch=ids)
             die()
-        return execute_batch(self, commands)
+        return execute_batch(self, orders)
 
     Workflow.execute_batch = batch  # type: ignore[method-assign]
 

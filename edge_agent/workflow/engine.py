@@ -89,20 +89,24 @@ class Workflow:
         """Decide `command` now and commit the result (CommandRejected if it does not apply)."""
         return self._commit(decide(self.state, command, self._clock.now()))
 
-    def execute_batch(self, commands: Sequence[cmd.Command]) -> list[Recorded]:
-        """Decide each command in turn, each seeing the ones before it, and commit them all
-        in one transaction (a group commit). A rejected command adds nothing."""
+    def execute_batch(self, orders: Sequence[cmd.SubmitOrder | cmd.RejectOrder]) -> list[Recorded]:
+        """Decide each order in turn and commit them all in one transaction (a group
+        commit). An order's decision depends only on what was accepted before under its
+        id, so the batch so far is folded ahead only when an id comes again in it (a
+        redelivery within the batch): folding per order cost more than the rest together."""
         now = self._clock.now()
         state = self.state
         events: list[ev.Event] = []
-        for command in commands:
+        folded = 0  # events[:folded] are in `state`
+        ids: set[str | None] = set()
+        for order in orders:
+            if order.order_id in ids:
+                state, folded = _ahead(state, events[folded:], now), len(events)
+            ids.add(order.order_id)
             try:
-                decided = decide(state, command, now)
+                events += decide(state, order, now)
             except CommandRejected as error:
-                log.warning("%s refused: %s", type(command).__name__, error)
-                continue
-            state = _ahead(state, decided, now)
-            events += decided
+                log.warning("%s refused: %s", type(order).__name__, error)
         return self._commit(events)
 
     def advance(self) -> None:
