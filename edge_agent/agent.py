@@ -172,13 +172,14 @@ class Agent:
         output goes off, no order is taken (so none is acknowledged and the broker keeps
         them), and every FAULT_RETRY_S the agent checks again, resuming by itself."""
         while True:
+            if self.fault is not None:  # not `_step`: it could wait for input that never comes
+                await asyncio.sleep(FAULT_RETRY_S)
+                self._probe_storage()
+                continue
             try:
                 await self._step()
             except LogError as error:
                 self._enter_fault(str(error))
-            if self.fault is not None:
-                await asyncio.sleep(FAULT_RETRY_S)
-                self._probe_storage()
 
     async def _step(self) -> None:
         self.workflow.advance()
@@ -237,6 +238,11 @@ class Agent:
     def _handle(self, request: _Request) -> None:
         try:
             records = self.workflow.execute(request.command)
+        except LogError:
+            # Kept, not lost: decided again once the log can be written (a sensor's edge
+            # that will not come twice, a cancel waiting for its answer).
+            self._requests.appendleft(request)
+            raise
         except Exception as error:
             if request.reply is None:
                 raise

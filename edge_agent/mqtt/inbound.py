@@ -90,13 +90,27 @@ def cancel_command(payload: bytes, max_bytes: int) -> cmd.CancelOrder | str:
         return describe(error)
 
 
+MAX_PROBLEMS = 5  # named in a rejection; the rest are counted
+_FIELD_SHOWN = 40  # characters of a field name the sender chose
+
+
 def describe(error: ValidationError) -> str:
-    """Every field problem, on one line: `qty: Input should be a valid integer; ...`."""
+    """The field problems on one short line: `qty: Input should be a valid integer; ...`.
+
+    The reason is logged, published and written to the service log, so it must not grow
+    with the payload nor carry the sender's line breaks: field names are shown escaped and
+    cut short, and only the first few problems are named."""
     problems = []
-    for item in error.errors(include_url=False, include_input=False):
+    errors = error.errors(include_url=False, include_input=False)
+    for item in errors[:MAX_PROBLEMS]:
         field = ".".join(str(part) for part in item["loc"]) or "payload"
+        field = field.encode("unicode_escape").decode("ascii")
+        if len(field) > _FIELD_SHOWN:
+            field = field[:_FIELD_SHOWN] + "..."
         message = "unknown field" if item["type"] == "extra_forbidden" else item["msg"]
         problems.append(f"{field}: {message}")
+    if len(errors) > MAX_PROBLEMS:
+        problems.append(f"and {len(errors) - MAX_PROBLEMS} more")
     return "; ".join(problems)
 
 

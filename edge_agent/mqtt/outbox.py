@@ -16,6 +16,7 @@ from typing import Protocol
 
 import orjson
 
+from edge_agent.errors import LogError
 from edge_agent.mqtt.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -152,5 +153,11 @@ class Outbox:
     def save(self) -> None:
         """Persist the cursor (called now and then, and on stop)."""
         if self.acked != self._saved:
-            self._source.save_cursor(self.acked)
+            try:
+                self._source.save_cursor(self.acked)
+            except LogError as error:
+                # Only a bookmark: unsaved, a restart sends a few events again (at least
+                # once, as the contract says). The agent deals with the storage fault itself.
+                log.warning("the outbox cursor is not saved, tried again later: %s", error)
+                return
             self._saved = self.acked
