@@ -236,12 +236,16 @@ class Agent:
         )
 
     def _handle(self, request: _Request) -> None:
+        if request.reply is not None and request.reply.done():
+            return  # its caller gave up waiting (during a storage fault): nobody wants it now
         try:
             records = self.workflow.execute(request.command)
         except LogError:
             # Kept, not lost: decided again once the log can be written (a sensor's edge
-            # that will not come twice, a cancel waiting for its answer).
-            self._requests.appendleft(request)
+            # that will not come twice, a cancel waiting for its answer). Not a timer's
+            # tick: after a fault every timer starts afresh.
+            if not isinstance(request.command, cmd.Tick):
+                self._requests.appendleft(request)
             raise
         except Exception as error:
             if request.reply is None:

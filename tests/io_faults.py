@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import re
 import sqlite3
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -79,6 +79,7 @@ class Disk:
         self.kind = "io"  # of the fault, once broken: one incident, one kind of error
         self.first_refused: str | None = None  # the statement the fault hit first
         self.statements: list[str] = []  # every write attempted, in order (for reports)
+        self.refused_rows: list[Any] = []  # what refused multi-row writes carried: whose write it was
         self.on_refused: Callable[[], None] | None = None  # told of every refused write
 
     def heal(self) -> None:
@@ -86,8 +87,9 @@ class Disk:
         self.broken = False
         self.fail_at = None
 
-    def check(self, sql: str) -> None:
-        """Called before every statement; raises the fault if this write is refused."""
+    def check(self, sql: str, rows: Sequence[Any] = ()) -> None:
+        """Called before every statement (with its rows, for `executemany`); raises the
+        fault if this write is refused."""
         if not is_write(sql):
             return
         self.writes += 1
@@ -100,6 +102,7 @@ class Disk:
         if not self.broken:
             return
         self.refused += 1
+        self.refused_rows.extend(rows)
         if self.on_refused is not None:
             self.on_refused()
         raise sqlite_error(self.kind)
@@ -107,6 +110,11 @@ class Disk:
     def break_now(self) -> None:
         """The disk fails from the next write on."""
         self.fail_at = self.writes + 1
+
+    def break_after_lock(self) -> None:
+        """The disk fails from the write after next on: the next transaction takes the write
+        lock, then cannot write its rows (which `refused_rows` then shows)."""
+        self.fail_at = self.writes + 2
 
 
 class FaultyConnection(sqlite3.Connection):
@@ -119,8 +127,9 @@ class FaultyConnection(sqlite3.Connection):
         return super().execute(sql, parameters)
 
     def executemany(self, sql: str, parameters: Iterable[Any], /) -> sqlite3.Cursor:
-        self.disk.check(sql)
-        return super().executemany(sql, parameters)
+        rows = list(parameters)  # an iterator is read once: kept for both
+        self.disk.check(sql, rows)
+        return super().executemany(sql, rows)
 
 
 @contextmanager

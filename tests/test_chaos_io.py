@@ -33,6 +33,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -43,6 +44,7 @@ from edge_agent.agent import Agent
 from edge_agent.config import Config, MqttConfig
 from edge_agent.devices.profile import load_profile
 from edge_agent.domain import commands as cmd
+from edge_agent.domain import events as ev
 from edge_agent.domain.state import Stage, State
 from edge_agent.errors import LogError
 from edge_agent.gateway import Gateway
@@ -382,6 +384,193 @@ def test_a_workflow_step_whose_commit_failed_is_taken_up_again_once_the_disk_wor
 
     witness = asyncio.run(scenario())
     assert witness.violations == []
+
+
+def hands_off(agent: Agent) -> None:
+    """The simulated machine makes no input of its own (every station jammed, every batch
+    lost): the test's pulses are the only ones, as a real sensor fires once, so an edge the
+    agent loses stays lost."""
+    assert agent.simulator is not None
+    agent.simulator.jammed.update(station.id for station in agent.profile.stations)
+    agent.simulator.batches_to_lose = 1_000_000
+
+
+def building_on(agent: Agent, order_id: str) -> str | None:
+    """The station building `order_id`, once its run output is on."""
+    item = agent.state.work_items.get(order_id)
+    station = item.station if item is not None else None
+    return station if station is not None and agent.devices.is_on(f"{station}.run") else None
+
+
+def outputs_on(agent: Agent) -> list[str]:
+    return [name for name in agent.devices.outputs if agent.devices.is_on(name)]
+
+
+def logged(config: Config) -> Counter[tuple[str, str]]:
+    """The log file, verified: how many events of each (type, subject) it holds."""
+    with EventLog(config.events_db, readonly=True) as log_:
+        verdict = verify(log_)
+        assert verdict.fault is None, f"the log is damaged: {verdict.fault}"
+        return Counter((row.type, row.subject) for row in log_.rows())
+
+
+def outcome(task: asyncio.Task[Any]) -> str:
+    """How a finished task ended (its error retrieved, so that asyncio does not warn of it)."""
+    if task.cancelled():
+        return "cancelled"
+    error = task.exception()
+    return f"raised {error!r}" if error is not None else f"returned {task.result()!r}"
+
+
+def refused_events(disk: Disk) -> list[tuple[str, str]]:
+    """(type, subject) of the event rows the disk refused to write."""
+    return [(row[2], row[3]) for row in disk.refused_rows]  # (seq, ts, type, subject, data, hash)
+
+
+@pytest.mark.usefixtures("quick_retries")
+@pytest.mark.parametrize("sensor", ["unit_done", "arrived"])
+def test_a_sensor_edge_whose_commit_fails_is_recorded_once_the_disk_works(tmp_path: Path, sensor: str) -> None:
+    """A real sensor fires once: a station's unit-done input as the unit leaves it, the
+    lane's arrival input as the batch reaches the warehouse. When the disk breaks just as
+    the edge comes, its commit fails and the agent goes into its storage-fault mode (outputs
+    off, nothing logged); the edge must outlive the fault, or the order waits for a pulse
+    that never comes, until a timeout fails a unit that was built or a batch that arrived.
+    Once the disk works, the edge is decided and committed: its events once, and the order
+    finishes once."""
+    config = make_config(tmp_path)
+    disk = Disk()
+    order_id = "o2"  # one gadget-b
+
+    async def scenario() -> Witness:
+        with faulty_disk(disk, config.events_db):
+            async with Agent(config) as agent:
+                witness = Witness(agent, disk)
+                hands_off(agent)
+                try:
+                    witness.offer(offered_orders()[1])
+                    async with running(agent) as witness.task:
+                        await witness.until(lambda: building_on(agent, order_id) is not None, f"{order_id} building")
+                        station = building_on(agent, order_id)
+                        if sensor == "arrived":
+                            agent.devices.pulse_input(f"{station}.unit_done")
+                            await witness.until(lambda: agent.devices.is_on("lane.conveyor"), f"{order_id} on the lane")
+                            pin, edge_events = "lane.arrived", ["ShipmentArrived", "InventoryIssued"]
+                        else:
+                            pin, edge_events = f"{station}.unit_done", ["UnitBuilt", "BuildComplete"]
+                        before = agent.state.last_seq
+                        disk.break_after_lock()  # the agent is idle: the next commit is the edge's
+                        agent.devices.pulse_input(pin)
+                        await witness.until(lambda: agent.fault is not None, "the storage-fault mode")
+                        assert refused_events(disk) == [(kind, order_id) for kind in edge_events], (
+                            "the fault did not hit the edge's own commit"
+                        )
+                        tried = disk.refused
+                        await witness.until(
+                            lambda: disk.refused >= tried + 2, "two more tries of the disk", 100 * RETRY_S
+                        )
+                        assert agent.fault is not None
+                        assert outputs_on(agent) == [], "outputs on in the storage-fault mode"
+                        assert agent.state.last_seq == before, "something was committed on a broken disk"
+                        assert not any(logged(config)[kind, order_id] for kind in edge_events)
+
+                        disk.heal()
+                        if sensor == "unit_done":
+                            await witness.until(
+                                lambda: agent.devices.is_on("lane.conveyor"),
+                                "the unit recorded once the disk works, and the batch on the lane",
+                                RECOVER_S,
+                            )
+                            agent.devices.pulse_input("lane.arrived")
+                        await witness.until(lambda: one_order_done(agent), f"{order_id} shipped", RECOVER_S)
+                except BaseException:
+                    disk.heal()
+                    raise
+                finally:
+                    witness.close()
+        return witness
+
+    witness = asyncio.run(scenario())
+    assert witness.violations == []
+    kinds = logged(config)
+    for kind in ("UnitBuilt", "BuildComplete", "ShipmentArrived", "InventoryIssued", "TidiedUp"):
+        assert kinds[kind, order_id] == 1, f"{kind} logged {kinds[kind, order_id]} times for {order_id}"
+
+
+@pytest.mark.usefixtures("quick_retries")
+@pytest.mark.parametrize("caller", ["waits", "gives-up"])
+def test_a_cancel_whose_commit_fails_is_answered_once_the_disk_works(tmp_path: Path, caller: str) -> None:
+    """`await agent.cancel(order_id)` (in-process, or the gateway's cancel command) whose
+    commit meets a broken disk: the agent goes into its storage-fault mode and the cancel
+    waits. It must neither fail (its caller would take the disk's error for the answer and
+    have to try again by itself) nor be lost (it would never be answered); once the disk
+    works it is decided and committed, answered with its OrderCancelled, and the order is
+    tidied up. A caller that gives up waiting meanwhile has the cancel dropped, and the
+    agent carries on: the same cancel asked again is answered."""
+    config = make_config(tmp_path)
+    disk = Disk()
+
+    async def scenario() -> tuple[Witness, str]:
+        with faulty_disk(disk, config.events_db):
+            async with Agent(config) as agent:
+                witness = Witness(agent, disk)
+                hands_off(agent)
+                try:
+                    for order in offered_orders()[:4]:  # three stations: one order waits for one
+                        witness.offer(order)
+                    runs = [f"{station.id}.run" for station in agent.profile.stations]
+                    async with running(agent) as witness.task:
+                        await witness.until(
+                            lambda: len(agent.state.work_items) == 4 and sum(map(agent.devices.is_on, runs)) == 3,
+                            "three orders building, one waiting",
+                        )
+                        (waiting,) = (i.order_id for i in agent.state.work_items.values() if i.station is None)
+                        before = agent.state.last_seq
+                        disk.break_after_lock()  # the agent is idle: the next commit is the cancel's
+                        cancelling = asyncio.create_task(agent.cancel(waiting), name="cancel")
+                        cancelling.add_done_callback(lambda _: witness.changes.notify())
+                        await witness.until(
+                            lambda: agent.fault is not None or cancelling.done(), "the storage-fault mode"
+                        )
+                        assert not cancelling.done(), f"the cancel ended on a broken disk: it {outcome(cancelling)}"
+                        assert refused_events(disk) == [("OrderCancelled", waiting)], (
+                            "the fault did not hit the cancel's own commit"
+                        )
+                        tried = disk.refused
+                        await witness.until(
+                            lambda: disk.refused >= tried + 2, "two more tries of the disk", 100 * RETRY_S
+                        )
+                        assert not cancelling.done(), f"the cancel ended on a broken disk: it {outcome(cancelling)}"
+                        assert agent.fault is not None
+                        assert outputs_on(agent) == [], "outputs on in the storage-fault mode"
+                        assert agent.state.last_seq == before, "something was committed on a broken disk"
+
+                        if caller == "gives-up":
+                            cancelling.cancel()
+                            disk.heal()
+                            await witness.until(lambda: agent.fault is None, "recovery", RECOVER_S)
+                            assert waiting in agent.state.work_items, "a cancel nobody waits for was committed"
+                            cancelling = asyncio.create_task(agent.cancel(waiting), name="cancel again")
+                        disk.heal()
+                        async with asyncio.timeout(RECOVER_S):
+                            records = await cancelling
+                        assert [record.event for record in records] == [ev.OrderCancelled(waiting)]
+                        assert all(record.seq <= agent.state.last_seq for record in records)
+                        await witness.until(
+                            lambda: waiting not in agent.state.work_items, f"{waiting} tidied up", RECOVER_S
+                        )
+                except BaseException:
+                    disk.heal()
+                    raise
+                finally:
+                    witness.close()
+        return witness, waiting
+
+    witness, waiting = asyncio.run(scenario())
+    assert witness.violations == []
+    kinds = logged(config)
+    assert kinds["OrderCancelled", waiting] == 1
+    assert kinds["TidiedUp", waiting] == 1
+    assert sum(n for (kind, _), n in kinds.items() if kind == "OrderCancelled") == 1
 
 
 # -- over MQTT: the gateway on a real Mosquitto ---------------------------------------------
