@@ -19,7 +19,13 @@ import msgspec
 import orjson
 
 from edge_agent.clock import Clock, SystemClock
-from edge_agent.domain.codec import event_from_json, event_to_json, state_from_dict, state_to_dict
+from edge_agent.domain.codec import (
+    event_from_json,
+    event_to_json,
+    records_from_rows,
+    state_from_dict,
+    state_to_dict,
+)
 from edge_agent.domain.events import Event, Recorded
 from edge_agent.domain.moments import iso
 from edge_agent.domain.state import State
@@ -269,8 +275,7 @@ class EventLog:
         )
         try:
             while batch := cursor.fetchmany(_READ_BATCH):
-                for seq, ts, type_, data in batch:
-                    yield Recorded(seq, ts, event_from_json(type_, data, seq))
+                yield from records_from_rows(batch)
         finally:
             with suppress(sqlite3.ProgrammingError):  # the log was closed under a paused reader
                 cursor.close()
