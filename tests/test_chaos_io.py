@@ -347,12 +347,9 @@ def test_a_broken_disk_is_tried_again_and_work_resumes_even_with_no_order_waitin
 
 def test_a_workflow_step_whose_commit_failed_is_taken_up_again_once_the_disk_works(tmp_path: Path) -> None:
     """A commit of the workflow's own progress (a step completed) meets a broken disk; once
-    the disk works again the item moves on and ships.
-
-    A regression test: at d5b551d `Workflow.advance` emptied its set of items to look at
-    before committing the pass's events, so a failed commit made it forget them and the
-    item stayed InventoryAvailable, never tidied up, until a restart (fixed in 32df043,
-    which clears the set only once the commit has succeeded)."""
+    the disk works again the item moves on and ships. (The workflow looks only at items
+    that events touched: it must not forget them when the commit of its moves fails, or
+    the item would stay InventoryAvailable, never tidied up, until a restart.)"""
     config = make_config(tmp_path)
     disk = Disk()
 

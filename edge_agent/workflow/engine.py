@@ -27,7 +27,7 @@ from edge_agent.workflow.steps import STEP_NAMES, STEPS
 log = logging.getLogger(__name__)
 
 _ENDED = frozenset({Stage.FAILED, Stage.CANCELLED})
-_MAX_PASSES = 10_000  # a safety net: each pass commits progress, so this is never reached
+_MAX_PASSES = 10_000  # a safety net: each round moves some item on, so this is never reached
 
 
 def _ahead(state: State, events: Sequence[ev.Event], now: datetime) -> State:
