@@ -26,9 +26,9 @@ bench: $(VENV)/.installed
 	$(BIN)/python -m benchmarks.bench
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check edge_agent tests
-	$(BIN)/ruff format --check edge_agent tests
+	$(BIN)/ruff check edge_agent tests benchmarks
+	$(BIN)/ruff format --check edge_agent tests benchmarks
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache .hypothesis .bench-tmp

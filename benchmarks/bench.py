@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -82,7 +82,7 @@ def append_in_batches(log_: EventLog, events: list[ev.Event]) -> None:
         log_.append(events[start : start + BATCH])
 
 
-def insert_raw(path: Path, rows: list[tuple[object, ...]]) -> None:
+def insert_raw(path: Path, rows: Sequence[tuple[object, ...]]) -> None:
     raw = sqlite3.connect(path, isolation_level=None)
     raw.execute("PRAGMA journal_mode = WAL")
     raw.execute("PRAGMA synchronous = FULL")
