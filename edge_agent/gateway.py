@@ -132,7 +132,7 @@ class Gateway:
         topic = message.topic
         max_bytes = self._config.limits.max_payload_bytes
         if self.topics.is_order(topic):
-            order = order_command(message.payload, dict(self._agent.state.products.items()), max_bytes)
+            order = order_command(message.payload, self._agent.state.products, max_bytes)
             if isinstance(order, cmd.RejectOrder):
                 log.warning("order rejected: %s", order.reason)
             self._agent.offer(order, lambda records: self._order_committed(order, records, message))
