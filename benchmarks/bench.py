@@ -153,26 +153,25 @@ def main() -> None:
     parser.add_argument("--edges", type=int, default=2000, help="sensor edges timed (latency)")
     parser.add_argument("--wear-orders", type=int, default=200, help="orders run to completion (wear)")
     args = parser.parse_args()
+    benches: dict[str, tuple[str, Callable[[Path], dict[str, float]]]] = {
+        "log_append": (
+            f"{args.append_events} events in batches of {BATCH}, synchronous=FULL",
+            partial(bench_log_append, count=args.append_events),
+        ),
+        "replay": (f"{args.events} events", partial(bench_replay, count=args.events)),
+        "ingest": (f"{args.orders} orders through Mosquitto at QoS 1", partial(bench_ingest, orders=args.orders)),
+        "idle": (
+            f"{args.idle_seconds:.0f} s of the whole agent without orders",
+            partial(bench_idle, seconds=args.idle_seconds),
+        ),
+        "latency": (f"{args.edges} sensor edges to their committed events", partial(bench_latency, samples=args.edges)),
+        "wear": (f"{args.wear_orders} orders run to completion", partial(bench_wear, orders=args.wear_orders)),
+    }
     results: dict[str, Any] = {}
-    # Each in a fresh folder on a real disk: durability and write counts mean nothing on tmpfs.
-    with disk_folder() as folder:
-        print(f"log_append: {args.append_events} events in batches of {BATCH}, synchronous=FULL ...", flush=True)
-        results["log_append"] = bench_log_append(folder, args.append_events)
-    with disk_folder() as folder:
-        print(f"replay: {args.events} events ...", flush=True)
-        results["replay"] = bench_replay(folder, args.events)
-    with disk_folder() as folder:
-        print(f"ingest: {args.orders} orders through Mosquitto at QoS 1 ...", flush=True)
-        results["ingest"] = bench_ingest(folder, args.orders)
-    with disk_folder() as folder:
-        print(f"idle: {args.idle_seconds:.0f} s of the whole agent without orders ...", flush=True)
-        results["idle"] = bench_idle(folder, args.idle_seconds)
-    with disk_folder() as folder:
-        print(f"latency: {args.edges} sensor edges to their committed events ...", flush=True)
-        results["latency"] = bench_latency(folder, args.edges)
-    with disk_folder() as folder:
-        print(f"wear: {args.wear_orders} orders run to completion ...", flush=True)
-        results["wear"] = bench_wear(folder, args.wear_orders)
+    for name, (what, bench) in benches.items():
+        print(f"{name}: {what} ...", flush=True)
+        with disk_folder() as folder:  # fresh, on a real disk: durability and write counts mean nothing on tmpfs
+            results[name] = bench(folder)
     print(f"\n{'figure':<40}{'value':>16}")
     for section, figures in results.items():
         for name, value in figures.items():

@@ -95,12 +95,17 @@ def mosquitto(folder: Path) -> Iterator[Broker]:
         wait_for_port(port)
         yield Broker(port, folder)
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process, 10)
+
+
+def stop(process: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM, and SIGKILL if it has not ended within `timeout` seconds."""
+    process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 @contextmanager
@@ -169,12 +174,7 @@ def agent_process(config: Path, device_id: str, port: int) -> Iterator[subproces
         wait_online(port, device_id, process, log_file)
         yield process
     finally:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process, 15)
 
 
 def wait_online(port: int, device_id: str, process: subprocess.Popen[bytes], log_file: Path) -> None:

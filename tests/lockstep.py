@@ -8,8 +8,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager, suppress
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager, suppress
 
 import orjson
 
@@ -145,6 +145,20 @@ class Witness:
         if self._told is not None:
             self._told(fault)
         self.changes.notify()
+
+
+@contextmanager
+def witnessing(agent: Agent, disk: Disk, *, outbox: bool = True) -> Iterator[Witness]:
+    """A Witness of `agent` for the block, closed after it. If the block fails, the disk
+    is healed first, so that the agent's shutdown does not hide what went wrong."""
+    witness = Witness(agent, disk, outbox=outbox)
+    try:
+        yield witness
+    except BaseException:
+        disk.heal()
+        raise
+    finally:
+        witness.close()
 
 
 class Machine:

@@ -55,7 +55,7 @@ from edge_agent.mqtt.topics import Topics
 from tests.agents import running
 from tests.brokers import Mosquitto, free_port, mosquitto
 from tests.io_faults import Disk, faulty_disk
-from tests.lockstep import Witness, machine_running
+from tests.lockstep import Witness, machine_running, witnessing
 from tests.mqtt_peer import Message, Peer, Predicate, on, peer
 
 pytestmark = pytest.mark.chaos
@@ -126,9 +126,8 @@ async def first_life(config: Config, disk: Disk, run: Run) -> None:
     with faulty_disk(disk, config.events_db):
         try:
             async with Agent(config) as agent:
-                witness = Witness(agent, disk)
-                run.witnesses.append(witness)
-                try:
+                with witnessing(agent, disk) as witness:
+                    run.witnesses.append(witness)
                     for order in orders:
                         witness.offer(order)
                     async with running(agent) as witness.task, machine_running(agent, witness.changes):
@@ -146,11 +145,6 @@ async def first_life(config: Config, disk: Disk, run: Run) -> None:
                                 lambda: agent.fault is None, "resuming once the disk works again", RECOVER_S
                             )
                         await witness.until(lambda: done(witness), "every order finished after the fault", RECOVER_S)
-                except BaseException:
-                    disk.heal()  # so that the agent's shutdown does not hide what went wrong here
-                    raise
-                finally:
-                    witness.close()
         except LogError:
             if run.phase != "none":
                 raise
@@ -319,8 +313,7 @@ def test_a_broken_disk_is_tried_again_and_work_resumes_even_with_no_order_waitin
     async def scenario() -> Witness:
         with faulty_disk(disk, config.events_db):
             async with Agent(config) as agent:
-                witness = Witness(agent, disk)
-                try:
+                with witnessing(agent, disk) as witness:
                     witness.offer(offered_orders()[0])
                     async with running(agent) as witness.task:
                         await witness.until(lambda: agent.devices.is_on("s1.run"), "o1 building on s1")
@@ -334,11 +327,6 @@ def test_a_broken_disk_is_tried_again_and_work_resumes_even_with_no_order_waitin
                             disk.heal()
                             await witness.until(lambda: agent.fault is None, "resuming by itself", 100 * RETRY_S)
                             await witness.until(lambda: one_order_done(agent), "o1 shipped", RECOVER_S)
-                except BaseException:
-                    disk.heal()
-                    raise
-                finally:
-                    witness.close()
         return witness
 
     witness = asyncio.run(scenario())
@@ -356,15 +344,14 @@ def test_a_workflow_step_whose_commit_failed_is_taken_up_again_once_the_disk_wor
     async def scenario() -> Witness:
         with faulty_disk(disk, config.events_db):
             async with Agent(config) as agent:
-                witness = Witness(agent, disk)
+                with witnessing(agent, disk) as witness:
 
-                def break_after_arrival(state: State) -> None:
-                    item = state.work_items.get("o2")
-                    if item is not None and item.stage is Stage.INVENTORY_AVAILABLE and disk.fail_at is None:
-                        disk.break_now()  # the next write: the workflow completing the item's step
+                    def break_after_arrival(state: State) -> None:
+                        item = state.work_items.get("o2")
+                        if item is not None and item.stage is Stage.INVENTORY_AVAILABLE and disk.fail_at is None:
+                            disk.break_now()  # the next write: the workflow completing the item's step
 
-                agent.journal.subscribe(break_after_arrival)
-                try:
+                    agent.journal.subscribe(break_after_arrival)
                     witness.offer(offered_orders()[1])
                     async with running(agent) as witness.task, machine_running(agent, witness.changes):
                         await witness.until(lambda: agent.fault is not None, "the storage-fault mode")
@@ -372,11 +359,6 @@ def test_a_workflow_step_whose_commit_failed_is_taken_up_again_once_the_disk_wor
                         disk.heal()  # before the agent's first retry (FAULT_RETRY_S, 1 s): it succeeds
                         await witness.until(lambda: agent.fault is None, "resuming by itself")
                         await witness.until(lambda: one_order_done(agent), "o2 tidied up", RECOVER_S)
-                except BaseException:
-                    disk.heal()
-                    raise
-                finally:
-                    witness.close()
         return witness
 
     witness = asyncio.run(scenario())
@@ -441,9 +423,8 @@ def test_a_sensor_edge_whose_commit_fails_is_recorded_once_the_disk_works(tmp_pa
     async def scenario() -> Witness:
         with faulty_disk(disk, config.events_db):
             async with Agent(config) as agent:
-                witness = Witness(agent, disk)
-                hands_off(agent)
-                try:
+                with witnessing(agent, disk) as witness:
+                    hands_off(agent)
                     witness.offer(offered_orders()[1])
                     async with running(agent) as witness.task:
                         await witness.until(lambda: building_on(agent, order_id) is not None, f"{order_id} building")
@@ -479,11 +460,6 @@ def test_a_sensor_edge_whose_commit_fails_is_recorded_once_the_disk_works(tmp_pa
                             )
                             agent.devices.pulse_input("lane.arrived")
                         await witness.until(lambda: one_order_done(agent), f"{order_id} shipped", RECOVER_S)
-                except BaseException:
-                    disk.heal()
-                    raise
-                finally:
-                    witness.close()
         return witness
 
     witness = asyncio.run(scenario())
@@ -509,9 +485,8 @@ def test_a_cancel_whose_commit_fails_is_answered_once_the_disk_works(tmp_path: P
     async def scenario() -> tuple[Witness, str]:
         with faulty_disk(disk, config.events_db):
             async with Agent(config) as agent:
-                witness = Witness(agent, disk)
-                hands_off(agent)
-                try:
+                with witnessing(agent, disk) as witness:
+                    hands_off(agent)
                     for order in offered_orders()[:4]:  # three stations: one order waits for one
                         witness.offer(order)
                     runs = [f"{station.id}.run" for station in agent.profile.stations]
@@ -555,11 +530,6 @@ def test_a_cancel_whose_commit_fails_is_answered_once_the_disk_works(tmp_path: P
                         await witness.until(
                             lambda: waiting not in agent.state.work_items, f"{waiting} tidied up", RECOVER_S
                         )
-                except BaseException:
-                    disk.heal()
-                    raise
-                finally:
-                    witness.close()
         return witness, waiting
 
     witness, waiting = asyncio.run(scenario())
@@ -660,8 +630,8 @@ async def cell(config: Config, broker: Mosquitto, disk: Disk) -> AsyncIterator[C
     ):
         async with Agent(config) as agent:
             gateway = Gateway(agent, config)
-            witness = Witness(agent, disk, outbox=False)  # the gateway's outbox publishes for real
-            try:
+            # The gateway's outbox publishes for real.
+            with witnessing(agent, disk, outbox=False) as witness:
                 async with running(agent) as witness.task, machine_running(agent, witness.changes):
                     gateway_task = asyncio.create_task(gateway.run(), name="gateway")
                     try:
@@ -671,11 +641,6 @@ async def cell(config: Config, broker: Mosquitto, disk: Disk) -> AsyncIterator[C
                         raise
                     finally:
                         await stop_gateway(gateway, gateway_task)
-            except BaseException:
-                disk.heal()  # so that the agent's shutdown does not hide what went wrong
-                raise
-            finally:
-                witness.close()
 
 
 async def stop_gateway(gateway: Gateway, task: asyncio.Task[None]) -> None:

@@ -44,11 +44,6 @@ def event_from_json(type_name: str, data: str | bytes, seq: int = 0) -> ev.Event
         raise InvalidEvent(seq, f"{type_name} has unexpected data ({error})") from error
 
 
-def _policy_dict(policy: Policy) -> dict[str, Any]:
-    data: dict[str, Any] = msgspec.structs.asdict(policy)
-    return data
-
-
 def state_to_dict(state: State) -> dict[str, Any]:
     """The whole state, losslessly (what a snapshot stores)."""
     return {
@@ -59,7 +54,7 @@ def state_to_dict(state: State) -> dict[str, Any]:
         "estop_since": state.estop_since,
         "stations": [[s.id, s.order_id] for s in state.stations],
         "products": dict(state.products.items()),
-        "policy": _policy_dict(state.policy),
+        "policy": msgspec.structs.asdict(state.policy),
         "lane": {"order_id": state.lane.order_id, "queue": list(state.lane.queue)},
         "work_items": [msgspec.structs.astuple(item) for item in state.work_items.values()],
         "orders": dict(state.orders.items()),

@@ -6,19 +6,12 @@ In that one format, text order is time order, so deadlines compare as strings.
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 
-_last_iso: tuple[datetime | None, str] = (None, "")
 
-
+@lru_cache(maxsize=1)  # a batch of commands formats the same moment once per command
 def iso(moment: datetime) -> str:
-    # A batch formats the same moment once per command: remember the last one (one
-    # tuple, so a reader on another thread sees a matching pair).
-    global _last_iso
-    last, text = _last_iso
-    if moment is not last:
-        text = moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        _last_iso = (moment, text)
-    return text
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def parse(ts: str) -> datetime:
