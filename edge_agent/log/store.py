@@ -6,11 +6,12 @@ WAL mode lets readers see a consistent prefix while the writer appends.
 
 from __future__ import annotations
 
-import hashlib
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from functools import cache
+from hashlib import sha256
 from pathlib import Path
 from types import TracebackType
 from typing import Literal
@@ -21,7 +22,7 @@ import orjson
 from edge_agent.clock import Clock, SystemClock
 from edge_agent.domain.codec import (
     event_from_json,
-    event_to_json,
+    events_to_json,
     records_from_rows,
     state_from_dict,
     state_to_dict,
@@ -40,8 +41,7 @@ _READ_BATCH = 5000
 
 def chain_hash(prev: str, seq: int, ts: str, type_: str, subject: str, data: str) -> str:
     """The hash of one event, chained to the hash of the one before it."""
-    text = f"{prev}\x1f{seq}\x1f{ts}\x1f{type_}\x1f{subject}\x1f{data}"
-    return hashlib.sha256(text.encode()).hexdigest()
+    return sha256(f"{prev}\x1f{seq}\x1f{ts}\x1f{type_}\x1f{subject}\x1f{data}".encode()).hexdigest()
 
 
 class Row(msgspec.Struct, frozen=True, gc=False):
@@ -89,20 +89,18 @@ class Transaction:
 
     def append(self, events: Sequence[Event]) -> list[Recorded]:
         ts = iso(self._clock.now())
-        seq, prev = self.head.seq, self.head.hash
-        rows = []
-        records = []
-        for event in events:
-            seq += 1
-            data = event_to_json(event).decode()
+        first = self.head.seq + 1
+        prev = self.head.hash
+        values: list[object] = []  # the rows' columns one after another, as `_insert` binds them
+        # The chain's hash inlined (see `chain_hash`): this loop runs once per event appended.
+        for seq, event, data in zip(range(first, first + len(events)), events, events_to_json(events), strict=True):
             type_ = type(event).__name__
             subject = event.subject
-            prev = chain_hash(prev, seq, ts, type_, subject, data)
-            rows.append((seq, ts, type_, subject, data, prev))
-            records.append(Recorded(seq, ts, event))
-        self._db.executemany("INSERT INTO events (seq, ts, type, subject, data, hash) VALUES (?, ?, ?, ?, ?, ?)", rows)
-        self.head = Base(seq, prev)
-        return records
+            prev = sha256(f"{prev}\x1f{seq}\x1f{ts}\x1f{type_}\x1f{subject}\x1f{data}".encode()).hexdigest()
+            values += (seq, ts, type_, subject, data, prev)
+        _insert(self._db, values)
+        self.head = Base(first + len(events) - 1, prev)
+        return [Recorded(seq, ts, event) for seq, event in enumerate(events, first)]
 
     def save_snapshot(self, state: State) -> None:
         """Store `state`, which must be the state after the last appended event."""
@@ -333,8 +331,30 @@ class EventLog:
         return int(removed)
 
 
+_COLUMNS = 6
+_MAX_ROWS_PER_INSERT = 128  # 768 parameters: below SQLite's oldest limit of 999
+
+
+@cache
+def _insert_sql(rows: int) -> str:
+    return "INSERT INTO events (seq, ts, type, subject, data, hash) VALUES " + ",".join(["(?, ?, ?, ?, ?, ?)"] * rows)
+
+
+def _insert(db: sqlite3.Connection, values: list[object]) -> None:
+    """Insert rows given as one flat list of their columns. A statement of many rows is
+    about a third cheaper per row than `executemany`, which steps the statement once per
+    row; statements of 128, 64, 32 ... rows keep the statements (and SQLite's statement
+    cache) few whatever the batch size."""
+    rows = len(values) // _COLUMNS
+    start = 0
+    while start < rows:
+        size = min(_MAX_ROWS_PER_INSERT, 1 << ((rows - start).bit_length() - 1))
+        db.execute(_insert_sql(size), values[start * _COLUMNS : (start + size) * _COLUMNS])
+        start += size
+
+
 def _checksum(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
+    return sha256(text.encode()).hexdigest()
 
 
 __all__ = [
