@@ -13,6 +13,10 @@ acceptance, not the workflow: the plant runs at its normal slow pace, and
 `ingest.raw_qos1_msgs_per_s` (the raw limit): the same N payloads from the same
 publisher through the same broker to `mosquitto_sub -q 1` (MQTT 5, the same Receive
 Maximum), until it has received the Nth; the best of a few runs.
+
+`ingest.client_only_msgs_per_s` (what limits the figure): the same N payloads into the
+agent's MQTT client library alone, acknowledged on receipt and otherwise ignored; the
+best of a few runs. The agent cannot accept orders faster than its client reads them.
 """
 
 from __future__ import annotations
@@ -20,8 +24,14 @@ from __future__ import annotations
 import argparse
 import select
 import subprocess
+import threading
 import time
 from pathlib import Path
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from benchmarks.common import (
     PREFIX,
@@ -37,6 +47,7 @@ from benchmarks.common import (
     publish_lines,
     tool,
 )
+from edge_agent.mqtt.link import _Client
 
 ORDERS = 10_000
 RAW_RUNS = 3  # the raw run is short, so its best of three is taken as the limit
@@ -81,6 +92,43 @@ def raw_rate(port: int, lines: list[bytes]) -> float:
     return len(lines) / elapsed
 
 
+def client_rate(port: int, lines: list[bytes]) -> float:
+    """Messages per second into the agent's own MQTT client (paho-mqtt, MQTT 5, the same
+    Receive Maximum and read-ahead socket) that acknowledges each one on receipt and does
+    nothing else: the most the agent could accept through its client library."""
+    topic = f"{PREFIX}/client"
+    received, done, subscribed = 0, threading.Event(), threading.Event()
+
+    def on_message(client: paho.Client, userdata: object, message: paho.MQTTMessage) -> None:
+        nonlocal received
+        client.ack(message.mid, message.qos)
+        received += 1
+        if received == len(lines):
+            done.set()
+
+    client = _Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5, manual_ack=True)
+    client.on_message = on_message
+    client.on_subscribe = lambda *args: subscribed.set()
+    properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    properties.ReceiveMaximum = RECEIVE_WINDOW
+    client.connect("127.0.0.1", port, properties=properties)
+    client.subscribe(topic, qos=1)
+    client.loop_start()
+    try:
+        if not subscribed.wait(30):
+            raise BenchError("the paho client did not subscribe")
+        started = time.perf_counter()
+        publisher = publish_lines(port, topic, lines)
+        if not done.wait(TIMEOUT_S):
+            raise BenchError(f"the paho client received {received} of {len(lines)} messages")
+        elapsed = time.perf_counter() - started
+        publisher.wait(TIMEOUT_S)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    return len(lines) / elapsed
+
+
 def agent_rate(folder: Path, port: int, lines: list[bytes]) -> float:
     """Orders per second accepted durably by the agent process."""
     device = "bench-ingest"
@@ -112,8 +160,15 @@ def agent_rate(folder: Path, port: int, lines: list[bytes]) -> float:
 def bench_ingest(folder: Path, orders: int = ORDERS) -> dict[str, float]:
     with mosquitto(folder / "broker") as broker:
         raw = max(raw_rate(broker.port, order_lines(orders, f"raw{run}")) for run in range(RAW_RUNS))
+        client = max(client_rate(broker.port, order_lines(orders, f"client{run}")) for run in range(RAW_RUNS))
         ours = agent_rate(folder, broker.port, order_lines(orders, "order"))
-    return {"orders_per_s": ours, "raw_qos1_msgs_per_s": raw, "ratio": ours / raw}
+    return {
+        "orders_per_s": ours,
+        "raw_qos1_msgs_per_s": raw,
+        "ratio": ours / raw,
+        "client_only_msgs_per_s": client,
+        "client_only_ratio": client / raw,
+    }
 
 
 def main() -> None:
