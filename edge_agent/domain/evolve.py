@@ -279,18 +279,19 @@ _APPLY: dict[type[Any], Callable[[_Draft, Any, ev.Recorded], None]] = {
 def fold(state: State, records: Iterable[ev.Recorded]) -> State:
     """Apply recorded events, in seq order, to `state`."""
     draft = _Draft(state)
-    last = draft.last_seq  # kept in a local: this loop runs once per event of a replay
+    last = draft.last_seq  # these two in locals: the loop runs once per event of a replay
+    apply = _APPLY
     record = None
     with _collector_paused():
         for record in records:
-            if record.seq != last + 1:
-                raise InvalidEvent(record.seq, f"expected seq {last + 1}")
+            last += 1
+            if record.seq != last:
+                raise InvalidEvent(record.seq, f"expected seq {last}")
             event = record.event
             try:
-                _APPLY[type(event)](draft, event, record)
+                apply[type(event)](draft, event, record)
             except (KeyError, ValueError) as error:
-                raise InvalidEvent(record.seq, f"{type(event).__name__} does not fit the state ({error!r})") from error
-            last = record.seq
+                raise InvalidEvent(last, f"{type(event).__name__} does not fit the state ({error!r})") from error
     if record is not None:
         draft.last_ts = record.ts
     draft.last_seq = last
