@@ -52,10 +52,13 @@ class Inbound:
     connection: int  # which connection it came on: a PUBACK belongs on that one only
 
 
+_READ_AHEAD_BYTES = 65536
+
+
 class _ReadAhead:
     """A plain TCP socket read ahead: one recv takes whatever has arrived, and paho's small
     reads are served from it. paho reads every packet's header a byte at a time (a system
-    call each) and selects before every packet; under a stream of orders that was a fifth
+    call each) and selects before every packet; under a stream of orders that was an eighth
     of the agent's time. paho asks a socket with `pending()` for buffered bytes before it
     selects (its own TLS and WebSocket sockets have them), so nothing waits in the buffer."""
 
@@ -88,10 +91,10 @@ class _ReadAhead:
         self._sock.close()
 
 
-_READ_AHEAD_BYTES = 65536
-
-
 class _Client(paho.Client):
+    """paho's client, reading ahead. paho 2.x makes each connection's socket in
+    `_create_socket`, a private method (hence paho-mqtt pinned below 3)."""
+
     def _create_socket(self) -> paho.SocketLike:
         sock = super()._create_socket()
         # Only a plain TCP socket: TLS and WebSocket ones have buffers of their own.
