@@ -88,7 +88,7 @@ class Disk:
         self.fail_at = None
 
     def check(self, sql: str, rows: Sequence[Any] = ()) -> None:
-        """Called before every statement (with its rows, for `executemany`); raises the
+        """Called before every statement (with the rows it carries); raises the
         fault if this write is refused."""
         if not is_write(sql):
             return
@@ -117,13 +117,22 @@ class Disk:
         self.fail_at = self.writes + 2
 
 
+def event_rows(sql: str, parameters: Sequence[Any]) -> list[tuple[Any, ...]]:
+    """The event rows a multi-row `INSERT INTO events ... VALUES (?, ...), (?, ...)` carries:
+    its parameters are the rows' columns one after another."""
+    if not sql.lstrip().upper().startswith("INSERT INTO EVENTS"):
+        return []
+    width = sql.count("?") // sql.count("(?")
+    return [tuple(parameters[at : at + width]) for at in range(0, len(parameters), width)]
+
+
 class FaultyConnection(sqlite3.Connection):
     """A real SQLite connection whose statements go through a `Disk` first."""
 
     disk: Disk
 
     def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
-        self.disk.check(sql)
+        self.disk.check(sql, event_rows(sql, parameters))
         return super().execute(sql, parameters)
 
     def executemany(self, sql: str, parameters: Iterable[Any], /) -> sqlite3.Cursor:
