@@ -26,6 +26,7 @@ import select
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import paho.mqtt.client as paho
@@ -76,19 +77,29 @@ def raw_rate(port: int, lines: list[bytes]) -> float:
             if time.monotonic() > deadline:
                 raise BenchError("mosquitto_sub did not subscribe")
             subprocess.run([tool("mosquitto_pub"), "-p", str(port), "-q", "1", "-t", topic, "-m", WARM_UP], check=True)
-        started = time.perf_counter()
-        publisher = publish_lines(port, topic, lines)
-        received = 0
-        while received < len(lines):
-            line = out.readline()
-            if not line:
-                raise BenchError(f"mosquitto_sub stopped after {received} of {len(lines)} messages")
-            received += line != WARM_UP_LINE  # late warm-ups may still come through
-        elapsed = time.perf_counter() - started
-        publisher.wait(TIMEOUT_S)
+
+        def all_received() -> None:
+            received = 0
+            while received < len(lines):
+                line = out.readline()
+                if not line:
+                    raise BenchError(f"mosquitto_sub stopped after {received} of {len(lines)} messages")
+                received += line != WARM_UP_LINE  # late warm-ups may still come through
+
+        return delivery_rate(port, topic, lines, all_received)
     finally:
         subscriber.kill()
         subscriber.wait()
+
+
+def delivery_rate(port: int, topic: str, lines: list[bytes], all_received: Callable[[], None]) -> float:
+    """Messages per second from starting `mosquitto_pub -l` on `topic` with `lines` until
+    `all_received` returns."""
+    started = time.perf_counter()
+    publisher = publish_lines(port, topic, lines)
+    all_received()
+    elapsed = time.perf_counter() - started
+    publisher.wait(TIMEOUT_S)
     return len(lines) / elapsed
 
 
@@ -117,16 +128,15 @@ def client_rate(port: int, lines: list[bytes]) -> float:
     try:
         if not subscribed.wait(30):
             raise BenchError("the paho client did not subscribe")
-        started = time.perf_counter()
-        publisher = publish_lines(port, topic, lines)
-        if not done.wait(TIMEOUT_S):
-            raise BenchError(f"the paho client received {received} of {len(lines)} messages")
-        elapsed = time.perf_counter() - started
-        publisher.wait(TIMEOUT_S)
+
+        def all_received() -> None:
+            if not done.wait(TIMEOUT_S):
+                raise BenchError(f"the paho client received {received} of {len(lines)} messages")
+
+        return delivery_rate(port, topic, lines, all_received)
     finally:
         client.loop_stop()
         client.disconnect()
-    return len(lines) / elapsed
 
 
 def agent_rate(folder: Path, port: int, lines: list[bytes]) -> float:

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from edge_agent.domain import commands as cmd
 from edge_agent.domain import events as ev
-from edge_agent.domain.codec import event_from_json, event_to_json, state_from_dict, state_to_dict
+from edge_agent.domain.codec import event_from_json, events_to_json, state_from_dict, state_to_dict
 from edge_agent.domain.decide import decide
 from edge_agent.domain.evolve import evolve, fold
 from edge_agent.domain.state import Stage, State
@@ -250,7 +250,7 @@ def test_every_history_keeps_the_cell_consistent(records: list[ev.Recorded]) -> 
     for order_id in state.lane.queue:
         assert state.work_items[order_id].stage is Stage.FACTORY_COMPLETE
     for r in records:  # every event survives its JSON form unchanged
-        assert event_from_json(type(r.event).__name__, event_to_json(r.event)) == r.event
+        assert event_from_json(type(r.event).__name__, events_to_json([r.event])[0]) == r.event
 
 
 @settings(max_examples=40, deadline=None)

@@ -18,26 +18,21 @@ from edge_agent.errors import InvalidEvent
 
 _ENCODER = msgspec.json.Encoder()
 _DECODERS = {name: msgspec.json.Decoder(cls) for name, cls in ev.EVENT_TYPES.items()}
-_DECODE = {name: decoder.decode for name, decoder in _DECODERS.items()}  # bound once: a replay calls one per row
 
 
 def records_from_rows(rows: list[tuple[int, str, str, str]]) -> list[ev.Recorded]:
     """Stored (seq, ts, type, data) rows as recorded events: a replay's inner loop, hence
     one comprehension; a row that does not decode is named by `event_from_json`."""
     try:
-        return [ev.Recorded(seq, ts, _DECODE[type_](data)) for seq, ts, type_, data in rows]
+        return [ev.Recorded(seq, ts, _DECODERS[type_].decode(data)) for seq, ts, type_, data in rows]
     except (KeyError, msgspec.DecodeError):
         return [ev.Recorded(seq, ts, event_from_json(type_, data, seq)) for seq, ts, type_, data in rows]
 
 
-def event_to_json(event: ev.Event) -> bytes:
-    """The event's fields as a JSON object, in the order they are declared."""
-    return _ENCODER.encode(event)
-
-
 def events_to_json(events: Sequence[ev.Event]) -> list[str]:
-    """Each event's `event_to_json` text, encoded in one call (JSON escapes every
-    newline inside a string, so the lines split exactly at the events)."""
+    """Each event's fields as a JSON object, in the order they are declared; encoded in
+    one call (JSON escapes every newline inside a string, so the lines split exactly at
+    the events)."""
     return _ENCODER.encode_lines(events).decode().split("\n")[: len(events)]
 
 

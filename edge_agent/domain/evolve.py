@@ -279,8 +279,7 @@ _APPLY: dict[type[Any], Callable[[_Draft, Any, ev.Recorded], None]] = {
 def fold(state: State, records: Iterable[ev.Recorded]) -> State:
     """Apply recorded events, in seq order, to `state`."""
     draft = _Draft(state)
-    last = draft.last_seq  # these two in locals: the loop runs once per event of a replay
-    apply = _APPLY
+    last = draft.last_seq  # kept in a local: this loop runs once per event of a replay
     record = None
     with _collector_paused():
         for record in records:
@@ -289,7 +288,7 @@ def fold(state: State, records: Iterable[ev.Recorded]) -> State:
                 raise InvalidEvent(record.seq, f"expected seq {last}")
             event = record.event
             try:
-                apply[type(event)](draft, event, record)
+                _APPLY[type(event)](draft, event, record)
             except (KeyError, ValueError) as error:
                 raise InvalidEvent(last, f"{type(event).__name__} does not fit the state ({error!r})") from error
     if record is not None:

@@ -92,12 +92,10 @@ class Transaction:
         first = self.head.seq + 1
         prev = self.head.hash
         values: list[object] = []  # the rows' columns one after another, as `_insert` binds them
-        # The chain's hash inlined (see `chain_hash`): this loop runs once per event appended.
         for seq, event, data in zip(range(first, first + len(events)), events, events_to_json(events), strict=True):
             type_ = type(event).__name__
-            subject = event.subject
-            prev = sha256(f"{prev}\x1f{seq}\x1f{ts}\x1f{type_}\x1f{subject}\x1f{data}".encode()).hexdigest()
-            values += (seq, ts, type_, subject, data, prev)
+            prev = chain_hash(prev, seq, ts, type_, event.subject, data)
+            values += (seq, ts, type_, event.subject, data, prev)
         _insert(self._db, values)
         self.head = Base(first + len(events) - 1, prev)
         return [Recorded(seq, ts, event) for seq, event in enumerate(events, first)]
