@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 CONFIG ?= config.yaml
 DEMO_ORDERS ?= 6
 
-.PHONY: run test lint bench clean
+.PHONY: run test test-fast lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest
+
+# Everything but the slow and chaos tests: under a minute, for every change.
+test-fast: $(VENV)/.installed
+	$(BIN)/python -m pytest -m "not slow and not chaos"
 
 bench: $(VENV)/.installed
 	$(BIN)/python -m benchmarks.bench

@@ -89,7 +89,8 @@ class HealthServer:
 
     def start(self) -> None:
         self._thread.start()
-        log.info("health and metrics on http://%s:%d/", self._server.server_address[0], self.port)
+        host = self._server.server_address[0]
+        log.info("health on http://%s:%d/healthz, metrics on /metrics", host, self.port)
 
     def stop(self) -> None:
         self._server.shutdown()

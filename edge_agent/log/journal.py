@@ -16,6 +16,7 @@ from pathlib import Path
 from edge_agent.clock import Clock
 from edge_agent.domain.events import Event, Recorded
 from edge_agent.domain.evolve import fold
+from edge_agent.domain.narrative import describe
 from edge_agent.domain.state import State
 from edge_agent.errors import LogCorrupted, LogError
 from edge_agent.log.store import EventLog, Row, Synchronous
@@ -139,6 +140,11 @@ class Journal:
         if snapshot:
             self._snapshot_seq = state.last_seq
         self._state = state
+        if log.isEnabledFor(logging.INFO):  # checked once: a burst of orders makes thousands of events
+            for record in records:
+                line = describe(record.event)
+                if line is not None:
+                    log.info("%s", line)
         for listener in self._listeners:
             listener(state)
         return records
