@@ -98,9 +98,16 @@ class Gateway:
             will=self._status("offline", None),
             on_message=lambda message: handoff(self._received, message),
             on_connection=lambda up: handoff(self._connection, up),
-            on_published=lambda mid: handoff(self._published, mid),
+            on_published=lambda mid, refusal: handoff(self._published, (mid, refusal)),
         )
-        self.outbox = Outbox(_LogSource(agent.journal.log), self.link.publish, self.topics, config.device_id)
+        self.outbox = Outbox(
+            _LogSource(agent.journal.log),
+            self.link.publish,
+            self.topics,
+            config.device_id,
+            schedule=self._loop.call_later,
+        )
+        self.outbox.listeners.append(lambda refusal: self._publish_status())
         agent.journal.subscribe(lambda state: self.outbox.pump())
         agent.on_fault = lambda fault: self._publish_status()
 
@@ -125,8 +132,8 @@ class Gateway:
         self._birth()
         self.outbox.connected()
 
-    def _published(self, mid: int) -> None:
-        self.outbox.published(mid)
+    def _published(self, answer: tuple[int, str | None]) -> None:
+        self.outbox.published(*answer)
 
     def _received(self, message: Inbound) -> None:
         topic = message.topic
@@ -175,8 +182,11 @@ class Gateway:
     def _status(self, state: str, last_seq: int | None) -> bytes:
         since = iso(self._agent.clock.now()) if last_seq is not None else None
         status: dict[str, Any] = {"state": state, "since": since, "version": __version__, "last_seq": last_seq}
-        if self._agent.fault is not None and state == "online":
-            status["fault"] = self._agent.fault  # online, but taking no orders: why
+        if state == "online":
+            if self._agent.fault is not None:
+                status["fault"] = self._agent.fault  # online, but taking no orders: why
+            if self.outbox.refusal is not None:
+                status["refused"] = self.outbox.refusal  # online, but a message is not delivered: why
         return orjson.dumps(status)
 
     def _publish_status(self) -> None:

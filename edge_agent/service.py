@@ -95,6 +95,8 @@ def problems(agent: Agent, gateway: Gateway) -> list[str]:
     down_since = gateway.link.down_since
     if down_since is not None and time.monotonic() - down_since > MQTT_DOWN_BUDGET_S:
         found.append(f"no MQTT connection for {time.monotonic() - down_since:.0f} s")
+    if gateway.outbox.refusal is not None:
+        found.append(f"{gateway.outbox.refusal}; not delivered, retrying")
     return found
 
 
@@ -105,6 +107,7 @@ def metrics(agent: Agent, gateway: Gateway) -> Metrics:
             "orders_accepted": len(state.orders),
             "orders_rejected": state.rejected,
             "mqtt_reconnects": gateway.link.reconnects,
+            "publish_refused": gateway.link.refused,
         }
 
     def gauges() -> dict[str, float]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -117,3 +118,55 @@ def test_a_publish_that_fails_stops_the_pump_until_the_next_connection(log_: Eve
     assert broker.sent == []  # still considered offline until connected() says otherwise
     outbox.connected()
     assert broker.seqs()[0] == 1
+
+
+class Timers:
+    """Stands in for the event loop's call_later: keeps what is due, runs it on demand."""
+
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+        self._due: list[Callable[[], None]] = []
+
+    def schedule(self, delay_s: float, call: Callable[[], None]) -> None:
+        self.delays.append(delay_s)
+        self._due.append(call)
+
+    def run_due(self) -> None:
+        due, self._due = self._due, []
+        for call in due:
+            call()
+
+
+def test_a_refused_message_is_not_a_delivery_and_is_sent_again_with_backoff(
+    log_: EventLog, caplog: pytest.LogCaptureFixture
+) -> None:
+    broker, timers = Broker(), Timers()
+    outbox = Outbox(_LogSource(log_), broker.publish, TOPICS, "cell-9", schedule=timers.schedule)
+    told: list[str | None] = []
+    outbox.listeners.append(told.append)
+    outbox.connected()
+    first = broker.sent[0][0]
+    outbox.published(first, "Not authorized (0x87)")
+    for mid, _, _ in broker.sent[1:]:
+        outbox.published(mid)
+    assert outbox.acked == 0  # seq 1 was refused: nothing after it counts as delivered
+    assert outbox.refusal == f"the broker refuses messages on {TOPICS.events}: Not authorized (0x87)"
+    assert told == [outbox.refusal]
+
+    for _ in range(5):  # refused again and again: retried each time, later and later
+        resent = len(broker.sent)
+        timers.run_due()
+        assert [(topic, m["seq"]) for _, topic, m in broker.sent[resent:]] == [(TOPICS.events, 1)]
+        outbox.published(broker.sent[-1][0], "Not authorized (0x87)")
+        assert outbox.acked == 0
+    assert timers.delays == sorted(timers.delays)
+    assert timers.delays[-1] > timers.delays[0] * 2
+    refusals = [r for r in caplog.records if "refuses" in r.getMessage()]
+    assert len(refusals) == 1  # one line for the episode, not one per retry
+    assert "cell-9/events" in refusals[0].getMessage()
+
+    timers.run_due()
+    outbox.published(broker.sent[-1][0])  # taken at last
+    assert outbox.acked > 1
+    assert outbox.refusal is None
+    assert told == [told[0], None]

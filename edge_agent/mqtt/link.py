@@ -117,7 +117,7 @@ class Link:
         will: bytes,
         on_message: Callable[[Inbound], object],
         on_connection: Callable[[bool], object],
-        on_published: Callable[[int], object],
+        on_published: Callable[[int, str | None], object],
     ) -> None:
         self._config = config
         self._topics = topics
@@ -133,6 +133,7 @@ class Link:
         self.down_since: float | None = time.monotonic()  # not connected since then (None: connected)
         self._was_up = False
         self.reconnects = 0
+        self.refused = 0  # publishes the broker acknowledged with a failure code
         v5 = config.protocol == "5"
         self._client = _Client(
             CallbackAPIVersion.VERSION2,
@@ -246,12 +247,19 @@ class Link:
         self._on_message(Inbound(message.topic, bytes(message.payload), message.mid, message.qos, self._connection))
 
     def _published(self, client: paho.Client, userdata: object, mid: int, reason: ReasonCode, props: object) -> None:
-        self._on_published(mid)
+        # MQTT 5 lets the broker refuse a QoS 1 publish (PUBACK reason >= 0x80, e.g. 0x87 Not
+        # authorized by its ACL): that message was not delivered. MQTT 3.1.1 has no such answer.
+        if reason.is_failure:
+            self.refused += 1
+            self._on_published(mid, describe(reason))
+        else:
+            self._on_published(mid, None)
 
     # -- use (thread-safe) --------------------------------------------------------
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int | None:
-        """Send a message; its mid (reported to `on_published` on PUBACK), or None if not connected."""
+        """Send a message; its mid, or None if not connected. The broker's answer comes to
+        `on_published(mid, refusal)`: `refusal` is None for a delivery, else the broker's reason."""
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             return None
@@ -263,6 +271,11 @@ class Link:
         message); the broker sends it again, and it is then recognised by its order id."""
         if message.qos > 0 and message.connection == self._connection:
             self._client.ack(message.mid, message.qos)
+
+
+def describe(reason: ReasonCode) -> str:
+    """A broker's reason code as a person reads it: `Not authorized (0x87)`."""
+    return f"{reason} (0x{reason.value:02x})"
 
 
 def secure(client: paho.Client, config: MqttConfig) -> None:

@@ -6,17 +6,25 @@ database, so publishing resumes after a reconnect or a restart where it was.
 Delivery is at least once: after a reconnect the unacknowledged tail is sent
 again, and consumers deduplicate by (device_id, seq) or inventory_id. Nothing
 is written twice (no dual writes): what is published is what was committed.
+
+A broker may refuse a message (MQTT 5: a PUBACK with a failure code, e.g. its
+ACL's 0x87 Not authorized). That is no delivery: the cursor stays before the
+message's event, and the message is sent again with capped exponential backoff
+until the broker takes it; `refusal` says why meanwhile.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import random
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import orjson
 
 from edge_agent.errors import LogError
+from edge_agent.mqtt.link import backoff_s
 from edge_agent.mqtt.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -54,6 +62,20 @@ class Source(Protocol):
 
 
 Publish = Callable[[str, bytes], int | None]  # (topic, payload) -> mid, or None when offline
+Schedule = Callable[[float, Callable[[], None]], object]  # run a callable after so many seconds
+Listener = Callable[[str | None], object]  # told the refusal when one starts, None when it ends
+
+
+class _Sent(NamedTuple):
+    """A message in flight, kept until the broker takes it (to send it again if refused)."""
+
+    seq: int
+    topic: str
+    payload: bytes
+
+
+def _call_later(delay_s: float, call: Callable[[], None]) -> object:
+    return asyncio.get_running_loop().call_later(delay_s, call)
 
 
 def messages(row: Row, device_id: str, topics: Topics) -> list[tuple[str, bytes]]:
@@ -98,17 +120,34 @@ def messages(row: Row, device_id: str, topics: Topics) -> list[tuple[str, bytes]
 class Outbox:
     """Runs on the event loop: `pump` after every commit, `published` on every PUBACK."""
 
-    def __init__(self, source: Source, publish: Publish, topics: Topics, device_id: str) -> None:
+    def __init__(
+        self,
+        source: Source,
+        publish: Publish,
+        topics: Topics,
+        device_id: str,
+        *,
+        schedule: Schedule = _call_later,
+        rng: random.Random | None = None,
+    ) -> None:
         self._source = source
         self._publish = publish
         self._topics = topics
         self._device_id = device_id
+        self._schedule = schedule
+        self._rng = rng or random.Random()
         self.acked = source.load_cursor()  # every event up to here is acknowledged by the broker
         self._saved = self.acked
         self._next = self.acked + 1
         self._online = False
         self._unacked: dict[int, int] = {}  # seq -> messages of it not yet acknowledged
-        self._mids: dict[int, int] = {}  # mid -> seq
+        self._mids: dict[int, _Sent] = {}  # mid -> the message
+        self.refusal: str | None = None  # why the broker refuses a message now (None: it does not)
+        self.listeners: list[Listener] = []
+        self._refused_upto = 0  # the latest event with a refused message in this episode
+        self._attempt = 0  # retries in this episode, for the backoff
+        self._retry: list[_Sent] = []  # refused messages waiting for their retry
+        self._retry_scheduled = False
 
     def connected(self) -> None:
         """(Re)connected: send again everything not acknowledged, in order."""
@@ -116,6 +155,7 @@ class Outbox:
         self._next = self.acked + 1
         self._unacked.clear()
         self._mids.clear()
+        self._retry.clear()  # sent again from the cursor now
         self.pump()
 
     def disconnected(self) -> None:
@@ -129,26 +169,66 @@ class Outbox:
                 return
             for row in rows:
                 for topic, payload in messages(row, self._device_id, self._topics):
-                    mid = self._publish(topic, payload)
-                    if mid is None:  # the connection dropped: resume from the cursor on reconnect
-                        self._online = False
+                    if not self._send(_Sent(row.seq, topic, payload)):
                         return
-                    self._mids[mid] = row.seq
                     self._unacked[row.seq] = self._unacked.get(row.seq, 0) + 1
                 self._next = row.seq + 1
 
-    def published(self, mid: int) -> None:
-        """The broker acknowledged message `mid`."""
-        seq = self._mids.pop(mid, None)
-        if seq is None:
+    def _send(self, message: _Sent) -> bool:
+        mid = self._publish(message.topic, message.payload)
+        if mid is None:  # the connection dropped: resume from the cursor on reconnect
+            self._online = False
+            return False
+        self._mids[mid] = message
+        return True
+
+    def published(self, mid: int, refusal: str | None = None) -> None:
+        """The broker answered message `mid`: took it (`refusal` None), or refused it, saying why."""
+        message = self._mids.pop(mid, None)
+        if message is None:
             return  # from before a reconnect: its event is being sent again anyway
+        if refusal is not None:
+            self._refused(message, refusal)
+            return
+        seq = message.seq
         left = self._unacked[seq] - 1
         if left:
             self._unacked[seq] = left
         else:
             del self._unacked[seq]
         self.acked = (min(self._unacked) if self._unacked else self._next) - 1
+        if self.refusal is not None and self.acked >= self._refused_upto:
+            self._taken_again()
         self.pump()
+
+    def _refused(self, message: _Sent, refusal: str) -> None:
+        """Not delivered: its event stays unacknowledged, and it is sent again after a backoff."""
+        self._refused_upto = max(self._refused_upto, message.seq)
+        if self.refusal is None:  # one line per episode, not one per retry
+            self.refusal = f"the broker refuses messages on {message.topic}: {refusal}"
+            log.error("%s; event %d and after are not delivered, retrying", self.refusal, message.seq)
+            for listener in self.listeners:
+                listener(self.refusal)
+        self._retry.append(message)
+        if not self._retry_scheduled:
+            self._retry_scheduled = True
+            self._schedule(backoff_s(self._attempt, self._rng), self._send_refused)
+            self._attempt += 1
+
+    def _send_refused(self) -> None:
+        self._retry_scheduled = False
+        waiting, self._retry = self._retry, []
+        if self._online:  # else the next connection sends them again from the cursor
+            for message in waiting:
+                if not self._send(message):
+                    return
+
+    def _taken_again(self) -> None:
+        log.warning("the broker takes every message again; delivered up to event %d", self.acked)
+        self.refusal = None
+        self._refused_upto = self._attempt = 0
+        for listener in self.listeners:
+            listener(None)
 
     def save(self) -> None:
         """Persist the cursor (called now and then, and on stop)."""
