@@ -26,7 +26,7 @@ from edge_agent.domain.state import Stage
 from edge_agent.domain.view import state_view
 from edge_agent.errors import CommandRejected
 from edge_agent.log.store import OUTBOX_CURSOR, EventLog, Row
-from edge_agent.mqtt.inbound import cancel_command, order_command
+from edge_agent.mqtt.inbound import CancelRefused, cancel_command, order_command
 from edge_agent.mqtt.link import Inbound, Link
 from edge_agent.mqtt.outbox import Outbox, messages
 from edge_agent.mqtt.topics import Topics
@@ -145,8 +145,8 @@ class Gateway:
             self._agent.offer(order, lambda records: self._order_committed(order, records, message))
         elif topic == self.topics.cancel:
             cancel = cancel_command(message.payload, max_bytes)
-            if isinstance(cancel, str):
-                log.warning("cancel command ignored: %s", cancel)
+            if isinstance(cancel, CancelRefused):
+                log.warning("cancel command ignored: %s", cancel.reason)
                 self.link.ack(message)
             else:
                 self._loop.create_task(self._cancel(cancel, message))

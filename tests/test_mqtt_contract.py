@@ -249,7 +249,7 @@ WITHOUT_QTY = {"order_id": "bad-missing", "product_id": "widget-a", "warehouse":
 
 # (label, payload, the order id the rejection names, a part of its reason)
 BAD_INPUT: list[tuple[str, bytes, str | None, str]] = [
-    ("not JSON", b"not json {", None, "not JSON"),
+    ("not JSON", b"not json {", None, "payload is not JSON"),
     ("empty", b"", None, "not JSON"),
     ("not UTF-8", b'{"order_id": "\xff\xfe"}', None, "not UTF-8"),
     ("over max_payload_bytes", _oversized(), None, f"over the limit of {MAX_PAYLOAD}"),
@@ -267,6 +267,10 @@ BAD_INPUT: list[tuple[str, bytes, str | None, str]] = [
     ("JSON string", b'"an order"', None, "not an object"),
     ("5000 nested arrays", b"[" * 5000 + b"]" * 5000, None, "not JSON"),
     ("deep nesting in a field", _nested_in_qty(500), "bad-deep", "qty: Input should be a valid integer"),
+    ("ESC in warehouse", _with(order_id="bad-esc", warehouse="WH\x1b[2J"), "bad-esc", "warehouse: must not contain"),
+    ("CSI in product", _with(order_id="bad-csi", product_id="w\x9bidget"), "bad-csi", "product_id: must not contain"),
+    ("newline in warehouse", _with(order_id="bad-nl", warehouse="WH1\nWH2"), "bad-nl", "(U+000A at 3)"),
+    ("a key twice", _with(order_id="bad-twice")[:-1] + b',"qty":90}', None, "payload has the key 'qty' twice"),
 ]
 
 
@@ -282,6 +286,8 @@ def test_every_bad_input_is_rejected_with_a_reason_and_a_valid_order_after_compl
             rejected = backoffice.wait_for(lambda m: m.topic == topic.rejected, since=mark).json()
             assert rejected["order_id"] == order_id, label
             assert reason in rejected["reason"], (label, rejected)
+            if label == "not JSON":
+                assert rejected["reason"] == "payload is not JSON"  # the parser's internals help nobody
             assert len(rejected["reason"]) < 500, (label, "a reason, not an echo of the payload")
             assert_iso(rejected["received_at"])
             logged = backoffice.wait_for(event(topic, "OrderRejected"), since=mark).json()

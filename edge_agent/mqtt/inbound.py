@@ -2,24 +2,41 @@
 
 Every payload becomes either a `SubmitOrder` or a `RejectOrder` with a reason a
 person can act on; nothing raises. Validation is strict: `"3"` is not `3`,
-`true` is not `1`, unknown fields are rejected, and the product must be one the
-device profile makes, in a quantity it allows.
+`true` is not `1`, unknown fields and a key given twice are rejected, no string
+holds a control character, and the product must be one the device profile
+makes, in a quantity it allows.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any, NamedTuple
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import PydanticCustomError
 
 from edge_agent.domain import commands as cmd
 
 ORDER_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"
 _ORDER_ID = re.compile(ORDER_ID_PATTERN)
+# C0, DEL and C1: they would move a terminal's cursor, ring its bell or start an escape
+# sequence wherever the string is shown (the CLI, the journal, a back-office screen).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def _no_control(value: str) -> str:
+    found = _CONTROL.search(value)
+    if found is not None:
+        where = f"U+{ord(found.group()):04X} at {found.start()}"
+        raise PydanticCustomError("control_character", f"must not contain a control character ({where})")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_no_control)]
 
 
 class OrderPayload(BaseModel):
@@ -28,9 +45,9 @@ class OrderPayload(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     order_id: str = Field(pattern=ORDER_ID_PATTERN)
-    product_id: str = Field(min_length=1, max_length=64)
+    product_id: Text = Field(min_length=1, max_length=64)
     qty: int = Field(ge=1)
-    warehouse: str = Field(min_length=1, max_length=64)
+    warehouse: Text = Field(min_length=1, max_length=64)
     priority: int = Field(0, ge=-1_000_000, le=1_000_000)
 
 
@@ -38,6 +55,13 @@ class CancelPayload(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     order_id: str = Field(pattern=ORDER_ID_PATTERN)
+
+
+class CancelRefused(NamedTuple):
+    """A cancel payload that is not one: the order it names, if readable, and why."""
+
+    order_id: str | None
+    reason: str
 
 
 def digest(order: OrderPayload) -> str:
@@ -54,9 +78,48 @@ def parse_json(payload: bytes, max_bytes: int) -> tuple[Any, str | None]:
     except UnicodeDecodeError as error:
         return None, f"payload is not UTF-8 (byte {error.start})"
     try:
-        return orjson.loads(payload), None  # orjson refuses nesting deeper than 1024 levels
+        value = orjson.loads(payload)  # orjson refuses nesting deeper than 1024 levels
     except orjson.JSONDecodeError as error:
-        return None, f"payload is not JSON: {error.msg}"
+        # The parser's own words ("invalid literal, expected 'null'") help nobody who sent
+        # something that is not JSON at all; only these few say something a sender can act on.
+        return None, _NOT_JSON.get(error.msg, "payload is not JSON")
+    if isinstance(value, dict):
+        twice = _key_twice(payload, value)
+        if twice is not None:
+            return None, f"payload has the key '{_shown(twice)}' twice"
+    return value, None
+
+
+_NOT_JSON = {
+    "Input is a zero-length, empty document": "payload is empty, not JSON",
+    "depth limit exceeded": "payload is not JSON: nested deeper than 1024 levels",
+    "unexpected control character in string": "payload is not JSON: a control character in a string",
+}
+# The end of a key: every key of every object in the text matches, and so may a string
+# value that ends in a colon. No more matches than top-level keys: no key came twice.
+_KEY_END = re.compile(rb'"\s*:')
+
+
+def _key_twice(payload: bytes, value: dict[str, Any]) -> str | None:
+    """A key the payload gives twice in one object (orjson silently keeps the last), if any.
+
+    Orders are flat: counting key ends is enough for them (well under a microsecond);
+    only a payload with more of them than keys is parsed again, by `json`, to find out."""
+    if len(_KEY_END.findall(payload)) <= len(value):
+        return None
+    seen: list[str] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [key for key, _ in items]
+        if len(set(keys)) < len(keys):
+            seen.append(next(key for n, key in enumerate(keys) if key in keys[:n]))
+        return dict(items)
+
+    try:
+        json.loads(payload, object_pairs_hook=pairs)
+    except (ValueError, RecursionError):
+        return None  # what orjson took and json cannot (huge numbers, deep nesting) fails validation anyway
+    return seen[0] if seen else None
 
 
 def order_command(payload: bytes, products: Mapping[str, int], max_bytes: int) -> cmd.SubmitOrder | cmd.RejectOrder:
@@ -79,15 +142,15 @@ def order_command(payload: bytes, products: Mapping[str, int], max_bytes: int) -
     return cmd.SubmitOrder(order.order_id, order.product_id, order.qty, order.warehouse, order.priority, digest(order))
 
 
-def cancel_command(payload: bytes, max_bytes: int) -> cmd.CancelOrder | str:
-    """The cancel command, or the reason the payload is not one."""
+def cancel_command(payload: bytes, max_bytes: int) -> cmd.CancelOrder | CancelRefused:
+    """The cancel command, or why the payload is not one."""
     value, problem = parse_json(payload, max_bytes)
     if problem is not None:
-        return problem
+        return CancelRefused(None, problem)
     try:
         return cmd.CancelOrder(CancelPayload.model_validate(value).order_id)
     except ValidationError as error:
-        return describe(error)
+        return CancelRefused(_readable_order_id(value), describe(error))
 
 
 MAX_PROBLEMS = 5  # named in a rejection; the rest are counted
@@ -103,15 +166,18 @@ def describe(error: ValidationError) -> str:
     problems = []
     errors = error.errors(include_url=False, include_input=False)
     for item in errors[:MAX_PROBLEMS]:
-        field = ".".join(str(part) for part in item["loc"]) or "payload"
-        field = field.encode("unicode_escape").decode("ascii")
-        if len(field) > _FIELD_SHOWN:
-            field = field[:_FIELD_SHOWN] + "..."
+        field = _shown(".".join(str(part) for part in item["loc"]) or "payload")
         message = "unknown field" if item["type"] == "extra_forbidden" else item["msg"]
         problems.append(f"{field}: {message}")
     if len(errors) > MAX_PROBLEMS:
         problems.append(f"and {len(errors) - MAX_PROBLEMS} more")
     return "; ".join(problems)
+
+
+def _shown(name: str) -> str:
+    """A name the sender chose, escaped and cut short enough for one line of a log."""
+    name = name.encode("unicode_escape").decode("ascii")
+    return name[:_FIELD_SHOWN] + "..." if len(name) > _FIELD_SHOWN else name
 
 
 def _readable_order_id(value: Any) -> str | None:
