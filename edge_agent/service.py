@@ -15,6 +15,7 @@ from pathlib import Path
 from edge_agent.agent import Agent, demo_orders
 from edge_agent.config import Config, load_config
 from edge_agent.devices.profile import load_profile
+from edge_agent.domain.state import Stage
 from edge_agent.errors import ConfigError
 from edge_agent.gateway import Gateway
 from edge_agent.health import HealthServer, Metrics
@@ -92,8 +93,11 @@ def problems(agent: Agent, gateway: Gateway) -> list[str]:
     fault = agent.fault or agent.journal.failure
     if fault is not None:
         found.append(f"the event log is not writable, no orders taken: {fault}")
+    refusal = gateway.link.refusal
     down_since = gateway.link.down_since
-    if down_since is not None and time.monotonic() - down_since > MQTT_DOWN_BUDGET_S:
+    if down_since is not None and refusal is not None:
+        found.append(refusal)  # at once: retrying does not help until someone changes something
+    elif down_since is not None and time.monotonic() - down_since > MQTT_DOWN_BUDGET_S:
         found.append(f"no MQTT connection for {time.monotonic() - down_since:.0f} s")
     if gateway.outbox.refusal is not None:
         found.append(f"{gateway.outbox.refusal}; not delivered, retrying")
@@ -122,7 +126,9 @@ def metrics(agent: Agent, gateway: Gateway) -> Metrics:
         }
 
     def stages() -> dict[str, int]:
-        return dict(Counter(str(item.stage) for item in agent.state.work_items.values()))
+        # Every stage, 0 when empty: a series that disappears reads as "no data", not "none".
+        counts = Counter(str(item.stage) for item in agent.state.work_items.values())
+        return {str(stage): counts[str(stage)] for stage in Stage}
 
     result = Metrics(counters, gauges, stages)
     agent.journal.commit_observer = result.commit_seconds.observe

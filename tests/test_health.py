@@ -88,3 +88,56 @@ def test_health_and_metrics_tell_the_truth(tmp_path: Path, monkeypatch: pytest.M
                     server.stop()
 
     asyncio.run(scenario())
+
+
+# The stages a work item can be in (README, "What it is").
+STAGES = [
+    "New",
+    "FactoryReady",
+    "FactoryAccepted",
+    "FactoryComplete",
+    "MoveToWarehouse",
+    "InventoryAvailable",
+    "Failed",
+    "Cancelled",
+]
+
+
+def work_items(metrics: str) -> dict[str, float]:
+    found = re.findall(r'^edge_agent_work_items\{stage="(\w+)"\} (\S+)$', metrics, re.MULTILINE)
+    return {stage: float(value) for stage, value in found}
+
+
+def test_every_stage_has_a_work_items_series_that_goes_to_0_rather_than_away(tmp_path: Path) -> None:
+    config = Config(
+        device_id="stages-test",
+        data_dir=tmp_path,
+        profile=ROOT / "device_profiles" / "simulated.yaml",
+        mqtt={"port": free_port()},
+    )
+
+    async def scenario() -> None:
+        async with Agent(config) as agent:
+            gateway = Gateway(agent, config)
+            server = HealthServer("127.0.0.1", 0, lambda: [], service.metrics(agent, gateway))
+            server.start()
+            url = f"http://127.0.0.1:{server.port}/metrics"
+            try:
+                async with running(agent):
+                    idle = work_items((await asyncio.to_thread(get, url))[1].decode())
+                    assert idle == dict.fromkeys(STAGES, 0.0)
+
+                    await agent.submit(cmd.SubmitOrder("s1", "widget-a", 100, "WH1", 0, "d"))
+                    await agent.wait_until(lambda state: "s1" in state.work_items)
+                    busy = work_items((await asyncio.to_thread(get, url))[1].decode())
+                    assert sorted(busy) == sorted(STAGES)
+                    assert sum(busy.values()) == 1.0
+
+                    await agent.cancel("s1")
+                    await agent.wait_until(lambda state: "s1" not in state.work_items)  # tidied up
+                    after = work_items((await asyncio.to_thread(get, url))[1].decode())
+                    assert after == dict.fromkeys(STAGES, 0.0)
+            finally:
+                server.stop()
+
+    asyncio.run(scenario())

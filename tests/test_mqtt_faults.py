@@ -13,17 +13,20 @@ where another process writes a file, the file is polled.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import shutil
 import subprocess
 import threading
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
-from tests.brokers import Mosquitto, mosquitto
+from tests.brokers import Mosquitto, free_port, mosquitto
 from tests.mqtt_rig import (
     PREFIX,
     AgentProcess,
@@ -429,3 +432,60 @@ def test_a_busy_tls_link_is_never_dropped(tmp_path: Path, agents: Agents) -> Non
         drops = agent.log_text().count("connection to the broker lost")
         assert drops == 0, f"the link was dropped {drops} times; the broker says:\n{broker_errors(broker)}"
         assert "offline" not in monitor.states(device)[:-1], "reported offline while it was running"
+
+
+def healthz(port: int) -> tuple[int, list[str]]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as response:
+            return int(response.status), list(json.loads(response.read())["reasons"])
+    except urllib.error.HTTPError as error:
+        return int(error.code), list(json.loads(error.read())["reasons"])
+    except urllib.error.URLError:
+        return 0, []  # not listening yet
+
+
+def unhealthy_naming(port: int, words: Sequence[str]) -> Callable[[], bool]:
+    def check() -> bool:
+        status, reasons = healthz(port)
+        return status == 503 and any(all(word in reason for word in words) for reason in reasons)
+
+    return check
+
+
+# Well inside the minute a lost connection may last before it makes the agent unhealthy.
+AT_ONCE_S = 15.0
+
+
+def test_a_wrong_password_is_named_in_the_log_and_in_healthz_at_once(tmp_path: Path, agents: Agents) -> None:
+    users = tmp_path / "mosquitto-passwords"
+    run(tool("mosquitto_passwd"), "-b", "-c", str(users), "cell", "cell-secret", cwd=tmp_path)
+    wrong = tmp_path / "wrong-password"
+    wrong.write_text("not-the-secret\n", encoding="utf-8")
+    with mosquitto(tmp_path / "mosquitto", f"password_file {users}\nallow_anonymous false") as broker:
+        device, http = unique("bad-password"), free_port()
+        settings = {"http": {"enabled": True, "port": http}}
+        config = agent_config(
+            tmp_path / device, broker.port, device, settings=settings, username="cell", password_file=str(wrong)
+        )
+        agent = agents(config, "agent")
+        words = ("the broker refused the connection", "Not authorized")
+        eventually(unhealthy_naming(http, words), "/healthz naming the refusal", AT_ONCE_S, agent)
+        lines = [line for line in agent.log_text().splitlines() if all(word in line for word in words)]
+        assert lines, agent.log_text()
+        agent.stop()
+
+
+def test_a_missing_client_certificate_is_named_in_the_log_and_in_healthz_at_once(
+    tmp_path: Path, agents: Agents
+) -> None:
+    pki = make_pki(tmp_path / "pki")
+    extra = tls_listener(pki) + "require_certificate true\nallow_anonymous true"
+    with mosquitto(tmp_path / "mosquitto", extra) as broker:
+        device, http = unique("no-cert"), free_port()
+        settings = {"http": {"enabled": True, "port": http}}
+        config = agent_config(tmp_path / device, broker.port, device, settings=settings, tls={"ca_file": str(pki[0])})
+        agent = agents(config, "agent")
+        words = ("client certificate", "mqtt.tls.cert_file")
+        eventually(unhealthy_naming(http, words), "/healthz naming the certificate", AT_ONCE_S, agent)
+        assert any(all(word in line for word in words) for line in agent.log_text().splitlines()), agent.log_text()
+        agent.stop()

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
@@ -134,6 +137,10 @@ class Link:
         self._was_up = False
         self.reconnects = 0
         self.refused = 0  # publishes the broker acknowledged with a failure code
+        # Why the broker turned the last connection attempt away (credentials, TLS), None
+        # once connected: a refusal is not a network hiccup and must be seen at once.
+        self.refusal: str | None = None
+        self._turned_away = False  # this attempt was refused, not lost
         v5 = config.protocol == "5"
         self._client = _Client(
             CallbackAPIVersion.VERSION2,
@@ -146,10 +153,13 @@ class Link:
         self._client.max_inflight_messages_set(MAX_INFLIGHT)
         self._client.will_set(topics.status, will, qos=1, retain=True)
         secure(self._client, config)
+        self._tls = bool(config.tls.ca_file or config.tls.cert_file or config.tls.key_file)
         self._client.on_connect = self._connected
         self._client.on_disconnect = self._disconnected
         self._client.on_message = self._message
         self._client.on_publish = self._published
+        self._errors = _Errors()
+        self._client.enable_logger(self._errors)
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -178,13 +188,17 @@ class Link:
                 self._connect()
             except (OSError, ValueError) as error:
                 delay = backoff_s(attempt, self._rng)
-                log.warning(
-                    "cannot reach the broker at %s:%d (%s); retrying in %.1f s",
-                    self._config.host,
-                    self._config.port,
-                    error,
-                    delay,
-                )
+                if isinstance(error, ssl.SSLError):
+                    self._refused(f"the TLS handshake with the broker failed: {_tls_text(str(error))}")
+                    log.error("%s; retrying in %.1f s", self.refusal, delay)
+                else:
+                    log.warning(
+                        "cannot reach the broker at %s:%d (%s); retrying in %.1f s",
+                        self._config.host,
+                        self._config.port,
+                        error,
+                        delay,
+                    )
                 attempt += 1
                 self._stopping.wait(delay)
                 continue
@@ -202,10 +216,15 @@ class Link:
             delay = backoff_s(attempt, self._rng)
             attempt += 1
             self.reconnects += 1
-            log.warning("connection to the broker lost; reconnecting in %.1f s", delay)
+            if self._turned_away:
+                log.error("%s; retrying in %.1f s", self.refusal, delay)
+            else:
+                log.warning("connection to the broker lost; reconnecting in %.1f s", delay)
             self._stopping.wait(delay)
 
     def _connect(self) -> None:
+        self._errors.last = None
+        self._turned_away = False
         if self._config.protocol == "5":
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             properties.SessionExpiryInterval = self._config.session_expiry_s
@@ -222,9 +241,10 @@ class Link:
         self, client: paho.Client, userdata: object, flags: object, reason: ReasonCode, props: object
     ) -> None:
         if reason.is_failure:
-            log.error("the broker refused the connection: %s", reason)
+            self._refused(f"the broker refused the connection: {describe(reason)}")
             self._lost.set()
             return
+        self.refusal = None
         self.connected = self._was_up = True
         self.down_since = None
         self._connection += 1
@@ -239,6 +259,11 @@ class Link:
         was_connected, self.connected = self.connected, False
         if was_connected:
             self.down_since = time.monotonic()
+        elif self._tls and not self._turned_away:  # lost before any CONNACK: the broker would not take our TLS
+            cause = _tls_text(self._errors.last or "no reason given")
+            if self._config.tls.cert_file is None and "certificate" not in cause:
+                cause += "; no client certificate is configured (mqtt.tls.cert_file)"
+            self._refused(f"the broker closed the TLS connection before accepting it: {cause}")
         self._lost.set()
         if was_connected:
             self._on_connection(False)
@@ -254,6 +279,11 @@ class Link:
             self._on_published(mid, describe(reason))
         else:
             self._on_published(mid, None)
+
+    def _refused(self, refusal: str) -> None:
+        """The broker turned this connection attempt away: why (logged with the retry)."""
+        self.refusal = refusal
+        self._turned_away = True
 
     # -- use (thread-safe) --------------------------------------------------------
 
@@ -276,6 +306,34 @@ class Link:
 def describe(reason: ReasonCode) -> str:
     """A broker's reason code as a person reads it: `Not authorized (0x87)`."""
     return f"{reason} (0x{reason.value:02x})"
+
+
+_SSL_ERROR = re.compile(r"(\[SSL: \w+\] )?(?P<text>[^(\[]+?) \(_ssl\.c:\d+\)")
+
+
+def _tls_text(error: str) -> str:
+    """An OpenSSL error as a person reads it, without its file and line: `tlsv13 alert
+    certificate required (the broker wants a client certificate: mqtt.tls.cert_file)`."""
+    found = _SSL_ERROR.search(error)
+    text = (found.group("text") if found else error).removeprefix("failed to receive on socket: ")
+    if "certificate required" in text:
+        text += " (the broker wants a client certificate: mqtt.tls.cert_file and key_file)"
+    return text
+
+
+class _Errors(logging.Logger):
+    """Given to paho as its logger, to keep its last error: paho's only report of why a
+    socket failed (under TLS 1.3 a broker refuses a client certificate after the handshake,
+    so it shows as a connection lost before the CONNACK). A logger that formats nothing
+    below ERROR: paho logs every packet at DEBUG."""
+
+    def __init__(self) -> None:
+        super().__init__(__name__, logging.ERROR)
+        self.last: str | None = None
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        if level >= logging.ERROR:
+            self.last = str(msg) % args if args else str(msg)
 
 
 def secure(client: paho.Client, config: MqttConfig) -> None:
