@@ -89,13 +89,14 @@ class Gateway:
         self._loop = asyncio.get_running_loop()
         self._started = agent.clock.monotonic()
         self.telemetry_interval_s = config.telemetry_interval_s  # SIGHUP may change it
+        self._cancels: set[asyncio.Task[None]] = set()
         self.topics = Topics(config.mqtt.topic_prefix, config.device_id, config.mqtt.shared_group)
         handoff = _Handoff(self._loop)
         self.link = Link(
             config.mqtt,
             config.device_id,
             self.topics,
-            will=self._status("offline", None),
+            will=self._status("offline", will=True),
             on_message=lambda message: handoff(self._received, message),
             on_connection=lambda up: handoff(self._connection, up),
             on_published=lambda mid, refusal: handoff(self._published, (mid, refusal)),
@@ -120,7 +121,7 @@ class Gateway:
                 tasks.create_task(self._save_cursor(), name="outbox cursor")
         finally:
             self.outbox.save()
-            farewell = (self.topics.status, self._status("offline", self._agent.state.last_seq))
+            farewell = (self.topics.status, self._status("offline"))
             await asyncio.to_thread(self.link.stop, farewell)
 
     # -- from paho (already on the loop) ----------------------------------------
@@ -146,10 +147,12 @@ class Gateway:
         elif topic == self.topics.cancel:
             cancel = cancel_command(message.payload, max_bytes)
             if isinstance(cancel, CancelRefused):
-                log.warning("cancel command ignored: %s", cancel.reason)
+                self._refuse_cancel(cancel.order_id, cancel.reason)
                 self.link.ack(message)
             else:
-                self._loop.create_task(self._cancel(cancel, message))
+                task = self._loop.create_task(self._cancel(cancel, message))
+                self._cancels.add(task)  # the loop keeps only a weak reference to a task
+                task.add_done_callback(self._cancels.discard)
         elif topic == self.topics.rebirth:
             self._birth()
             self.link.ack(message)
@@ -171,17 +174,33 @@ class Gateway:
                 self.link.publish(topic, payload)
 
     async def _cancel(self, cancel: cmd.CancelOrder, message: Inbound) -> None:
+        """Decide the cancel, then acknowledge it whatever the outcome: a cancel left
+        unacknowledged is sent again at every reconnect and holds one of the broker's
+        Receive Maximum slots. Only a stop (CancelledError) leaves it to be sent again."""
         try:
             await self._agent.request(cancel)
         except CommandRejected as error:
-            log.warning("cancel refused: %s", error)
+            self._refuse_cancel(cancel.order_id, error.reason)
+        except Exception as error:
+            log.exception("cancel of order %r failed", cancel.order_id)
+            self._refuse_cancel(cancel.order_id, f"cannot be applied: {error}")
         self.link.ack(message)
+
+    def _refuse_cancel(self, order_id: str | None, reason: str) -> None:
+        """A cancel that cannot apply is answered where its sender hears of rejections
+        (published directly: a refused cancel changes nothing, so nothing is logged)."""
+        reason = f"cancel refused: {reason}"
+        log.warning("%s", reason)
+        answer = {"order_id": order_id, "reason": reason, "received_at": iso(self._agent.clock.now())}
+        self.link.publish(self.topics.rejected, orjson.dumps(answer))
 
     # -- out ----------------------------------------------------------------------
 
-    def _status(self, state: str, last_seq: int | None) -> bytes:
-        since = iso(self._agent.clock.now()) if last_seq is not None else None
-        status: dict[str, Any] = {"state": state, "since": since, "version": __version__, "last_seq": last_seq}
+    def _status(self, state: str, *, will: bool = False) -> bytes:
+        """The retained status. No log position: a retained message is read long after it
+        was sent, so `last_seq` is in telemetry and `state`, which are kept current."""
+        since = None if will else iso(self._agent.clock.now())
+        status: dict[str, Any] = {"state": state, "since": since, "version": __version__}
         if state == "online":
             if self._agent.fault is not None:
                 status["fault"] = self._agent.fault  # online, but taking no orders: why
@@ -190,7 +209,7 @@ class Gateway:
         return orjson.dumps(status)
 
     def _publish_status(self) -> None:
-        status = self._status("online", self._agent.state.last_seq)
+        status = self._status("online")
         self.link.publish(self.topics.status, status, retain=True)
 
     def _birth(self) -> None:

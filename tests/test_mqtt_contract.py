@@ -39,7 +39,7 @@ PREFIX = "factory"
 ORDERS = f"{PREFIX}/orders"
 MAX_PAYLOAD = 16384  # room for a nesting deeper than JSON parsers allow, still small enough to exceed
 EVENT_KEYS = {"device_id", "seq", "ts", "type", "subject", "data"}
-STATUS_KEYS = {"state", "since", "version", "last_seq"}
+STATUS_KEYS = {"state", "since", "version"}  # no log position: a retained one would be stale
 INVENTORY_KEYS = {"inventory_id", "order_id", "product_id", "qty", "warehouse", "device_id", "completed_at"}
 TELEMETRY_KEYS = {
     "device_id",
@@ -347,9 +347,6 @@ def test_status_and_state_are_retained_and_rebirth_republishes_them(new_agent: A
         assert status["state"] == "online"
         assert status["version"] == __version__
         assert_iso(status["since"])
-        head = agent.rows()[-1].seq
-        assert isinstance(status["last_seq"], int)
-        assert 1 <= status["last_seq"] <= head
 
         state = state_message.json()
         assert state["device_id"] == agent.device_id
@@ -363,7 +360,9 @@ def test_status_and_state_are_retained_and_rebirth_republishes_them(new_agent: A
         late.publish(topic.rebirth, b"{}")
         again = late.wait_for(on(topic.status), since=mark).json()
         assert again["state"] == "online"
-        assert again["last_seq"] >= status["last_seq"]
+        assert set(again) == STATUS_KEYS
+        again_state = late.wait_for(on(topic.state), since=mark).json()
+        assert again_state["last_seq"] == agent.rows()[-1].seq  # the log position is in `state`, current
         assert late.wait_for(on(topic.state), since=mark).json()["stations"] == state["stations"]
 
 
@@ -408,7 +407,7 @@ def test_every_event_arrives_in_seq_order_with_its_keys(new_agent: AgentFactory,
 def test_telemetry_comes_at_qos_0_and_a_cancel_stops_a_build(new_agent: AgentFactory, broker: Broker) -> None:
     agent = new_agent()
     topic = agent.topic
-    with agent.peer(topic.telemetry, topic.events, topic.state) as watcher:
+    with agent.peer(topic.telemetry, topic.events, topic.state, topic.rejected) as watcher:
         idle = watcher.wait_for(on(topic.telemetry))
         if not broker.embedded:  # amqtt 0.12 delivers at the subscription's QoS, whatever the publisher's
             assert idle.qos == 0  # subscribed at QoS 1: the agent published at 0
@@ -435,9 +434,17 @@ def test_telemetry_comes_at_qos_0_and_a_cancel_stops_a_build(new_agent: AgentFac
         assert item["station"] == assigned["data"]["station"]
         assert 0 <= item["progress"] <= 100
 
-        # A cancel that is not one, and one for no such order: ignored, and the agent lives on.
+        # A cancel that is not one, and one for no such order: refused with a reason, and the agent lives on.
+        mark = watcher.mark()
         watcher.publish(topic.cancel, b"{not json")
+        refused = watcher.wait_for(on(topic.rejected), since=mark).json()
+        assert (refused["order_id"], refused["reason"]) == (None, "cancel refused: payload is not JSON")
+        assert_iso(refused["received_at"])
+        mark = watcher.mark()
         watcher.publish(topic.cancel, {"order_id": "no-such-order"})
+        refused = watcher.wait_for(on(topic.rejected), since=mark).json()
+        assert refused["order_id"] == "no-such-order"
+        assert refused["reason"] == "cancel refused: order 'no-such-order' is not a live work item"
         mark = watcher.mark()
         watcher.publish(topic.cancel, {"order_id": "cancel-me"})
         watcher.wait_for(event(topic, "OrderCancelled", "cancel-me"), since=mark)
@@ -511,7 +518,7 @@ def test_a_killed_agent_leaves_its_last_will_offline(new_agent: AgentFactory) ->
 
 
 @pytest.mark.parametrize("broker", ["mosquitto"], indirect=True)
-def test_a_stopped_agent_leaves_offline_retained_with_its_log_position(new_agent: AgentFactory) -> None:
+def test_a_stopped_agent_leaves_offline_retained(new_agent: AgentFactory) -> None:
     agent = new_agent()
     assert agent.stop(signal.SIGTERM) == 0, agent.log_tail()
     with agent.peer(agent.topic.status, name="late") as late:
@@ -521,8 +528,6 @@ def test_a_stopped_agent_leaves_offline_retained_with_its_log_position(new_agent
     assert set(status) == STATUS_KEYS
     assert status["state"] == "offline"
     assert_iso(status["since"])
-    # The farewell is said before the agent logs its stop: only that comes after it.
-    assert [row.type for row in agent.rows() if row.seq > status["last_seq"]] == ["AgentStopped"]
 
 
 # -- 5. edge-agent order submit -------------------------------------------------------------
@@ -599,6 +604,36 @@ def test_order_submit_wait_gives_up_after_its_timeout_in_one_line(new_agent: Age
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert "order lost did not reach the warehouse within 0.5 s" in lines[0]
+
+
+@pytest.mark.parametrize("broker", ["mosquitto"], indirect=True)
+def test_order_cancel_wait_exits_0_once_cancelled_and_1_with_the_reason_when_it_cannot_apply(
+    new_agent: AgentFactory,
+) -> None:
+    agent = new_agent()
+    topic = agent.topic
+    with agent.peer(topic.events) as watcher:
+        # 100 units at 1.5 s each, 50 times faster: three seconds of building to cancel.
+        watcher.publish(ORDERS, order("to-cancel", product_id="gadget-b", qty=100))
+        watcher.wait_for(event(topic, "StationAssigned", "to-cancel"))
+        done = agent.cli("order", "cancel", "to-cancel", "--wait", "--timeout", "30")
+        assert done.returncode == 0, done.stderr
+        assert f"asked {agent.device_id} to cancel to-cancel" in done.stdout
+        assert "order to-cancel cancelled" in done.stdout
+    assert len(agent.rows("OrderCancelled", "to-cancel")) == 1
+    assert not agent.rows("InventoryIssued", "to-cancel")
+
+    for order_id in ("to-cancel", "never-sent"):  # finished, and unknown: nothing to cancel
+        refused = agent.cli("order", "cancel", order_id, "--device", agent.device_id, "--wait", "--timeout", "30")
+        assert refused.returncode == 1, (refused.stdout, refused.stderr)
+        lines = refused.stderr.strip().splitlines()
+        assert len(lines) == 1, refused.stderr
+        assert f"order {order_id}: cancel refused: order '{order_id}' is not a live work item" in lines[0]
+
+    bad = agent.cli("order", "cancel", "bad id", "--wait", "--timeout", "3")
+    assert bad.returncode == 2
+    assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    assert "order_id" in bad.stderr
 
 
 # -- 6. the Mosquitto command-line clients ------------------------------------------------

@@ -489,3 +489,32 @@ def test_a_missing_client_certificate_is_named_in_the_log_and_in_healthz_at_once
         eventually(unhealthy_naming(http, words), "/healthz naming the certificate", AT_ONCE_S, agent)
         assert any(all(word in line for word in words) for line in agent.log_text().splitlines()), agent.log_text()
         agent.stop()
+
+
+def test_a_refused_cancel_is_acknowledged_and_not_sent_again_after_a_restart(tmp_path: Path, agents: Agents) -> None:
+    """A cancel for an order that is not there (or already finished) is refused, answered,
+    and acknowledged: the broker does not send it again after a reconnect, where it would
+    hold one of the Receive Maximum slots every time."""
+    with mosquitto(tmp_path / "mosquitto") as broker:
+        device = unique("refused-cancel")
+        config = agent_config(tmp_path / device, broker.port, device)
+        cancel_topic = f"{PREFIX}/{device}/cmd/cancel"
+        rejected = f"{PREFIX}/{device}/orders/rejected"
+        with Peer(broker.port, "back-office", [status_topic(device), rejected]) as office:
+            first = agents(config, "first")
+            office.wait_online(device)
+            office.publish(orders_topic(device), order("finished"))
+            eventually(all_tidied(events_db(config), ["finished"]), "the order built", 30, first)
+            for order_id in ("no-such-order", "finished"):
+                office.publish(cancel_topic, json.dumps({"order_id": order_id}).encode())
+            office.wait(lambda: len(office.payloads(rejected)) == 2, "both cancels refused")
+            assert [answer["order_id"] for answer in office.payloads(rejected)] == ["no-such-order", "finished"]
+            first.stop()
+
+            second = agents(config, "second")
+            office.wait_online(device, times=2)
+            office.publish(orders_topic(device), order("after-restart"))  # comes after any redelivery
+            eventually(all_tidied(events_db(config), ["after-restart"]), "the next order built", 30, second)
+            second.stop()
+        assert [r["topic"] for r in first.reports("received")].count(cancel_topic) == 2
+        assert [r["topic"] for r in second.reports("received")] == [orders_topic(device)], "a cancel came again"

@@ -1,4 +1,5 @@
-"""`edge-agent order submit`: publish an order to the configured broker, and follow it."""
+"""`edge-agent order submit` and `order cancel`: publish an order or a cancel to the
+configured broker, and follow what becomes of it."""
 
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ from edge_agent.cli import display
 from edge_agent.cli.options import ConfigOption
 from edge_agent.config import load_config
 from edge_agent.errors import ConfigError, EdgeAgentError
-from edge_agent.mqtt.client import session
-from edge_agent.mqtt.inbound import OrderPayload, describe
+from edge_agent.mqtt.client import Session, session
+from edge_agent.mqtt.inbound import CancelPayload, OrderPayload, describe
+from edge_agent.mqtt.topics import Topics
 
-order_app = typer.Typer(help="Submit orders to the configured broker.", no_args_is_help=True)
+order_app = typer.Typer(help="Submit and cancel orders through the configured broker.", no_args_is_help=True)
 
 
 class OrderNotCompleted(EdgeAgentError):
@@ -94,3 +96,48 @@ def _follow(client: Any, order_id: str, timeout: float) -> None:
         if kind == "InventoryIssued":
             return
     raise OrderNotCompleted(f"order {order_id} did not reach the warehouse within {timeout:g} s")
+
+
+@order_app.command()
+def cancel(
+    order_id: Annotated[str, typer.Argument(help="The order to cancel.")],
+    device: Annotated[
+        str | None, typer.Option("--device", help="The device building it \\[default: the config's device_id].")
+    ] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for the device's answer.")] = False,
+    timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds to wait with --wait.")] = 30.0,
+    config: ConfigOption = None,
+) -> None:
+    """Ask a device to cancel an order (QoS 1); with --wait, exit 0 once it is cancelled, 1 if refused."""
+    settings = load_config(config)
+    try:  # the check the agent makes, before anything is sent
+        CancelPayload.model_validate({"order_id": order_id})
+    except ValidationError as error:
+        raise ConfigError(describe(error), key="order_id") from error
+    device = device or settings.device_id
+    topics = Topics(settings.mqtt.topic_prefix, device)
+    follow = [topics.events, topics.rejected] if wait else []
+    with session(settings.mqtt, follow) as client:
+        client.publish(topics.cancel, orjson.dumps({"order_id": order_id}), timeout_s=min(timeout, 30.0))
+        display.out.print(f"asked {device} to cancel {order_id}", markup=False)
+        if wait:
+            _follow_cancel(client, topics, order_id, timeout)
+
+
+def _follow_cancel(client: Session, topics: Topics, order_id: str, timeout: float) -> None:
+    """Until the device logs the cancel (exit 0) or answers that it cannot apply (exit 1)."""
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        received = client.next_event(left)
+        if received is None:
+            break
+        topic, body = received
+        if not isinstance(body, dict) or order_id not in (body.get("subject"), body.get("order_id")):
+            continue
+        if topic == topics.events and body.get("type") == "OrderCancelled":
+            display.out.print(f"order {order_id} cancelled", markup=False)
+            return
+        reason = str(body.get("reason", ""))
+        if topic == topics.rejected and reason.startswith("cancel refused"):
+            raise OrderNotCompleted(f"order {order_id}: {reason}")
+    raise OrderNotCompleted(f"no answer from {topics.device_id} about cancelling {order_id} within {timeout:g} s")
