@@ -456,7 +456,10 @@ def unhealthy_naming(port: int, words: Sequence[str]) -> Callable[[], bool]:
 AT_ONCE_S = 15.0
 
 
-def test_a_wrong_password_is_named_in_the_log_and_in_healthz_at_once(tmp_path: Path, agents: Agents) -> None:
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_a_wrong_password_is_named_in_the_log_and_in_healthz_at_once(
+    tmp_path: Path, agents: Agents, protocol: str
+) -> None:
     users = tmp_path / "mosquitto-passwords"
     run(tool("mosquitto_passwd"), "-b", "-c", str(users), "cell", "cell-secret", cwd=tmp_path)
     wrong = tmp_path / "wrong-password"
@@ -465,7 +468,13 @@ def test_a_wrong_password_is_named_in_the_log_and_in_healthz_at_once(tmp_path: P
         device, http = unique("bad-password"), free_port()
         settings = {"http": {"enabled": True, "port": http}}
         config = agent_config(
-            tmp_path / device, broker.port, device, settings=settings, username="cell", password_file=str(wrong)
+            tmp_path / device,
+            broker.port,
+            device,
+            settings=settings,
+            username="cell",
+            password_file=str(wrong),
+            protocol=protocol,
         )
         agent = agents(config, "agent")
         words = ("the broker refused the connection", "Not authorized")

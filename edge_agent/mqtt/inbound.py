@@ -57,13 +57,6 @@ class CancelPayload(BaseModel):
     order_id: str = Field(pattern=ORDER_ID_PATTERN)
 
 
-class CancelRefused(NamedTuple):
-    """A cancel payload that is not one: the order it names, if readable, and why."""
-
-    order_id: str | None
-    reason: str
-
-
 def digest(order: OrderPayload) -> str:
     """The same order, however its JSON was laid out, has the same digest."""
     return hashlib.sha256(orjson.dumps(order.model_dump(), option=orjson.OPT_SORT_KEYS)).hexdigest()
@@ -140,6 +133,13 @@ def order_command(payload: bytes, products: Mapping[str, int], max_bytes: int) -
     if order.qty > max_qty:
         return cmd.RejectOrder(order.order_id, f"qty {order.qty} is over the largest {max_qty} for {order.product_id}")
     return cmd.SubmitOrder(order.order_id, order.product_id, order.qty, order.warehouse, order.priority, digest(order))
+
+
+class CancelRefused(NamedTuple):
+    """A cancel payload that is not one: the order it names, if readable, and why."""
+
+    order_id: str | None
+    reason: str
 
 
 def cancel_command(payload: bytes, max_bytes: int) -> cmd.CancelOrder | CancelRefused:
