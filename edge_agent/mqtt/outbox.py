@@ -206,7 +206,7 @@ class Outbox:
         self._refused_upto = max(self._refused_upto, message.seq)
         if self.refusal is None:  # one line per episode, not one per retry
             self.refusal = f"the broker refuses messages on {message.topic}: {refusal}"
-            log.error("%s; event %d and after are not delivered, retrying", self.refusal, message.seq)
+            log.error("%s; not delivered: the outbox stays before event %d and retries", self.refusal, message.seq)
             for listener in self.listeners:
                 listener(self.refusal)
         self._retry.append(message)
