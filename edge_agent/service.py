@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import time
 from collections import Counter
 from contextlib import AsyncExitStack
@@ -18,6 +19,7 @@ from edge_agent.devices.profile import load_profile
 from edge_agent.errors import ConfigError
 from edge_agent.gateway import Gateway
 from edge_agent.health import HealthServer, Metrics
+from edge_agent.lock import DataDirLock
 from edge_agent.mqtt.broker import EmbeddedBroker
 from edge_agent.sdnotify import Notifier
 
@@ -47,9 +49,13 @@ async def serve(config: Config, demo: int = 0, config_path: Path | None = None) 
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     async with AsyncExitStack() as stack:
+        # Before anything else: a second agent on this data folder stops here, having
+        # touched no pin, no port and no log; then a taken port, before the log is opened.
+        lock = stack.enter_context(DataDirLock(config.data_dir))
+        check_ports(config)
         if config.mqtt.embedded:
             await stack.enter_async_context(EmbeddedBroker(config.mqtt.port, config.mqtt.host))
-        agent = await stack.enter_async_context(Agent(config, profile=profile))
+        agent = await stack.enter_async_context(Agent(config, profile=profile, lock=lock))
         gateway = Gateway(agent, config)
         if config.http.enabled:
             health = HealthServer(
@@ -74,6 +80,24 @@ async def serve(config: Config, demo: int = 0, config_path: Path | None = None) 
             await asyncio.wait([online])
             for task in background:
                 task.cancel()
+
+
+def check_ports(config: Config) -> None:
+    """The ports this agent will listen on are free, or a ConfigError naming the key."""
+    wanted = []
+    if config.mqtt.embedded:
+        advice = "; if a broker already runs there, use it with mqtt.embedded: false"
+        wanted.append(("mqtt.port", config.mqtt.host, config.mqtt.port, advice))
+    if config.http.enabled:
+        wanted.append(("http.port", config.http.bind, config.http.port, ""))
+    for key, host, port, advice in wanted:
+        with socket.socket() as probe:
+            # As the servers bind: SO_REUSEADDR, so only a listener (not a closing socket) counts.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as error:
+                raise ConfigError(f"{key}: {host}:{port} is taken ({error.strerror}){advice}", key=key) from error
 
 
 async def _watchdog(notifier: Notifier, interval_s: float) -> None:

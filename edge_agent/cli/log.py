@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from contextlib import AbstractContextManager, nullcontext
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -11,10 +12,11 @@ from typing import Annotated
 import typer
 
 from edge_agent.cli import display
-from edge_agent.cli.options import ConfigOption, DbOption, JsonOption, open_log, parse_time
+from edge_agent.cli.options import ConfigOption, DbOption, JsonOption, db_path, open_log, parse_time
 from edge_agent.config import load_config
 from edge_agent.domain.view import state_view
 from edge_agent.errors import ConfigError
+from edge_agent.lock import DataDirLock
 from edge_agent.log.compact import Retention, row_json
 from edge_agent.log.compact import compact as compact_log
 from edge_agent.log.journal import replay as replay_log
@@ -151,7 +153,12 @@ def compact(
 ) -> None:
     """Archive or drop the events before the newest snapshot, per log.retention."""
     chosen = retention or Retention(load_config(config).log.retention)
-    with open_log(config, db, write=True) as log_:
+    path = db_path(config, db)
+    # The agent's own lock: one writer per log. (No folder, no log: open_log says so.)
+    lock: AbstractContextManager[object] = nullcontext()
+    if path.is_file():
+        lock = DataDirLock(path.parent, advice=", stop it first")
+    with lock, open_log(config, db, write=True) as log_:
         result = compact_log(log_, chosen, log_.path.parent / "archive")
     if result.up_to_seq is None:
         display.out.print(f"nothing to compact (retention {chosen}, or no snapshot past the log's start)")
