@@ -266,6 +266,14 @@ def test_help_shows_each_option_text_verbatim() -> None:
     assert not missing, "option help not shown as written:\n" + "\n".join(missing)
 
 
+@pytest.mark.parametrize(("path", "command"), COMMANDS, ids=[" ".join(("edge-agent", *p)) for p, _ in COMMANDS])
+def test_help_shows_flags_as_flags(path: tuple[str, ...], command: Any) -> None:
+    """`--json <bool>` reads as if the flag took a value (`--json true`); a flag is shown bare."""
+    shown = cli(*path, "--help", env={"COLUMNS": "200"}).stdout
+    assert "<bool>" not in shown
+    assert "--help" in shown
+
+
 def test_version() -> None:
     result = cli("--version")
     assert result.exit_code == 0
@@ -286,7 +294,8 @@ def test_status_json_is_the_live_state_while_the_agent_writes(cell: Cell) -> Non
     assert result.exit_code == 0, result.output
     (view,) = json_lines(result.stdout)
     assert view.keys() >= STATE_KEYS
-    assert timeless(view) == timeless(expected)
+    # A Journal, not an agent: nobody holds the data folder's lock.
+    assert timeless(view) == timeless({**expected, "agent": {"running": False, "pid": None, "since": None}})
     # what an operator reads off it
     assert view["last_seq"] == journal.state.last_seq
     assert view["estop"] is False
@@ -340,6 +349,81 @@ def test_status_reads_the_configured_log(cell: Cell, tmp_path: Path) -> None:
     assert json_lines(result.stdout)[0]["last_seq"] == cell.last.last_seq
 
 
+HOSTILE_WAREHOUSE = "WH1\x1b]0;pwned\x07\x1b[2J"  # retitle the terminal, ring it, clear the screen
+HOSTILE_REASON = "jam\x9b31m at s1\x7f\nnext line"  # a C1 CSI, DEL and a newline
+
+
+@pytest.fixture
+def hostile(tmp_path: Path) -> Path:
+    """A log (an old one, or a `--db` file from elsewhere) whose strings hold control characters."""
+    path = tmp_path / "hostile" / "events.db"
+    clock = FakeClock(T0)
+    with Journal.open(path, synchronous="normal", snapshot_every=10, clock=clock) as journal:
+        run(journal, cmd.ConfigurePlant(STATIONS, PRODUCTS), clock)
+        run(journal, cmd.SubmitOrder("h1", "widget-a", 1, HOSTILE_WAREHOUSE, 0, "digest-h1"), clock)
+        run(journal, cmd.QueueOrder("h1"), clock)
+        run(journal, cmd.FailOrder("h1", HOSTILE_REASON), clock)
+    return path
+
+
+CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]")  # every control character but the line feed
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("status",),
+        ("status", "--json"),
+        ("log", "show"),
+        ("log", "show", "--json"),
+        ("log", "replay"),
+    ],
+    ids=" ".join,
+)
+def test_no_output_writes_a_control_character_taken_from_the_log(hostile: Path, command: tuple[str, ...]) -> None:
+    done = agent(*command, "--db", hostile, env=subprocess_env(COLUMNS="200"))
+    assert done.returncode == 0, done.stderr
+    assert not CONTROL.search(done.stdout), repr(CONTROL.search(done.stdout))
+    if "--json" in command:  # escaped the JSON way: the same values
+        values = json.dumps(json_lines(done.stdout))
+        assert json.dumps(HOSTILE_WAREHOUSE) in values
+        assert json.dumps(HOSTILE_REASON) in values
+    elif command == ("log", "show"):  # the data as JSON text, which escapes C0 its own way
+        assert "WH1\\u001b]0;pwned\\u0007\\u001b[2J" in done.stdout
+        assert "jam\\x9b31m at s1\\x7f\\nnext line" in done.stdout
+    else:  # escaped so that the operator can still read what is there
+        assert "WH1\\x1b]0;pwned\\x07\\x1b[2J" in done.stdout
+        assert "jam\\x9b31m at s1\\x7f" in done.stdout
+
+
+def test_status_reads_well_at_80_columns(tmp_path: Path) -> None:
+    """Order ids whole, stages intelligible, no line past the edge (the full values are in --json)."""
+    path = tmp_path / "demo" / "events.db"
+    clock = FakeClock(T0)
+    order_ids = [f"demo-{n:04d}" for n in range(1, 7)] + ["ERP-2026-000123"]
+    with Journal.open(path, synchronous="normal", snapshot_every=10, clock=clock) as journal:
+        run(journal, cmd.ConfigurePlant(STATIONS, PRODUCTS), clock)
+        for n, order_id in enumerate(order_ids):
+            run(journal, cmd.SubmitOrder(order_id, "widget-a", 2, "WH1", n % 2, f"digest-{order_id}"), clock)
+            run(journal, cmd.QueueOrder(order_id), clock)
+        run(journal, cmd.AssignStations(), clock)
+        run(journal, cmd.RecordUnit("s1"), clock)
+        run(journal, cmd.FailOrder("demo-0006", "no unit within 30 s, retried 3 times"), clock)
+
+    result = cli("status", "--db", path, env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80, "\n" + result.stdout
+    assert "…" not in result.stdout
+    rows = {line.split()[0]: line.split() for line in lines if line.split() and line.split()[0] in order_ids}
+    assert set(rows) == set(order_ids), "\n" + result.stdout  # every id whole, on one line
+    assert "building" in rows["demo-0002"]  # the stage, abbreviated but plain (priority 1: a station first)
+    assert "failed" in rows["demo-0006"]
+    assert "ready" in rows["ERP-2026-000123"]
+    assert "no unit within 30 s" in " ".join(result.stdout.split())
+    assert "--json" in result.stdout  # where the whole values are
+
+
 # -- log show --------------------------------------------------------------------------------------------------------
 
 
@@ -379,8 +463,19 @@ def test_log_show_filters(cell: Cell) -> None:
     assert lifecycle.count("UnitBuilt") == 2
     both = show(cell, "--subject", "o5", "--type", "UnitBuilt", "--from", "2")
     assert both == [e for e in stored if e["subject"] == "o5" and e["type"] == "UnitBuilt"]
-    assert show(cell, "--type", "NoSuchEvent") == []
+    assert show(cell, "--type", "OrderCancelled") == []  # a type, none of it in this log
     assert show(cell, "--from", str(cell.last.last_seq + 1)) == []
+
+
+def test_log_show_an_unknown_type_lists_the_types(cell: Cell) -> None:
+    """A typo in --type would otherwise print nothing, as if no such event had happened."""
+    done = agent("log", "show", "--db", cell.path, "--type", "OrderAccept")
+    assert done.returncode == 2
+    line = one_error_line(done.stderr)
+    assert "--type: unknown event type 'OrderAccept'" in line
+    for known in ("OrderAccepted", "UnitBuilt", "InventoryIssued", "AgentStarted"):
+        assert known in line
+    assert done.stdout == ""
 
 
 def test_log_show_text_is_one_line_per_event(cell: Cell) -> None:
@@ -524,7 +619,17 @@ def test_log_replay_to_seq_is_the_state_folded_up_to_that_event(cell: Cell) -> N
     for checkpoint in cell.checkpoints:  # the state the writer itself held then
         assert replayed(cell, "--to", str(checkpoint.state.last_seq)) == state_view(checkpoint.state)
     assert replayed(cell) == state_view(cell.last)
-    assert replayed(cell, "--to", "10000") == state_view(cell.last)
+    assert replayed(cell, "--to", str(cell.last.last_seq)) == state_view(cell.last)
+
+
+def test_log_replay_to_past_the_end_says_where_the_log_ends(cell: Cell) -> None:
+    """Not the last state passed off as the state at a seq the log never reached."""
+    done = agent("log", "replay", "--db", cell.path, "--to", str(cell.last.last_seq + 1))
+    assert done.returncode == 2
+    assert one_error_line(done.stderr) == (
+        f"error: --to {cell.last.last_seq + 1}: the log ends at seq {cell.last.last_seq}"
+    )
+    assert done.stdout == ""
 
 
 def test_log_replay_until_time(cell: Cell) -> None:

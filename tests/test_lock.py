@@ -5,6 +5,7 @@ a taken port is named before the log is opened; `status` says whether the agent 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -193,3 +194,30 @@ def test_a_taken_port_is_one_line_naming_the_key_before_the_log_is_opened(tmp_pa
     line = one_error_line(done.stderr)
     assert line.startswith(f"error: {key}: 127.0.0.1:{port} is taken")
     assert not (tmp_path / "var" / "events.db").exists()
+
+
+def test_status_says_whether_the_agent_runs(tmp_path: Path) -> None:
+    """A stopped cell must never look as if it were building."""
+    config_path = write_config(tmp_path)
+    db = tmp_path / "var" / "events.db"
+
+    async def scenario() -> tuple[subprocess.CompletedProcess[str], subprocess.CompletedProcess[str]]:
+        async with Agent(load_config(config_path)):
+            return edge_agent("status", "--config", config_path, "--json"), edge_agent(
+                "status", "--config", config_path
+            )
+
+    as_json, as_text = asyncio.run(scenario())
+    assert as_json.returncode == 0, as_json.stderr
+    agent = json.loads(as_json.stdout)["agent"]
+    assert (agent["running"], agent["pid"]) == (True, os.getpid())
+    assert agent["since"]
+    assert as_text.stdout.splitlines()[0].startswith(f"running, pid {os.getpid()}, up ")
+
+    stopped = json.loads(edge_agent("status", "--config", config_path, "--json").stdout)
+    assert stopped["agent"] == {"running": False, "pid": None, "since": None}
+    with EventLog(db, readonly=True) as log_:
+        last_ts = list(log_.rows())[-1].ts
+    assert stopped["as_of"] == last_ts
+    as_text = edge_agent("status", "--config", config_path)
+    assert as_text.stdout.splitlines()[0] == f"not running; state as of {last_ts}"

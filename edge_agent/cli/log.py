@@ -14,6 +14,7 @@ import typer
 from edge_agent.cli import display
 from edge_agent.cli.options import ConfigOption, DbOption, JsonOption, db_path, open_log, parse_time
 from edge_agent.config import load_config
+from edge_agent.domain.events import EVENT_TYPES
 from edge_agent.domain.view import state_view
 from edge_agent.errors import ConfigError
 from edge_agent.lock import DataDirLock
@@ -30,9 +31,18 @@ FOLLOW_POLL_S = 0.2
 
 def _print_row(row: Row, as_json: bool) -> None:
     if as_json:
-        sys.stdout.buffer.write(row_json(row) + b"\n")
+        sys.stdout.buffer.write(display.safe_json(row_json(row)) + b"\n")
     else:
-        sys.stdout.write(f"{row.seq:>8}  {row.ts}  {row.type:<16} {row.subject:<20} {row.data}\n")
+        line = f"{row.seq:>8}  {row.ts}  {row.type:<16} {row.subject:<20} {row.data}"
+        sys.stdout.write(display.printable(line) + "\n")
+
+
+def _known_type(type_: str | None) -> None:
+    """An unknown `--type` would match nothing, silently: name the types there are."""
+    if type_ is not None and type_ not in EVENT_TYPES:
+        known = ", ".join(sorted(EVENT_TYPES))
+        shown = display.printable(type_)
+        raise ConfigError(f"--type: unknown event type {shown!r}; the types are: {known}", key="--type")
 
 
 @log_app.command()
@@ -51,6 +61,7 @@ def show(
     as_json: JsonOption = False,
 ) -> None:
     """Print events, one per line."""
+    _known_type(type_)
     with open_log(config, db) as log_:
         next_seq = from_seq
         while True:
@@ -82,6 +93,9 @@ def replay(
         raise ConfigError("give --to or --until, not both", key="--until")
     until_ts = parse_time(until, "--until") if until is not None else None
     with open_log(config, db) as log_:
+        end = log_.head().seq
+        if to_seq is not None and to_seq > end:
+            raise ConfigError(f"--to {to_seq}: the log ends at seq {end}", key="--to")
         total = log_.count(to_seq=to_seq)
         with display.progress("Replaying", total) as advance:
             state = replay_log(log_, to_seq, until=until_ts, progress=advance)
@@ -115,7 +129,7 @@ def verify(config: ConfigOption = None, db: DbOption = None, as_json: JsonOption
             f"{verdict.snapshots} snapshot(s) equal replay"
         )
     if fault is not None:
-        display.err.print(f"error: log verify failed at {fault}", markup=False)
+        display.err.print(f"error: log verify failed at {display.printable(fault)}", markup=False)
         raise typer.Exit(1)
 
 
