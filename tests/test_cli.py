@@ -12,6 +12,7 @@ import os
 import queue
 import re
 import sqlite3
+import stat
 import subprocess
 import sys
 import threading
@@ -377,6 +378,7 @@ CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]")  # every control characte
         ("log", "show"),
         ("log", "show", "--json"),
         ("log", "replay"),
+        ("log", "export"),
     ],
     ids=" ".join,
 )
@@ -384,7 +386,7 @@ def test_no_output_writes_a_control_character_taken_from_the_log(hostile: Path, 
     done = agent(*command, "--db", hostile, env=subprocess_env(COLUMNS="200"))
     assert done.returncode == 0, done.stderr
     assert not CONTROL.search(done.stdout), repr(CONTROL.search(done.stdout))
-    if "--json" in command:  # escaped the JSON way: the same values
+    if "--json" in command or "export" in command:  # escaped the JSON way: the same values
         values = json.dumps(json_lines(done.stdout))
         assert json.dumps(HOSTILE_WAREHOUSE) in values
         assert json.dumps(HOSTILE_REASON) in values
@@ -757,6 +759,76 @@ def test_log_export(cell: Cell, tmp_path: Path) -> None:
     assert to_file.exit_code == 0, to_file.output
     assert to_file.stdout == ""
     assert target.read_text() == result.stdout
+
+
+def test_log_export_never_writes_onto_the_log_it_reads(cell: Cell) -> None:
+    before = cell.path.read_bytes()
+    for target in (cell.path, Path(f"{cell.path}-wal"), Path(f"{cell.path}-shm")):
+        for force in ((), ("--force",)):
+            done = agent("log", "export", "--db", cell.path, "--output", target, *force)
+            assert done.returncode == 2, (target, force)
+            assert "is the log being read" in one_error_line(done.stderr)
+    assert cell.path.read_bytes() == before
+    assert_verifies(cell.path, 1, cell.last.last_seq)
+
+
+def test_log_export_overwrites_only_with_force(cell: Cell, tmp_path: Path) -> None:
+    target = tmp_path / "export.jsonl"
+    target.write_text("yesterday's export\n")
+    done = agent("log", "export", "--db", cell.path, "--output", target)
+    assert done.returncode == 2
+    assert f"{target} exists; use --force to replace it" in one_error_line(done.stderr)
+    assert target.read_text() == "yesterday's export\n"
+
+    forced = agent("log", "export", "--db", cell.path, "--output", target, "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert json_lines(target.read_text()) == stored_events(cell.path)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+
+
+def test_log_export_never_follows_a_symlink(cell: Cell, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere.txt"
+    elsewhere.write_text("not yours\n")
+    link = tmp_path / "export.jsonl"
+    link.symlink_to(elsewhere)
+    done = agent("log", "export", "--db", cell.path, "--output", link)
+    assert done.returncode == 2
+    assert "is a symlink" in one_error_line(done.stderr)
+    assert elsewhere.read_text() == "not yours\n"
+
+    to_the_log = tmp_path / "sneaky.jsonl"
+    to_the_log.symlink_to(cell.path)
+    refused = agent("log", "export", "--db", cell.path, "--output", to_the_log, "--force")
+    assert refused.returncode == 2
+    assert "is the log being read" in one_error_line(refused.stderr)
+
+    forced = agent("log", "export", "--db", cell.path, "--output", link, "--force")  # the link replaced, not followed
+    assert forced.returncode == 0, forced.stderr
+    assert not link.is_symlink()
+    assert elsewhere.read_text() == "not yours\n"
+
+
+def test_log_export_into_a_missing_folder_is_one_line(cell: Cell, tmp_path: Path) -> None:
+    target = tmp_path / "no-such-folder" / "export.jsonl"
+    done = agent("log", "export", "--db", cell.path, "--output", target)
+    assert done.returncode == 2
+    assert f"folder {target.parent} does not exist" in one_error_line(done.stderr)
+    assert not target.parent.exists()
+
+
+def test_an_export_is_private_whatever_the_umask(cell: Cell, tmp_path: Path) -> None:
+    target = tmp_path / "export.jsonl"
+    done = subprocess.run(
+        [sys.executable, "-m", "edge_agent", "log", "export", "--db", str(cell.path), "--output", str(target)],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        umask=0,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
 
 
 # -- log compact -----------------------------------------------------------------------------------------------------

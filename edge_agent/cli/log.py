@@ -7,7 +7,7 @@ import time
 from contextlib import AbstractContextManager, nullcontext
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, BinaryIO
 
 import typer
 
@@ -17,6 +17,7 @@ from edge_agent.config import load_config
 from edge_agent.domain.events import EVENT_TYPES
 from edge_agent.domain.view import state_view
 from edge_agent.errors import ConfigError
+from edge_agent.files import write_atomically
 from edge_agent.lock import DataDirLock
 from edge_agent.log.compact import Retention, row_json
 from edge_agent.log.compact import compact as compact_log
@@ -143,18 +144,23 @@ def export(
     db: DbOption = None,
     format_: Annotated[ExportFormat, typer.Option("--format", help="Output format.")] = ExportFormat.jsonl,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to this file instead of stdout.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace the --output file if it exists.")] = False,
 ) -> None:
     """Write every stored event, with its hash, as JSON lines."""
     with open_log(config, db) as log_:
-        target = open(output, "wb") if output else sys.stdout.buffer  # noqa: SIM115 - closed below
-        try:
+
+        def write(target: BinaryIO) -> None:
             for row in log_.rows():
-                target.write(row_json(row, with_hash=True) + b"\n")
-        finally:
-            if output:
-                target.close()
-            else:
-                target.flush()
+                target.write(display.safe_json(row_json(row, with_hash=True)) + b"\n")
+
+        if output is None:
+            write(sys.stdout.buffer)
+            sys.stdout.flush()
+            return
+        # Never onto the log (nor its WAL and shared-memory files), never over a file
+        # without --force, never through a symlink, and complete or not there at all.
+        guarded = tuple(log_.path.with_name(log_.path.name + tail) for tail in ("", "-wal", "-shm"))
+        write_atomically(output, write, force=force, protected=guarded)
 
 
 @log_app.command()
