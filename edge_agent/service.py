@@ -14,7 +14,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 
 from edge_agent.agent import Agent, demo_orders
-from edge_agent.config import Config, load_config
+from edge_agent.config import Config, check_files, load_config
 from edge_agent.devices.profile import load_profile
 from edge_agent.errors import ConfigError
 from edge_agent.gateway import Gateway
@@ -35,6 +35,7 @@ def run_agent(config: Config, demo: int = 0, config_path: Path | None = None) ->
 
 async def serve(config: Config, demo: int = 0, config_path: Path | None = None) -> None:
     profile = load_profile(config.profile)  # a bad profile stops us before any pin or the log is touched
+    check_files(config)  # so do a missing certificate and a password file others can read
     notifier = Notifier()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
