@@ -910,6 +910,30 @@ def test_log_compact_keep_and_the_configured_retention(cell: Cell, tmp_path: Pat
     assert not (cell.path.parent / "archive").exists()
 
 
+# -- profile list ----------------------------------------------------------------------------------------------------
+
+
+def test_profile_list_without_a_config_says_which_config_it_used(tmp_path: Path) -> None:
+    """Not an empty table: no config file here, so the default profile folder, which is not here either."""
+    done = agent("profile", "list")
+    assert done.returncode == 2
+    line = one_error_line(done.stderr)
+    assert "no profiles in device_profiles/" in line
+    assert "config: none found (config.yaml, /etc/edge-agent/config.yaml)" in line
+    assert "--config" in line
+    assert done.stdout == ""
+
+
+def test_profile_list_names_the_config_it_used(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parent.parent
+    config = tmp_path / "cell.yaml"
+    config.write_text(f"profile: {root / 'device_profiles' / 'simulated.yaml'}\n")
+    done = agent("profile", "list", "--config", config, env=subprocess_env(COLUMNS="200"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0] == f"config: {config}; profile: {root / 'device_profiles' / 'simulated.yaml'}"
+    assert "rpi-2station" in done.stdout
+
+
 # -- errors ----------------------------------------------------------------------------------------------------------
 
 
