@@ -5,6 +5,7 @@ a taken port is named before the log is opened; `status` says whether the agent 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -142,6 +144,28 @@ def test_two_agents_in_one_process_cannot_share_a_data_dir(tmp_path: Path) -> No
     types = event_types(tmp_path / "var" / "events.db")
     assert types.count("AgentStarted") == 1
     assert types.count("AgentStopped") == 1
+
+
+def test_a_status_probe_at_the_moment_the_agent_starts_does_not_stop_it(tmp_path: Path) -> None:
+    """`status` takes a shared lock for an instant to see whether the agent runs; an agent
+    starting in that instant waits for it rather than taking it for a second agent."""
+    config = load_config(write_config(tmp_path))
+    (tmp_path / "var").mkdir()
+    (tmp_path / "var" / "lock").touch()
+
+    async def scenario() -> int:
+        async with Agent(config) as agent:
+            return agent.state.last_seq
+
+    with open(tmp_path / "var" / "lock") as probe:
+        fcntl.flock(probe, fcntl.LOCK_SH)  # what `status` holds while it looks
+        release = threading.Timer(0.1, fcntl.flock, (probe, fcntl.LOCK_UN))
+        release.start()
+        try:
+            assert asyncio.run(scenario()) > 0
+        finally:
+            release.cancel()
+            release.join()
 
 
 def test_the_lock_file_and_data_dir_are_private_whatever_the_umask(tmp_path: Path) -> None:

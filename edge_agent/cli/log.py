@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 import time
-from contextlib import AbstractContextManager, nullcontext
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, BinaryIO
@@ -12,7 +11,7 @@ from typing import Annotated, BinaryIO
 import typer
 
 from edge_agent.cli import display
-from edge_agent.cli.options import ConfigOption, DbOption, JsonOption, db_path, open_log, parse_time
+from edge_agent.cli.options import ConfigOption, DbOption, JsonOption, open_log, parse_time
 from edge_agent.config import load_config
 from edge_agent.domain.events import EVENT_TYPES
 from edge_agent.domain.view import state_view
@@ -173,12 +172,10 @@ def compact(
 ) -> None:
     """Archive or drop the events before the newest snapshot, per log.retention."""
     chosen = retention or Retention(load_config(config).log.retention)
-    path = db_path(config, db)
-    # The agent's own lock: one writer per log. (No folder, no log: open_log says so.)
-    lock: AbstractContextManager[object] = nullcontext()
-    if path.is_file():
-        lock = DataDirLock(path.parent, advice=", stop it first")
-    with lock, open_log(config, db, write=True) as log_:
+    with open_log(config, db) as log_:  # a missing or foreign file is refused before a lock is made beside it
+        folder = log_.path.parent
+    # The agent's own lock: one writer per log, so never while the agent runs.
+    with DataDirLock(folder, advice=", stop it first"), open_log(config, db, write=True) as log_:
         result = compact_log(log_, chosen, log_.path.parent / "archive")
     if result.up_to_seq is None:
         display.out.print(f"nothing to compact (retention {chosen}, or no snapshot past the log's start)")
