@@ -77,8 +77,8 @@ def agent_line(agent: dict[str, Any], as_of: str | None, now: datetime | None = 
         pid = agent["pid"] if agent["pid"] is not None else "unknown"
         up = f", up {_duration(agent['since'], now)}" if agent["since"] else ""
         return Text.assemble(("running", "bold green"), printable(f", pid {pid}{up}"))
-    when = printable(as_of) if as_of else "the empty log"
-    return Text.assemble(("not running", "bold yellow"), f"; state as of {when}")
+    since = f"; state as of {printable(as_of)}" if as_of else "; no events yet"
+    return Text.assemble(("not running", "bold yellow"), since)
 
 
 def _duration(since: str, now: datetime | None) -> str:
