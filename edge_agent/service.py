@@ -5,6 +5,7 @@ SIGINT / SIGTERM stop in order, SIGHUP reloads what can be reloaded."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
 import socket
@@ -88,17 +89,20 @@ def check_ports(config: Config) -> None:
     wanted = []
     if config.mqtt.embedded:
         advice = "; if a broker already runs there, use it with mqtt.embedded: false"
-        wanted.append(("mqtt.port", config.mqtt.host, config.mqtt.port, advice))
+        wanted.append(("mqtt.port", "mqtt.host", config.mqtt.host, config.mqtt.port, advice))
     if config.http.enabled:
-        wanted.append(("http.port", config.http.bind, config.http.port, ""))
-    for key, host, port, advice in wanted:
+        wanted.append(("http.port", "http.bind", config.http.bind, config.http.port, ""))
+    for key, host_key, host, port, advice in wanted:
         with socket.socket() as probe:
             # As the servers bind: SO_REUSEADDR, so only a listener (not a closing socket) counts.
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind((host, port))
             except OSError as error:
-                raise ConfigError(f"{key}: {host}:{port} is taken ({error.strerror}){advice}", key=key) from error
+                if error.errno == errno.EADDRINUSE:
+                    raise ConfigError(f"{key}: {host}:{port} is taken{advice}", key=key) from error
+                message = f"{host_key}: cannot listen on {host}:{port}: {error.strerror}"
+                raise ConfigError(message, key=host_key) from error
 
 
 async def _watchdog(notifier: Notifier, interval_s: float) -> None:
