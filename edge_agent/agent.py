@@ -28,6 +28,7 @@ from edge_agent.domain.events import Recorded
 from edge_agent.domain.outputs import desired_outputs
 from edge_agent.domain.state import Policy, State
 from edge_agent.errors import LogError
+from edge_agent.lock import DataDirLock
 from edge_agent.log.journal import Journal
 from edge_agent.workflow.engine import Workflow
 
@@ -81,8 +82,17 @@ def _edge_command(edge: Edge) -> cmd.Command | None:
 class Agent:
     """One running cell. Use `async with Agent(config) as agent:` then `await agent.run()`."""
 
-    def __init__(self, config: Config, *, clock: Clock | None = None, profile: Profile | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        clock: Clock | None = None,
+        profile: Profile | None = None,
+        lock: DataDirLock | None = None,
+    ) -> None:
+        """`lock`: the data folder's lock, held by the caller; without one the agent takes it."""
         self.config = config
+        self._lock = lock
         self.profile = profile or load_profile(config.profile)
         self.clock = clock or SystemClock()
         self._requests: deque[_Request] = deque()
@@ -108,6 +118,8 @@ class Agent:
 
     def _start(self) -> None:
         loop = asyncio.get_running_loop()
+        if self._lock is None:  # one writer per log, before any pin or the log is touched
+            self._stack.enter_context(DataDirLock(self.config.data_dir))
         pin_factory: Any = make_pin_factory(self.profile.pin_factory)
         self._stack.callback(pin_factory.close)
         # First thing: every output exists and is off, before the log says anything.

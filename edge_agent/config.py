@@ -1,16 +1,22 @@
 """The agent's configuration: a pydantic model of `config.yaml` (SPEC §8).
 
 The file is read once, then `EDGE_AGENT_<KEY>` / `EDGE_AGENT_<SECTION>__<KEY>`
-environment variables override it. This is the only module that reads them.
-Relative paths in the file are taken from the file's own folder, so the agent
-finds its data wherever it is started from.
+environment variables override it. This is the only module that reads them; a
+variable that names no key is an error, like an unknown key in the file, and an
+invalid value is blamed on the variable that set it. Every path key (any field
+typed `Path`) relative in the file is taken from the file's own folder, so the
+agent finds its data and its credentials wherever it is started from (under
+systemd, the working directory is the state directory).
 """
 
 from __future__ import annotations
 
+import os
 import socket
+import stat
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -19,6 +25,13 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from edge_agent.errors import ConfigError
 
 DEFAULT_PATHS = (Path("config.yaml"), Path("/etc/edge-agent/config.yaml"))
+ENV_PREFIX = "EDGE_AGENT_"
+# EDGE_AGENT_ variables that are not config keys (the crash test's seed): not typos.
+NOT_CONFIG_VARIABLES = frozenset({"EDGE_AGENT_CRASH_SEED"})
+
+# A file holding a secret (a password, a token): refused unless only its owner can read it.
+SECRET = {"secret": True}
+SecretFile = Annotated[Path | None, Field(json_schema_extra=SECRET)]
 
 
 class _Section(BaseModel):
@@ -38,7 +51,7 @@ class MqttConfig(_Section):
     topic_prefix: str = Field("factory", min_length=1, pattern=r"^[^#+/]+(/[^#+/]+)*$")
     shared_group: str | None = Field(None, pattern=r"^[^#+/]+$")
     username: str | None = None
-    password_file: Path | None = None
+    password_file: SecretFile = None
     tls: TlsConfig = TlsConfig()
     protocol: Literal["5", "3.1.1"] = "5"
     keepalive_s: int = Field(30, ge=5, le=65535)
@@ -94,23 +107,26 @@ class Config(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # The environment overrides the file (passed in as init values); nothing else is read.
-        return env_settings, init_settings
+        # Only the values load_config passes in: it merges the environment into the file
+        # itself, so that it can name the variable behind a bad value and refuse a typo.
+        return (init_settings,)
 
     @property
     def events_db(self) -> Path:
         return self.data_dir / "events.db"
 
 
-def invalid(source: str, error: ValidationError) -> ConfigError:
-    """One line naming the first offending key; unknown keys first, as a typo
-    there is the likeliest cause of the other errors."""
+def invalid(source: str, error: ValidationError, variables: Mapping[tuple[str, ...], str] | None = None) -> ConfigError:
+    """One line naming the first offending key (and the variable, if one set it); unknown
+    keys first, as a typo there is the likeliest cause of the other errors."""
     errors = sorted(error.errors(), key=lambda e: e["type"] != "extra_forbidden")
     first = errors[0]
-    key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    loc = tuple(str(part) for part in first["loc"])
+    key = ".".join(loc) or "(top level)"
     message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    return ConfigError(f"{source}: {key}: {message}{more}", key=key)
+    blamed = next((name for path, name in (variables or {}).items() if loc[: len(path)] == path), source)
+    return ConfigError(f"{blamed}: {key}: {message}{more}", key=key)
 
 
 def find_config(path: Path | None) -> Path | None:
@@ -120,6 +136,53 @@ def find_config(path: Path | None) -> Path | None:
             raise ConfigError(f"config file {path} not found", key="--config")
         return path
     return next((p for p in DEFAULT_PATHS if p.is_file()), None)
+
+
+def _is_key(model: type[BaseModel], path: tuple[str, ...]) -> bool:
+    field = model.model_fields.get(path[0])
+    if field is None:
+        return False
+    if len(path) == 1:
+        return True
+    section = field.annotation
+    return isinstance(section, type) and issubclass(section, BaseModel) and _is_key(section, path[1:])
+
+
+def environment_overrides(environ: Mapping[str, str]) -> dict[tuple[str, ...], tuple[str, str]]:
+    """key path -> (variable, value) for every EDGE_AGENT_ variable; one naming no key is an error."""
+    found = {}
+    for name, value in environ.items():
+        if not name.upper().startswith(ENV_PREFIX) or name.upper() in NOT_CONFIG_VARIABLES:
+            continue
+        path = tuple(part.lower() for part in name[len(ENV_PREFIX) :].split("__"))
+        if not all(path) or not _is_key(Config, path):
+            raise ConfigError(
+                f"{name}: unknown key {'.'.join(path)!r} (the environment sets keys as "
+                f"{ENV_PREFIX}<KEY> or {ENV_PREFIX}<SECTION>__<KEY>)",
+                key=name,
+            )
+        found[path] = (name, value)
+    return found
+
+
+def _merge(values: dict[str, Any], path: tuple[str, ...], value: str) -> None:
+    for part in path[:-1]:
+        section = values.get(part)
+        values[part] = section = dict(section) if isinstance(section, dict) else {}
+        values = section
+    values[path[-1]] = value
+
+
+def _resolved(model: BaseModel, root: Path) -> Any:
+    """`model` with every relative path field (at any depth) taken from `root`."""
+    update: dict[str, Any] = {}
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, Path) and not value.is_absolute():
+            update[name] = root / value
+        elif isinstance(value, BaseModel):
+            update[name] = _resolved(value, root)
+    return model.model_copy(update=update)
 
 
 def load_config(path: Path | None) -> Config:
@@ -133,12 +196,36 @@ def load_config(path: Path | None) -> Config:
             raise ConfigError(f"{found}: cannot read the config: {error}") from error
         if not isinstance(values, dict):
             raise ConfigError(f"{found}: the config must be a mapping of keys to values")
+    overrides = environment_overrides(os.environ)
+    for key_path, (_, value) in overrides.items():
+        _merge(values, key_path, value)
     source = str(found) if found else "config"
     try:
         config = Config(**values)
     except ValidationError as error:
-        raise invalid(source, error) from error
-    if found is None:
-        return config
-    root = found.parent
-    return config.model_copy(update={"data_dir": root / config.data_dir, "profile": root / config.profile})
+        raise invalid(source, error, {key_path: name for key_path, (name, _) in overrides.items()}) from error
+    return config if found is None else _resolved(config, found.parent)
+
+
+def check_files(model: BaseModel, prefix: str = "") -> None:
+    """Every `*_file` key that is set names a readable file, and a secret one (SecretFile)
+    is readable by its owner only: a ConfigError naming the key otherwise. Run before
+    anything is opened, so that a missing certificate is a config error, not a crash."""
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        key = f"{prefix}{name}"
+        if isinstance(value, BaseModel):
+            check_files(value, f"{key}.")
+        elif isinstance(value, Path) and name.endswith("_file"):
+            try:
+                mode = value.stat().st_mode
+            except OSError as error:
+                raise ConfigError(f"{key}: cannot read {value}: {error.strerror}", key=key) from error
+            if not stat.S_ISREG(mode):
+                raise ConfigError(f"{key}: {value} is not a file", key=key)
+            if field.json_schema_extra == SECRET and mode & 0o077:
+                raise ConfigError(
+                    f"{key}: {value} is open to group or others (mode {stat.S_IMODE(mode):04o}); "
+                    f"run: chmod 600 {value}",
+                    key=key,
+                )

@@ -5,20 +5,23 @@ SIGINT / SIGTERM stop in order, SIGHUP reloads what can be reloaded."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
+import socket
 import time
 from collections import Counter
 from contextlib import AsyncExitStack
 from pathlib import Path
 
 from edge_agent.agent import Agent, demo_orders
-from edge_agent.config import Config, load_config
+from edge_agent.config import Config, check_files, load_config
 from edge_agent.devices.profile import load_profile
 from edge_agent.domain.state import Stage
 from edge_agent.errors import ConfigError
 from edge_agent.gateway import Gateway
 from edge_agent.health import HealthServer, Metrics
+from edge_agent.lock import DataDirLock
 from edge_agent.mqtt.broker import EmbeddedBroker
 from edge_agent.sdnotify import Notifier
 
@@ -34,6 +37,7 @@ def run_agent(config: Config, demo: int = 0, config_path: Path | None = None) ->
 
 async def serve(config: Config, demo: int = 0, config_path: Path | None = None) -> None:
     profile = load_profile(config.profile)  # a bad profile stops us before any pin or the log is touched
+    check_files(config)  # so do a missing certificate and a password file others can read
     notifier = Notifier()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -48,9 +52,13 @@ async def serve(config: Config, demo: int = 0, config_path: Path | None = None) 
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     async with AsyncExitStack() as stack:
+        # Before anything else: a second agent on this data folder stops here, having
+        # touched no pin, no port and no log; then a taken port, before the log is opened.
+        lock = stack.enter_context(DataDirLock(config.data_dir))
+        check_ports(config)
         if config.mqtt.embedded:
             await stack.enter_async_context(EmbeddedBroker(config.mqtt.port, config.mqtt.host))
-        agent = await stack.enter_async_context(Agent(config, profile=profile))
+        agent = await stack.enter_async_context(Agent(config, profile=profile, lock=lock))
         gateway = Gateway(agent, config)
         if config.http.enabled:
             health = HealthServer(
@@ -75,6 +83,27 @@ async def serve(config: Config, demo: int = 0, config_path: Path | None = None) 
             await asyncio.wait([online])
             for task in background:
                 task.cancel()
+
+
+def check_ports(config: Config) -> None:
+    """The ports this agent will listen on are free, or a ConfigError naming the key."""
+    wanted = []
+    if config.mqtt.embedded:
+        advice = "; if a broker already runs there, use it with mqtt.embedded: false"
+        wanted.append(("mqtt.port", "mqtt.host", config.mqtt.host, config.mqtt.port, advice))
+    if config.http.enabled:
+        wanted.append(("http.port", "http.bind", config.http.bind, config.http.port, ""))
+    for key, host_key, host, port, advice in wanted:
+        with socket.socket() as probe:
+            # As the servers bind: SO_REUSEADDR, so only a listener (not a closing socket) counts.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as error:
+                if error.errno == errno.EADDRINUSE:
+                    raise ConfigError(f"{key}: {host}:{port} is taken{advice}", key=key) from error
+                message = f"{host_key}: cannot listen on {host}:{port}: {error.strerror}"
+                raise ConfigError(message, key=host_key) from error
 
 
 async def _watchdog(notifier: Notifier, interval_s: float) -> None:

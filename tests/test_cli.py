@@ -12,6 +12,7 @@ import os
 import queue
 import re
 import sqlite3
+import stat
 import subprocess
 import sys
 import threading
@@ -266,6 +267,14 @@ def test_help_shows_each_option_text_verbatim() -> None:
     assert not missing, "option help not shown as written:\n" + "\n".join(missing)
 
 
+@pytest.mark.parametrize(("path", "command"), COMMANDS, ids=[" ".join(("edge-agent", *p)) for p, _ in COMMANDS])
+def test_help_shows_flags_as_flags(path: tuple[str, ...], command: Any) -> None:
+    """`--json <bool>` reads as if the flag took a value (`--json true`); a flag is shown bare."""
+    shown = cli(*path, "--help", env={"COLUMNS": "200"}).stdout
+    assert "<bool>" not in shown
+    assert "--help" in shown
+
+
 def test_version() -> None:
     result = cli("--version")
     assert result.exit_code == 0
@@ -286,7 +295,8 @@ def test_status_json_is_the_live_state_while_the_agent_writes(cell: Cell) -> Non
     assert result.exit_code == 0, result.output
     (view,) = json_lines(result.stdout)
     assert view.keys() >= STATE_KEYS
-    assert timeless(view) == timeless(expected)
+    # A Journal, not an agent: nobody holds the data folder's lock.
+    assert timeless(view) == timeless({**expected, "agent": {"running": False, "pid": None, "since": None}})
     # what an operator reads off it
     assert view["last_seq"] == journal.state.last_seq
     assert view["estop"] is False
@@ -340,6 +350,82 @@ def test_status_reads_the_configured_log(cell: Cell, tmp_path: Path) -> None:
     assert json_lines(result.stdout)[0]["last_seq"] == cell.last.last_seq
 
 
+HOSTILE_WAREHOUSE = "WH1\x1b]0;pwned\x07\x1b[2J"  # retitle the terminal, ring it, clear the screen
+HOSTILE_REASON = "jam\x9b31m at s1\x7f\nnext line"  # a C1 CSI, DEL and a newline
+
+
+@pytest.fixture
+def hostile(tmp_path: Path) -> Path:
+    """A log (an old one, or a `--db` file from elsewhere) whose strings hold control characters."""
+    path = tmp_path / "hostile" / "events.db"
+    clock = FakeClock(T0)
+    with Journal.open(path, synchronous="normal", snapshot_every=10, clock=clock) as journal:
+        run(journal, cmd.ConfigurePlant(STATIONS, PRODUCTS), clock)
+        run(journal, cmd.SubmitOrder("h1", "widget-a", 1, HOSTILE_WAREHOUSE, 0, "digest-h1"), clock)
+        run(journal, cmd.QueueOrder("h1"), clock)
+        run(journal, cmd.FailOrder("h1", HOSTILE_REASON), clock)
+    return path
+
+
+CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]")  # every control character but the line feed
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("status",),
+        ("status", "--json"),
+        ("log", "show"),
+        ("log", "show", "--json"),
+        ("log", "replay"),
+        ("log", "export"),
+    ],
+    ids=" ".join,
+)
+def test_no_output_writes_a_control_character_taken_from_the_log(hostile: Path, command: tuple[str, ...]) -> None:
+    done = agent(*command, "--db", hostile, env=subprocess_env(COLUMNS="200"))
+    assert done.returncode == 0, done.stderr
+    assert not CONTROL.search(done.stdout), repr(CONTROL.search(done.stdout))
+    if "--json" in command or "export" in command:  # escaped the JSON way: the same values
+        values = json.dumps(json_lines(done.stdout))
+        assert json.dumps(HOSTILE_WAREHOUSE) in values
+        assert json.dumps(HOSTILE_REASON) in values
+    elif command == ("log", "show"):  # the data as JSON text, which escapes C0 its own way
+        assert "WH1\\u001b]0;pwned\\u0007\\u001b[2J" in done.stdout
+        assert "jam\\x9b31m at s1\\x7f\\nnext line" in done.stdout
+    else:  # escaped so that the operator can still read what is there
+        assert "WH1\\x1b]0;pwned\\x07\\x1b[2J" in done.stdout
+        assert "jam\\x9b31m at s1\\x7f" in done.stdout
+
+
+def test_status_reads_well_at_80_columns(tmp_path: Path) -> None:
+    """Order ids whole, stages intelligible, no line past the edge (the full values are in --json)."""
+    path = tmp_path / "demo" / "events.db"
+    clock = FakeClock(T0)
+    order_ids = [f"demo-{n:04d}" for n in range(1, 7)] + ["ERP-2026-000123"]
+    with Journal.open(path, synchronous="normal", snapshot_every=10, clock=clock) as journal:
+        run(journal, cmd.ConfigurePlant(STATIONS, PRODUCTS), clock)
+        for n, order_id in enumerate(order_ids):
+            run(journal, cmd.SubmitOrder(order_id, "widget-a", 2, "WH1", n % 2, f"digest-{order_id}"), clock)
+            run(journal, cmd.QueueOrder(order_id), clock)
+        run(journal, cmd.AssignStations(), clock)
+        run(journal, cmd.RecordUnit("s1"), clock)
+        run(journal, cmd.FailOrder("demo-0006", "no unit within 30 s, retried 3 times"), clock)
+
+    result = cli("status", "--db", path, env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80, "\n" + result.stdout
+    assert "…" not in result.stdout
+    rows = {line.split()[0]: line.split() for line in lines if line.split() and line.split()[0] in order_ids}
+    assert set(rows) == set(order_ids), "\n" + result.stdout  # every id whole, on one line
+    assert "building" in rows["demo-0002"]  # the stage, abbreviated but plain (priority 1: a station first)
+    assert "failed" in rows["demo-0006"]
+    assert "ready" in rows["ERP-2026-000123"]
+    assert "no unit within 30 s" in " ".join(result.stdout.split())
+    assert "--json" in result.stdout  # where the whole values are
+
+
 # -- log show --------------------------------------------------------------------------------------------------------
 
 
@@ -379,8 +465,19 @@ def test_log_show_filters(cell: Cell) -> None:
     assert lifecycle.count("UnitBuilt") == 2
     both = show(cell, "--subject", "o5", "--type", "UnitBuilt", "--from", "2")
     assert both == [e for e in stored if e["subject"] == "o5" and e["type"] == "UnitBuilt"]
-    assert show(cell, "--type", "NoSuchEvent") == []
+    assert show(cell, "--type", "OrderCancelled") == []  # a type, none of it in this log
     assert show(cell, "--from", str(cell.last.last_seq + 1)) == []
+
+
+def test_log_show_an_unknown_type_lists_the_types(cell: Cell) -> None:
+    """A typo in --type would otherwise print nothing, as if no such event had happened."""
+    done = agent("log", "show", "--db", cell.path, "--type", "OrderAccept")
+    assert done.returncode == 2
+    line = one_error_line(done.stderr)
+    assert "--type: unknown event type 'OrderAccept'" in line
+    for known in ("OrderAccepted", "UnitBuilt", "InventoryIssued", "AgentStarted"):
+        assert known in line
+    assert done.stdout == ""
 
 
 def test_log_show_text_is_one_line_per_event(cell: Cell) -> None:
@@ -524,7 +621,17 @@ def test_log_replay_to_seq_is_the_state_folded_up_to_that_event(cell: Cell) -> N
     for checkpoint in cell.checkpoints:  # the state the writer itself held then
         assert replayed(cell, "--to", str(checkpoint.state.last_seq)) == state_view(checkpoint.state)
     assert replayed(cell) == state_view(cell.last)
-    assert replayed(cell, "--to", "10000") == state_view(cell.last)
+    assert replayed(cell, "--to", str(cell.last.last_seq)) == state_view(cell.last)
+
+
+def test_log_replay_to_past_the_end_says_where_the_log_ends(cell: Cell) -> None:
+    """Not the last state passed off as the state at a seq the log never reached."""
+    done = agent("log", "replay", "--db", cell.path, "--to", str(cell.last.last_seq + 1))
+    assert done.returncode == 2
+    assert one_error_line(done.stderr) == (
+        f"error: --to {cell.last.last_seq + 1}: the log ends at seq {cell.last.last_seq}"
+    )
+    assert done.stdout == ""
 
 
 def test_log_replay_until_time(cell: Cell) -> None:
@@ -654,6 +761,76 @@ def test_log_export(cell: Cell, tmp_path: Path) -> None:
     assert target.read_text() == result.stdout
 
 
+def test_log_export_never_writes_onto_the_log_it_reads(cell: Cell) -> None:
+    before = cell.path.read_bytes()
+    for target in (cell.path, Path(f"{cell.path}-wal"), Path(f"{cell.path}-shm")):
+        for force in ((), ("--force",)):
+            done = agent("log", "export", "--db", cell.path, "--output", target, *force)
+            assert done.returncode == 2, (target, force)
+            assert "is the log being read" in one_error_line(done.stderr)
+    assert cell.path.read_bytes() == before
+    assert_verifies(cell.path, 1, cell.last.last_seq)
+
+
+def test_log_export_overwrites_only_with_force(cell: Cell, tmp_path: Path) -> None:
+    target = tmp_path / "export.jsonl"
+    target.write_text("yesterday's export\n")
+    done = agent("log", "export", "--db", cell.path, "--output", target)
+    assert done.returncode == 2
+    assert f"{target} exists; use --force to replace it" in one_error_line(done.stderr)
+    assert target.read_text() == "yesterday's export\n"
+
+    forced = agent("log", "export", "--db", cell.path, "--output", target, "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert json_lines(target.read_text()) == stored_events(cell.path)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+
+
+def test_log_export_never_follows_a_symlink(cell: Cell, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere.txt"
+    elsewhere.write_text("not yours\n")
+    link = tmp_path / "export.jsonl"
+    link.symlink_to(elsewhere)
+    done = agent("log", "export", "--db", cell.path, "--output", link)
+    assert done.returncode == 2
+    assert "is a symlink" in one_error_line(done.stderr)
+    assert elsewhere.read_text() == "not yours\n"
+
+    to_the_log = tmp_path / "sneaky.jsonl"
+    to_the_log.symlink_to(cell.path)
+    refused = agent("log", "export", "--db", cell.path, "--output", to_the_log, "--force")
+    assert refused.returncode == 2
+    assert "is the log being read" in one_error_line(refused.stderr)
+
+    forced = agent("log", "export", "--db", cell.path, "--output", link, "--force")  # the link replaced, not followed
+    assert forced.returncode == 0, forced.stderr
+    assert not link.is_symlink()
+    assert elsewhere.read_text() == "not yours\n"
+
+
+def test_log_export_into_a_missing_folder_is_one_line(cell: Cell, tmp_path: Path) -> None:
+    target = tmp_path / "no-such-folder" / "export.jsonl"
+    done = agent("log", "export", "--db", cell.path, "--output", target)
+    assert done.returncode == 2
+    assert f"folder {target.parent} does not exist" in one_error_line(done.stderr)
+    assert not target.parent.exists()
+
+
+def test_an_export_is_private_whatever_the_umask(cell: Cell, tmp_path: Path) -> None:
+    target = tmp_path / "export.jsonl"
+    done = subprocess.run(
+        [sys.executable, "-m", "edge_agent", "log", "export", "--db", str(cell.path), "--output", str(target)],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        umask=0,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
+
+
 # -- log compact -----------------------------------------------------------------------------------------------------
 
 
@@ -731,6 +908,30 @@ def test_log_compact_keep_and_the_configured_retention(cell: Cell, tmp_path: Pat
     assert configured.stdout.startswith("drop:")
     assert stored_events(cell.path) == exported[newest_snapshot(cell.path) :]
     assert not (cell.path.parent / "archive").exists()
+
+
+# -- profile list ----------------------------------------------------------------------------------------------------
+
+
+def test_profile_list_without_a_config_says_which_config_it_used(tmp_path: Path) -> None:
+    """Not an empty table: no config file here, so the default profile folder, which is not here either."""
+    done = agent("profile", "list")
+    assert done.returncode == 2
+    line = one_error_line(done.stderr)
+    assert "no profiles in device_profiles/" in line
+    assert "config: none found (config.yaml, /etc/edge-agent/config.yaml)" in line
+    assert "--config" in line
+    assert done.stdout == ""
+
+
+def test_profile_list_names_the_config_it_used(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parent.parent
+    config = tmp_path / "cell.yaml"
+    config.write_text(f"profile: {root / 'device_profiles' / 'simulated.yaml'}\n")
+    done = agent("profile", "list", "--config", config, env=subprocess_env(COLUMNS="200"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0] == f"config: {config}; profile: {root / 'device_profiles' / 'simulated.yaml'}"
+    assert "rpi-2station" in done.stdout
 
 
 # -- errors ----------------------------------------------------------------------------------------------------------

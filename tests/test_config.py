@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from edge_agent.config import Config, load_config
+from edge_agent.config import Config, check_files, load_config
 from edge_agent.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,7 +77,7 @@ http:
     assert config.device_id == "cell-01"
     assert config.data_dir == Path("/var/lib/edge-agent")  # absolute paths stay as they are
     assert config.speed == 20.0
-    assert config.mqtt.tls.ca_file == Path("ca.pem")
+    assert config.mqtt.tls.ca_file == tmp_path / "ca.pem"  # relative: from the config file's folder
     assert config.log.retention == "archive"
     assert config.limits.max_payload_bytes == 4096
 
@@ -84,6 +85,106 @@ http:
 def test_relative_paths_are_taken_from_the_config_files_folder(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, "data_dir: ./data\n"))
     assert config.events_db == tmp_path / "data" / "events.db"
+
+
+def test_every_relative_path_key_is_taken_from_the_config_files_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under systemd the working directory is the state directory, not /etc/edge-agent."""
+    elsewhere = tmp_path / "working-directory"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    config = load_config(
+        write(
+            tmp_path,
+            "data_dir: data\nprofile: profiles/cell.yaml\n"
+            "mqtt:\n  username: cell\n  password_file: secrets/mqtt-password\n"
+            "  tls: {ca_file: pki/ca.pem, cert_file: pki/cell.pem, key_file: /abs/cell.key}\n",
+        )
+    )
+    assert config.data_dir == tmp_path / "data"
+    assert config.profile == tmp_path / "profiles" / "cell.yaml"
+    assert config.mqtt.password_file == tmp_path / "secrets" / "mqtt-password"
+    assert config.mqtt.tls.ca_file == tmp_path / "pki" / "ca.pem"
+    assert config.mqtt.tls.cert_file == tmp_path / "pki" / "cell.pem"
+    assert config.mqtt.tls.key_file == Path("/abs/cell.key")
+
+
+def run_agent(config: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
+    return subprocess.run(
+        [sys.executable, "-m", "edge_agent", "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        env={**clean, **env},
+        cwd=config.parent.parent,  # not the config's folder
+    )
+
+
+def agent_config(tmp_path: Path, mqtt: str) -> Path:
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    return write(
+        folder,
+        f"data_dir: ../data\nprofile: {ROOT / 'device_profiles' / 'simulated.yaml'}\nhttp: {{enabled: false}}\n"
+        f"mqtt: {mqtt}\n",
+    )
+
+
+def one_error_line(done: subprocess.CompletedProcess[str]) -> str:
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+def test_a_missing_tls_file_is_a_config_error_naming_the_key_and_the_path(tmp_path: Path) -> None:
+    config = agent_config(tmp_path, "{port: 1, tls: {ca_file: pki/ca.pem}}")
+    done = run_agent(config)
+    line = one_error_line(done)
+    assert f"mqtt.tls.ca_file: cannot read {tmp_path / 'etc' / 'pki' / 'ca.pem'}" in line
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "data" / "events.db").exists()
+
+
+def test_a_password_file_others_can_read_is_refused_with_the_chmod_to_run(tmp_path: Path) -> None:
+    config = agent_config(tmp_path, "{port: 1, username: cell, password_file: mqtt-password}")
+    secret = tmp_path / "etc" / "mqtt-password"
+    secret.write_text("s3cret\n", encoding="utf-8")
+    secret.chmod(0o640)
+    line = one_error_line(run_agent(config))
+    assert "mqtt.password_file" in line
+    assert line.endswith(f"run: chmod 600 {secret}")
+    assert not (tmp_path / "data" / "events.db").exists()
+
+    secret.chmod(0o600)  # the advice works: the key is accepted
+    assert load_config(config).mqtt.password_file == secret
+    check_files(load_config(config))
+
+
+def test_an_invalid_environment_value_names_the_variable(tmp_path: Path) -> None:
+    config = agent_config(tmp_path, "{port: 1883}")
+    line = one_error_line(run_agent(config, EDGE_AGENT_MQTT__PORT="abc"))
+    assert line.startswith("error: EDGE_AGENT_MQTT__PORT: mqtt.port: ")
+    assert "config.yaml" not in line  # the file is fine
+
+
+@pytest.mark.parametrize("variable", ["EDGE_AGENT_SPEEED", "EDGE_AGENT_MQTT__PROT", "EDGE_AGENT_MQTT_PORT"])
+def test_an_unknown_environment_variable_is_an_error_like_an_unknown_key(tmp_path: Path, variable: str) -> None:
+    config = agent_config(tmp_path, "{port: 1883}")
+    line = one_error_line(run_agent(config, **{variable: "20"}))
+    assert line.startswith(f"error: {variable}: unknown key")
+    assert not (tmp_path / "data").exists()
+
+
+def test_variables_the_project_uses_that_are_not_keys_are_not_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EDGE_AGENT_CRASH_SEED", "42")  # the crash test's seed
+    assert load_config(write(tmp_path, "speed: 2\n")).speed == 2.0
 
 
 def test_environment_variables_override_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -364,6 +364,8 @@ def test_tls_and_password_let_the_right_agent_in_and_keep_the_others_out(tmp_pat
     right, wrong = tmp_path / "right-password", tmp_path / "wrong-password"
     right.write_text("cell-secret\n", encoding="utf-8")
     wrong.write_text("not-the-secret\n", encoding="utf-8")
+    right.chmod(0o600)  # a password file others can read is refused
+    wrong.chmod(0o600)
     tls = {"ca_file": str(ca)}
 
     with mosquitto(tmp_path / "mosquitto", extra) as broker:

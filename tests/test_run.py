@@ -18,13 +18,15 @@ from tests.brokers import free_port
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def wait_for_log(path: Path, condition_type: str, process: subprocess.Popen[str], timeout: float = 30) -> None:
-    """Poll the log (another process writes it) until an event of that type is there."""
+def wait_for_log(
+    path: Path, condition_type: str, process: subprocess.Popen[str], timeout: float = 30, count: int = 1
+) -> None:
+    """Poll the log (another process writes it) until `count` events of that type are there."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert process.poll() is None, process.communicate()[1]
         with suppress(ConfigError), EventLog(path, readonly=True) as log_:  # ConfigError: not made yet
-            if any(True for _ in log_.rows(type_=condition_type, limit=1)):
+            if sum(1 for _ in log_.rows(type_=condition_type, limit=count)) >= count:
                 return
         time.sleep(0.05)  # another process: SQLite offers nothing to wait on
     raise AssertionError(f"no {condition_type} in {path} after {timeout} s")

@@ -13,14 +13,16 @@ import typer
 
 from edge_agent import __version__
 from edge_agent.cli import display
+from edge_agent.cli.group import Group
 from edge_agent.cli.log import log_app
-from edge_agent.cli.options import ConfigOption, DbOption, JsonOption, open_log
+from edge_agent.cli.options import ConfigOption, DbOption, JsonOption, db_path, open_log
 from edge_agent.cli.order import order_app
 from edge_agent.cli.profile import profile_app
 from edge_agent.clock import SystemClock
 from edge_agent.config import load_config
 from edge_agent.domain.view import state_view
 from edge_agent.errors import EdgeAgentError
+from edge_agent.lock import holder
 from edge_agent.log.journal import replay
 
 app = typer.Typer(
@@ -29,6 +31,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=Group,
 )
 app.add_typer(log_app, name="log")
 app.add_typer(profile_app, name="profile")
@@ -86,10 +89,18 @@ def setup_logging(level: str) -> None:
 
 @app.command()
 def status(config: ConfigOption = None, db: DbOption = None, as_json: JsonOption = False) -> None:
-    """Live work items, stations, lane, e-stop and log position (read-only; works while the agent runs)."""
+    """Whether the agent runs; live work items, stations, lane, e-stop and log position (read-only)."""
     with open_log(config, db) as log_:
         state = replay(log_, verify=False)
+        # After the log is read: a log that exists has a folder, and an agent that stopped
+        # meanwhile is not reported running beside a state it no longer changes.
+        running = holder(db_path(config, db).parent)
     view = state_view(state, SystemClock().now())
+    view["agent"] = {
+        "running": running is not None,
+        "pid": running.pid if running else None,
+        "since": running.since if running else None,
+    }
     if as_json:
         display.print_json(view)
     else:
@@ -114,7 +125,7 @@ def main() -> None:
     except EdgeAgentError as error:
         if debug:
             traceback.print_exc()
-        display.err.print(f"error: {error}", markup=False)
+        display.err.print(f"error: {display.printable(error)}", markup=False)
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
@@ -124,5 +135,7 @@ def main() -> None:
     except Exception as error:  # a bug or an environment fault: still one line, unless --debug
         if debug:
             traceback.print_exc()
-        display.err.print(f"error: {type(error).__name__}: {error} (run with --debug for details)", markup=False)
+        display.err.print(
+            f"error: {type(error).__name__}: {display.printable(error)} (run with --debug for details)", markup=False
+        )
         sys.exit(1)

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from edge_agent.log.journal import Progress as ProgressCallback
 
@@ -21,8 +25,30 @@ out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+# C0, DEL and C1: a log may hold them (an old log, a `--db` file from elsewhere), and raw
+# in a terminal they move the cursor, recolour or retitle it, or ring it.
+_CONTROL = {cp: f"\\x{cp:02x}" for cp in (*range(0x20), *range(0x7F, 0xA0))}
+# JSON escapes C0 itself; DEL and C1 (U+0080..U+009F, in UTF-8 0xC2 0x80..0x9F) it leaves raw.
+_JSON_RAW_CONTROL = re.compile(rb"\x7f|\xc2[\x80-\x9f]")
+
+
+def printable(value: object) -> str:
+    """`value` as text with every control character written as an escape (`\\x1b`)."""
+    return str(value).translate(_CONTROL)
+
+
+def plain(value: object) -> Text:
+    """A table cell or line part from the log: escaped, and never read as rich markup."""
+    return Text(printable(value))
+
+
+def safe_json(line: bytes) -> bytes:
+    """JSON text with DEL and C1 characters as `\\u00XX` escapes: the same value, nothing raw."""
+    return _JSON_RAW_CONTROL.sub(lambda m: b"\\u%04x" % ord(m.group().decode()), line)
+
+
 def print_json(value: Any) -> None:
-    sys.stdout.buffer.write(orjson.dumps(value) + b"\n")
+    sys.stdout.buffer.write(safe_json(orjson.dumps(value)) + b"\n")
     sys.stdout.flush()
 
 
@@ -44,42 +70,111 @@ def progress(description: str, total: int) -> Iterator[ProgressCallback | None]:
         yield lambda n: bar.advance(task, n)
 
 
+def agent_line(agent: dict[str, Any], as_of: str | None, now: datetime | None = None) -> Text:
+    """`running, pid N, up 3 h` or `not running; state as of <time>`: a stopped cell
+    must never look as if it were building."""
+    if agent["running"]:
+        pid = agent["pid"] if agent["pid"] is not None else "unknown"
+        up = f", up {_duration(agent['since'], now)}" if agent["since"] else ""
+        return Text.assemble(("running", "bold green"), printable(f", pid {pid}{up}"))
+    since = f"; state as of {printable(as_of)}" if as_of else "; no events yet"
+    return Text.assemble(("not running", "bold yellow"), since)
+
+
+def _duration(since: str, now: datetime | None) -> str:
+    try:
+        seconds = ((now or datetime.now(UTC)) - datetime.fromisoformat(since)).total_seconds()
+    except ValueError:
+        return "?"
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit}"
+    return f"{max(seconds, 0):.0f} s"
+
+
+# Short names for the stages, used when the full table would not fit the terminal.
+_SHORT_STAGE = {
+    "New": "new",
+    "FactoryReady": "ready",
+    "FactoryComplete": "built",
+    "MoveToWarehouse": "shipping",
+    "InventoryAvailable": "stored",
+    "Failed": "failed",
+    "Cancelled": "cancelled",
+}
+
+
+def _short_stage(item: dict[str, Any]) -> str:
+    if item["stage"] == "FactoryAccepted":  # at a station or waiting for one
+        return str(item["station_stage"] or "waiting").lower()
+    stage = str(item["stage"])
+    return _SHORT_STAGE.get(stage, stage)
+
+
+# (heading, short heading, key)
+_COLUMNS = (
+    ("order", "order", "order_id"),
+    ("product", "product", "product_id"),
+    ("qty", "qty", "qty"),
+    ("warehouse", "to", "warehouse"),
+    ("prio", "prio", "priority"),
+    ("stage", "stage", "stage"),
+    ("station", "at", "station"),
+    ("progress", "done", "progress"),
+    ("reason", "reason", "reason"),
+)
+_KEPT_WHOLE = ("order_id", "product_id", "warehouse", "station")
+_WHOLE_UP_TO = 12
+
+
+def _items_table(items: list[dict[str, Any]], short: bool) -> Table:
+    """The work items; `short`: abbreviated stages and progress, for a narrow terminal."""
+    title = f"Work items ({len(items)})"
+    if short:
+        title += ": stages abbreviated to fit; --json has every value whole"
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    longest = {key: max((len(printable(item[key] or "")) for item in items), default=0) for key in _KEPT_WHOLE}
+    for heading, short_heading, key in _COLUMNS:
+        # Values from the log wrap (fold) rather than end in "…", and ids up to _WHOLE_UP_TO
+        # characters stay on one line: the reason column gives way first.
+        whole = min(longest[key], _WHOLE_UP_TO) if key in longest else None
+        table.add_column(short_heading if short else heading, overflow="fold", min_width=whole)
+    for item in items:
+        progress = f"{item['units_done']}/{item['qty']}"
+        table.add_row(
+            plain(item["order_id"]),
+            plain(item["product_id"]),
+            str(item["qty"]),
+            plain(item["warehouse"]),
+            str(item["priority"]),
+            plain(_short_stage(item) if short else item["stage"]),
+            plain(item["station"] or "-"),
+            progress if short else f"{item['progress']}% ({progress})",
+            plain(item["reason"] or ""),
+        )
+    return table
+
+
 def print_state(view: dict[str, Any]) -> None:
-    """The human form of a state view (see `domain.view.state_view`)."""
+    """The human form of a state view (see `domain.view.state_view`); with the agent's
+    line when `view` has one (`status`). Every value from the log is escaped."""
+    if "agent" in view:
+        out.print(agent_line(view["agent"], view["as_of"]))
     lane = view["lane"]
     out.print(
         f"[bold]log position[/] {view['last_seq']}   [bold]inventory issued[/] {view['inventory_seq']}   "
         f"[bold]e-stop[/] {'[red]ENGAGED[/]' if view['estop'] else 'released'}"
     )
-    stations = Table("station", "state", "order", title="Stations", title_justify="left")
+    stations = Table("station", "state", "order", title="Stations", title_justify="left", box=box.SIMPLE_HEAD)
     for station in view["stations"]:
-        stations.add_row(station["id"], station["state"], station["order_id"] or "-")
+        stations.add_row(plain(station["id"]), plain(station["state"]), plain(station["order_id"] or "-"))
     out.print(stations)
-    queue = ", ".join(lane["queue"]) or "-"
-    out.print(f"[bold]Shipping lane[/] {lane['state']}  moving: {lane['order_id'] or '-'}  queued: {queue}")
-    items = Table(
-        "order",
-        "product",
-        "qty",
-        "warehouse",
-        "prio",
-        "stage",
-        "station",
-        "progress",
-        "reason",
-        title=f"Work items ({len(view['work_items'])})",
-        title_justify="left",
-    )
-    for item in view["work_items"]:
-        items.add_row(
-            item["order_id"],
-            item["product_id"],
-            str(item["qty"]),
-            item["warehouse"],
-            str(item["priority"]),
-            item["stage"],
-            item["station"] or "-",
-            f"{item['progress']}% ({item['units_done']}/{item['qty']})",
-            item["reason"] or "",
-        )
+    queue = ", ".join(printable(order_id) for order_id in lane["queue"]) or "-"
+    moving = printable(lane["order_id"] or "-")
+    lane_text = f"{printable(lane['state'])}  moving: {moving}  queued: {queue}"
+    out.print(Text.assemble(("Shipping lane ", "bold"), lane_text), soft_wrap=False)
+    items = _items_table(view["work_items"], short=False)
+    natural = out.measure(items, options=out.options.update_width(10_000)).maximum
+    if natural > out.width:
+        items = _items_table(view["work_items"], short=True)
     out.print(items)

@@ -6,15 +6,18 @@ import sys
 import time
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, BinaryIO
 
 import typer
 
 from edge_agent.cli import display
 from edge_agent.cli.options import ConfigOption, DbOption, JsonOption, open_log, parse_time
 from edge_agent.config import load_config
+from edge_agent.domain.events import EVENT_TYPES
 from edge_agent.domain.view import state_view
 from edge_agent.errors import ConfigError
+from edge_agent.files import write_atomically
+from edge_agent.lock import DataDirLock
 from edge_agent.log.compact import Retention, row_json
 from edge_agent.log.compact import compact as compact_log
 from edge_agent.log.journal import replay as replay_log
@@ -28,9 +31,18 @@ FOLLOW_POLL_S = 0.2
 
 def _print_row(row: Row, as_json: bool) -> None:
     if as_json:
-        sys.stdout.buffer.write(row_json(row) + b"\n")
+        sys.stdout.buffer.write(display.safe_json(row_json(row)) + b"\n")
     else:
-        sys.stdout.write(f"{row.seq:>8}  {row.ts}  {row.type:<16} {row.subject:<20} {row.data}\n")
+        line = f"{row.seq:>8}  {row.ts}  {row.type:<16} {row.subject:<20} {row.data}"
+        sys.stdout.write(display.printable(line) + "\n")
+
+
+def _known_type(type_: str | None) -> None:
+    """An unknown `--type` would match nothing, silently: name the types there are."""
+    if type_ is not None and type_ not in EVENT_TYPES:
+        known = ", ".join(sorted(EVENT_TYPES))
+        shown = display.printable(type_)
+        raise ConfigError(f"--type: unknown event type {shown!r}; the types are: {known}", key="--type")
 
 
 @log_app.command()
@@ -49,6 +61,7 @@ def show(
     as_json: JsonOption = False,
 ) -> None:
     """Print events, one per line."""
+    _known_type(type_)
     with open_log(config, db) as log_:
         next_seq = from_seq
         while True:
@@ -80,6 +93,9 @@ def replay(
         raise ConfigError("give --to or --until, not both", key="--until")
     until_ts = parse_time(until, "--until") if until is not None else None
     with open_log(config, db) as log_:
+        end = log_.head().seq
+        if to_seq is not None and to_seq > end:
+            raise ConfigError(f"--to {to_seq}: the log ends at seq {end}", key="--to")
         total = log_.count(to_seq=to_seq)
         with display.progress("Replaying", total) as advance:
             state = replay_log(log_, to_seq, until=until_ts, progress=advance)
@@ -113,7 +129,7 @@ def verify(config: ConfigOption = None, db: DbOption = None, as_json: JsonOption
             f"{verdict.snapshots} snapshot(s) equal replay"
         )
     if fault is not None:
-        display.err.print(f"error: log verify failed at {fault}", markup=False)
+        display.err.print(f"error: log verify failed at {display.printable(fault)}", markup=False)
         raise typer.Exit(1)
 
 
@@ -127,18 +143,23 @@ def export(
     db: DbOption = None,
     format_: Annotated[ExportFormat, typer.Option("--format", help="Output format.")] = ExportFormat.jsonl,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to this file instead of stdout.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace the --output file if it exists.")] = False,
 ) -> None:
     """Write every stored event, with its hash, as JSON lines."""
     with open_log(config, db) as log_:
-        target = open(output, "wb") if output else sys.stdout.buffer  # noqa: SIM115 - closed below
-        try:
+
+        def write(target: BinaryIO) -> None:
             for row in log_.rows():
-                target.write(row_json(row, with_hash=True) + b"\n")
-        finally:
-            if output:
-                target.close()
-            else:
-                target.flush()
+                target.write(display.safe_json(row_json(row, with_hash=True)) + b"\n")
+
+        if output is None:
+            write(sys.stdout.buffer)
+            sys.stdout.flush()
+            return
+        # Never onto the log (nor its WAL and shared-memory files), never over a file
+        # without --force, never through a symlink, and complete or not there at all.
+        guarded = tuple(log_.path.with_name(log_.path.name + tail) for tail in ("", "-wal", "-shm"))
+        write_atomically(output, write, force=force, protected=guarded)
 
 
 @log_app.command()
@@ -151,7 +172,10 @@ def compact(
 ) -> None:
     """Archive or drop the events before the newest snapshot, per log.retention."""
     chosen = retention or Retention(load_config(config).log.retention)
-    with open_log(config, db, write=True) as log_:
+    with open_log(config, db) as log_:  # a missing or foreign file is refused before a lock is made beside it
+        folder = log_.path.parent
+    # The agent's own lock: one writer per log, so never while the agent runs.
+    with DataDirLock(folder, advice=", stop it first"), open_log(config, db, write=True) as log_:
         result = compact_log(log_, chosen, log_.path.parent / "archive")
     if result.up_to_seq is None:
         display.out.print(f"nothing to compact (retention {chosen}, or no snapshot past the log's start)")

@@ -7,10 +7,11 @@ from typing import Annotated
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from edge_agent.cli import display
 from edge_agent.cli.options import ConfigOption, JsonOption
-from edge_agent.config import load_config
+from edge_agent.config import DEFAULT_PATHS, find_config, load_config
 from edge_agent.devices.profile import Profile, load_profile
 from edge_agent.errors import ConfigError
 
@@ -50,9 +51,18 @@ def check(
 @profile_app.command("list")
 def list_(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """List the profiles next to the configured one; the configured one is marked."""
+    found = find_config(config)
     chosen = load_config(config).profile
+    defaults = ", ".join(map(str, DEFAULT_PATHS))
+    used = str(found) if found else f"none found ({defaults}), so the defaults"
+    paths = sorted(chosen.parent.glob("*.yaml"))
+    if not paths:  # an empty table would not say why
+        raise ConfigError(
+            f"no profiles in {chosen.parent}/, the folder of profile {chosen} (config: {used}); give --config FILE",
+            key="--config",
+        )
     rows: list[dict[str, object]] = []
-    for path in sorted(chosen.parent.glob("*.yaml")):
+    for path in paths:
         try:
             row = _summary(load_profile(path))
             row["error"] = None
@@ -64,6 +74,7 @@ def list_(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     if as_json:
         display.print_json(rows)
         return
+    display.out.print(Text(f"config: {used}; profile: {chosen}"))
     table = Table("", "file", "name", "pins", "stations", "products / error")
     for row in rows:
         detail = row["error"] or ", ".join(f"{p} (max {n})" for p, n in row["products"].items())  # type: ignore[attr-defined]

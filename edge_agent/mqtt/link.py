@@ -29,7 +29,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from edge_agent.config import MqttConfig
+from edge_agent.config import MqttConfig, check_files
 from edge_agent.errors import ConfigError
 from edge_agent.mqtt.topics import Topics
 
@@ -337,7 +337,8 @@ class _Errors(logging.Logger):
 
 
 def secure(client: paho.Client, config: MqttConfig) -> None:
-    """Credentials and TLS, as configured."""
+    """Credentials and TLS, as configured (each file checked first: a ConfigError naming its key)."""
+    check_files(config, "mqtt.")
     if config.username is not None:
         client.username_pw_set(config.username, read_password(config))
     tls = config.tls
