@@ -466,6 +466,7 @@ def test_a_wrong_password_is_named_in_the_log_and_in_healthz_at_once(
     run(tool("mosquitto_passwd"), "-b", "-c", str(users), "cell", "cell-secret", cwd=tmp_path)
     wrong = tmp_path / "wrong-password"
     wrong.write_text("not-the-secret\n", encoding="utf-8")
+    wrong.chmod(0o600)  # a password file others can read is refused before any connection
     with mosquitto(tmp_path / "mosquitto", f"password_file {users}\nallow_anonymous false") as broker:
         device, http = unique("bad-password"), free_port()
         settings = {"http": {"enabled": True, "port": http}}
