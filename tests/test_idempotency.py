@@ -7,15 +7,19 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import sqlite3
+import urllib.request
 from pathlib import Path
 
 import orjson
 
+from edge_agent import service
 from edge_agent.agent import Agent, demo_orders
 from edge_agent.clock import FakeClock
 from edge_agent.config import Config
 from edge_agent.domain import commands as cmd
 from edge_agent.domain import events as ev
+from edge_agent.gateway import Gateway
+from edge_agent.health import HealthServer
 from edge_agent.log.compact import Retention, compact
 from edge_agent.log.journal import Journal
 from edge_agent.log.store import APPLICATION_ID, EventLog
@@ -146,6 +150,32 @@ def test_resending_a_demo_orders_exact_body_over_mqtt_is_a_duplicate(tmp_path: P
             assert agent.workflow.duplicates == 1
 
     asyncio.run(scenario())
+
+
+def test_a_duplicate_is_counted_in_metrics(tmp_path: Path) -> None:
+    config = Config(
+        device_id="metrics-test",
+        data_dir=tmp_path / "var",
+        profile=ROOT / "device_profiles" / "simulated.yaml",
+        mqtt={"port": free_port()},
+        limits={"min_free_mb": 0},
+    )
+
+    async def scenario() -> str:
+        async with Agent(config) as agent, running(agent):
+            server = HealthServer("127.0.0.1", 0, list, service.metrics(agent, Gateway(agent, config)))
+            server.start()
+            try:
+                assert types(await agent.submit(order("o1"))) == ["OrderAccepted"]
+                assert await agent.submit(order("o1")) == []
+                url = f"http://127.0.0.1:{server.port}/metrics"
+                return await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read().decode())
+            finally:
+                server.stop()
+
+    metrics = asyncio.run(scenario())
+    assert "edge_agent_orders_duplicate_total 1.0" in metrics
+    assert "edge_agent_orders_accepted_total 1.0" in metrics
 
 
 def legacy(path: Path) -> None:

@@ -39,6 +39,15 @@ def foreign_db(path: Path) -> None:
     db.close()
 
 
+def foreign_wal_db(path: Path) -> None:
+    """Another program's database in WAL mode, closed: a read-only open would add a -wal and -shm."""
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA journal_mode = WAL")
+    db.execute("CREATE TABLE events (id INTEGER PRIMARY KEY)")  # even a table of the same name
+    db.commit()
+    db.close()
+
+
 def random_bytes(path: Path) -> None:
     path.write_bytes(os.urandom(8192))
 
@@ -47,7 +56,12 @@ def empty(path: Path) -> None:
     path.touch()
 
 
-NOT_LOGS: dict[str, Callable[[Path], None]] = {"foreign": foreign_db, "random": random_bytes, "empty": empty}
+NOT_LOGS: dict[str, Callable[[Path], None]] = {
+    "foreign": foreign_db,
+    "foreign-wal": foreign_wal_db,
+    "random": random_bytes,
+    "empty": empty,
+}
 COMMANDS = (
     ("status",),
     ("log", "show"),

@@ -426,8 +426,11 @@ def _outcome(event: InventoryIssued | OrderFailed | OrderCancelled) -> str:
     return FAILED if isinstance(event, OrderFailed) else CANCELLED
 
 
-def _open_readonly(path: Path) -> sqlite3.Connection:
-    db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
+def _open_readonly(path: Path, *, immutable: bool = False) -> sqlite3.Connection:
+    """A read-only connection; `immutable`: SQLite reads the file alone, creating nothing
+    beside it (no -wal or -shm), which is right only while no -wal file exists."""
+    query = "mode=ro&immutable=1" if immutable else "mode=ro"
+    db = sqlite3.connect(f"{path.resolve().as_uri()}?{query}", uri=True, isolation_level=None)
     db.execute("PRAGMA busy_timeout = 5000")
     return db
 
@@ -452,7 +455,9 @@ def identify(path: Path) -> bool:
     if application_id != 0:
         raise ConfigError(f"{path} is not an edge-agent log (another application's database: id {application_id:#x})")
     try:
-        db = _open_readonly(path)
+        # A database in WAL mode opened read-only gets a -wal and -shm file beside it: not
+        # for one that may be another program's, unless it has a -wal (which then matters).
+        db = _open_readonly(path, immutable=not path.with_name(f"{path.name}-wal").exists())
         try:
             tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
             recorded = (
