@@ -146,7 +146,7 @@ class EventLog:
         self._clock = clock or SystemClock()
         try:
             self._db = self._connect(path, synchronous, readonly)
-        except sqlite3.Error as error:
+        except (sqlite3.Error, OSError) as error:  # OSError: creating the log or its folder
             raise LogError(f"cannot open the log {path}: {error}") from error
 
     def _connect(self, path: Path, synchronous: Synchronous, readonly: bool) -> sqlite3.Connection:
