@@ -96,7 +96,8 @@ def test_every_db_command_refuses_a_file_that_is_not_a_log_and_changes_nothing(t
     path.parent.mkdir()
     NOT_LOGS[kind](path)
     before = fingerprint(path)
-    for command in COMMANDS:
+    # Every command on the database; a reader and a writer on the rest (the same open refuses them all).
+    for command in COMMANDS if kind == "foreign" else (COMMANDS[0], COMMANDS[-1]):
         result = edge_agent(tmp_path, *command, "--db", path)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2, f"{command}: exit {result.returncode}\n{result.stderr}"
