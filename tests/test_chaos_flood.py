@@ -123,6 +123,10 @@ def test_a_flood_of_orders_to_a_default_mosquitto_loses_none_and_memory_stays_bo
     reasons = Counter(json.loads(r.data)["reason"].split(":")[0] for r in rows if r.type == "OrderRejected")
     assert set(reasons) <= {"queue full"}, reasons
     accepted = [r.subject for r in rows if r.type == "OrderAccepted"]
+    print(
+        f"{ORDERS} orders: {len(accepted)} accepted and built, {sum(reasons.values())} rejected as queue full; "
+        f"RSS {idle_kb / 1024:.1f} MB idle, at most {(peak_kb - idle_kb) / 1024:.1f} MB more"
+    )
     assert len(accepted) >= MAX_OPEN
     for type_ in ("InventoryIssued", "TidiedUp"):
         counts = Counter(r.subject for r in rows if r.type == type_)
