@@ -8,7 +8,7 @@ edge_agent run`: MQTT 5 with its Receive Maximum, synchronous=FULL group commits
 the PUBACK of each order only after its OrderAccepted event is committed), from the
 publisher's start until the Nth OrderAccepted is committed in the log. This is
 acceptance, not the workflow: the plant runs at its normal slow pace, and
-`limits.max_open_items` is above N so the agent never holds orders back for room.
+`limits.max_open_items` is above N so that no order is rejected as queue full.
 
 `ingest.raw_qos1_msgs_per_s` (the raw limit): the same N payloads from the same
 publisher through the same broker to `mosquitto_sub -q 1` (MQTT 5, the same Receive

@@ -132,7 +132,7 @@ class Agent:
             clock=self.clock,
         )
         self._stack.callback(self.journal.close)
-        self.workflow = Workflow(self.journal, self.clock)
+        self.workflow = Workflow(self.journal, self.clock, max_open_items=self.config.limits.max_open_items)
         self.workflow.check()
         self.journal.subscribe(self._committed)
         self.workflow.execute(cmd.RecordStart(__version__, self.profile.name))
@@ -198,7 +198,7 @@ class Agent:
         self._wake.clear()
         if self._requests:
             self._handle(self._requests.popleft())
-        elif self._orders and self._room() > 0:
+        elif self._orders:
             self._take_orders()
         else:
             # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation.
@@ -267,17 +267,14 @@ class Agent:
             if request.reply is not None:
                 request.reply.set_result(records)
 
-    def _room(self) -> int:
-        """How many more work items may be opened (limits.max_open_items)."""
-        return self.config.limits.max_open_items - len(self.state.work_items)
-
     def _take_orders(self) -> None:
-        """Decide waiting orders as one group commit, then acknowledge each. While the cell
-        is full, orders stay unacknowledged and the broker stops sending more."""
+        """Decide waiting orders as one group commit, then acknowledge each. Nothing waits
+        here for room in the cell: the log is the queue, and past `limits.max_open_items`
+        an order is rejected, so the sender knows and the broker holds nothing for us."""
         low = self._low_space()
         if low is not None:
             raise LogError(low)
-        batch = [self._orders.popleft() for _ in range(min(len(self._orders), self._room(), ORDER_BATCH))]
+        batch = [self._orders.popleft() for _ in range(min(len(self._orders), ORDER_BATCH))]
         try:
             records = self.workflow.execute_batch([offer.command for offer in batch])
         except LogError:
@@ -348,6 +345,6 @@ def demo_orders(count: int, profile: Profile) -> list[cmd.SubmitOrder]:
         order_id = f"demo-{n:04d}"
         product = products[n % len(products)]
         qty, priority = 1 + n % 3, n % 2
-        digest = f"{product}|{qty}|WH1|{priority}"
+        digest = cmd.order_digest(order_id, product, qty, "WH1", priority)  # as if it came over MQTT
         orders.append(cmd.SubmitOrder(order_id, product, qty, "WH1", priority, digest))
     return orders

@@ -28,13 +28,12 @@ from edge_agent.errors import CommandRejected
 from edge_agent.log.store import OUTBOX_CURSOR, EventLog, Row
 from edge_agent.mqtt.inbound import CancelRefused, cancel_command, order_command
 from edge_agent.mqtt.link import Inbound, Link
-from edge_agent.mqtt.outbox import Outbox, messages
+from edge_agent.mqtt.outbox import Outbox
 from edge_agent.mqtt.topics import Topics
 
 log = logging.getLogger(__name__)
 
 CURSOR_SAVE_S = 1.0
-_OUTCOMES = frozenset({"InventoryIssued", "OrderFailed", "OrderCancelled"})
 _T = TypeVar("_T")
 
 
@@ -163,15 +162,9 @@ class Gateway:
     def _order_committed(
         self, order: cmd.SubmitOrder | cmd.RejectOrder, records: list[Recorded], message: Inbound
     ) -> None:
+        # A duplicate (no records) is acknowledged too, and nothing is sent again: how the
+        # order went is on the events and inventory topics already, from the log.
         self.link.ack(message)
-        if records or not isinstance(order, cmd.SubmitOrder) or order.order_id in self._agent.state.work_items:
-            return
-        # The sender retried an order that is already finished: tell it again how it ended.
-        log_ = self._agent.journal.log
-        ended = [row for row in log_.rows(subject=order.order_id) if row.type in _OUTCOMES]
-        if ended:
-            for topic, payload in messages(ended[-1], self._config.device_id, self.topics):
-                self.link.publish(topic, payload)
 
     async def _cancel(self, cancel: cmd.CancelOrder, message: Inbound) -> None:
         """Decide the cancel, then acknowledge it whatever the outcome: a cancel left

@@ -137,7 +137,8 @@ def metrics(agent: Agent, gateway: Gateway) -> Metrics:
     def counters() -> dict[str, float]:
         state = agent.state
         return {
-            "orders_accepted": len(state.orders),
+            "orders_accepted": state.accepted,
+            "orders_duplicate": agent.workflow.duplicates,
             "orders_rejected": state.rejected,
             "mqtt_reconnects": gateway.link.reconnects,
             "publish_refused": gateway.link.refused,

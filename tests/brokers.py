@@ -53,6 +53,7 @@ class Mosquitto:
     port: int
     extra: str = ""
     process: subprocess.Popen[bytes] | None = None
+    defaults: bool = False  # nothing but a listener and anonymous access: no persistence, default limits
 
     @property
     def config_file(self) -> Path:
@@ -69,6 +70,8 @@ class Mosquitto:
             f"{self.extra or 'allow_anonymous true'}\n",
             encoding="utf-8",
         )
+        if self.defaults:
+            self.config_file.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n", encoding="utf-8")
         self.process = subprocess.Popen([mosquitto_binary(), "-c", str(self.config_file)])
         wait_for_port(self.port)
 
@@ -84,8 +87,8 @@ class Mosquitto:
 
 
 @contextmanager
-def mosquitto(folder: Path, extra: str = "") -> Iterator[Mosquitto]:
-    broker = Mosquitto(folder, free_port(), extra)
+def mosquitto(folder: Path, extra: str = "", *, defaults: bool = False) -> Iterator[Mosquitto]:
+    broker = Mosquitto(folder, free_port(), extra, defaults=defaults)
     broker.start()
     try:
         yield broker

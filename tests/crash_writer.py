@@ -55,11 +55,11 @@ def cycle(journal: Journal, rng: random.Random) -> None:
     if journal.state.estop:
         commit(journal, cmd.ReleaseEstop())
     for _ in range(LIVE_ORDERS - len(journal.state.work_items)):
-        order_id = f"c{len(journal.state.orders)}"  # every accepted order adds one: ids never repeat
+        order_id = f"c{journal.state.accepted}"  # every accepted order adds one: ids never repeat
         qty, priority = rng.randint(1, 3), rng.randint(0, 2)
         commit(journal, cmd.SubmitOrder(order_id, "widget-a", qty, "WH1", priority, f"digest-{order_id}"))
     if rng.random() < 0.1:  # a conflicting duplicate of an order already seen
-        known = next(iter(journal.state.orders), None)
+        known = "c0" if journal.state.accepted else None
         if known is not None:
             commit(journal, cmd.SubmitOrder(known, "widget-b", 1, "WH1", 0, "another body"))
     for item in list(journal.state.work_items.values()):

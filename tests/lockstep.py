@@ -106,7 +106,8 @@ class Witness:
         if self.broken:
             self.violations.append(f"order {order_id} acknowledged while the disk is broken")
         state = self.agent.state
-        if any(r.seq > state.last_seq for r in records) or (not records and order_id not in state.orders):
+        known = order_id in self.agent.journal.known_orders([order_id])
+        if any(r.seq > state.last_seq for r in records) or (not records and not known):
             self.violations.append(f"order {order_id} acknowledged before its outcome was committed")
         self.acked.append((order_id, records))
         self.changes.notify()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from edge_agent.clock import FakeClock
 from edge_agent.domain import commands as cmd
-from edge_agent.domain.decide import decide
+from edge_agent.domain.decide import admit, decide
 from edge_agent.domain.events import InventoryIssued, Recorded
 from edge_agent.log.journal import Journal
 
@@ -15,7 +15,11 @@ PRODUCTS = (("widget-a", 100), ("gadget-b", 100))
 
 
 def run(journal: Journal, command: cmd.Command, clock: FakeClock | None = None) -> list[Recorded]:
-    """Decide `command` on the journal's state and commit the result."""
+    """Decide `command` on the journal's state (an order against its idempotency record)
+    and commit the result."""
+    if isinstance(command, cmd.SubmitOrder):
+        known = journal.known_orders([command.order_id]).get(command.order_id)
+        return journal.append(admit(command, known, open_items=len(journal.state.work_items), max_open=None))
     now = clock.now() if clock else FakeClock().now()
     return journal.append(decide(journal.state, command, now))
 

@@ -18,14 +18,16 @@ watches the device's inventory, orders/rejected and events topics for the order'
 outcome (an inventory record, a rejection, an OrderFailed), and sends the order again,
 the same body under the same order_id, whenever it has seen no outcome for
 OUTCOME_WAIT_S since it last sent it: the broker may have lost the order, or the
-outcome. That is safe because the order_id is the idempotency key: a resent order that
-is still in progress makes no second work item, and one that has finished makes the
-device publish its outcome again. The sender consumes outcomes deduplicated by
-order_id (an inventory record may come more than once, always with the same
-inventory_id).
+outcome. That is safe because the order_id is the idempotency key: a resent order makes
+no second work item and changes nothing. The device does not publish a finished order's
+outcome again (SPEC §10: a duplicate is acknowledged, nothing re-published), so before
+it sends again the sender reads the outcomes the broker may have lost from the device's
+log, as an operator would with `edge-agent log show`. The sender consumes outcomes
+deduplicated by order_id (an inventory record may come more than once, always with the
+same inventory_id).
 
 Asserted: 0 lost (every order accepted, built, issued and tidied up, and its inventory
-record seen by the sender), 0 duplicate work (OrderAccepted, InventoryIssued and
+record seen by the sender, on MQTT or in the log), 0 duplicate work (OrderAccepted, InventoryIssued and
 TidiedUp exactly once per order; inventory ids INV00001.. without a gap or repeat; each
 order's records all name the inventory id of its one InventoryIssued), and `log verify`
 passes.
@@ -92,8 +94,10 @@ def chaos_seed() -> int:
 class Sender:
     """The back-office publisher of the module docstring; `run` on a thread of its own."""
 
-    def __init__(self, device: str, ids: Sequence[str]) -> None:
+    def __init__(self, device: str, ids: Sequence[str], db: Path) -> None:
         self.ids = list(ids)
+        self._db = db
+        self.from_log: dict[str, str] = {}  # order id -> inventory id, for outcomes the broker lost
         self._number = {order_id: n for n, order_id in enumerate(ids)}
         self._orders = orders_topic(device)
         self._inventory = f"{PREFIX}/{device}/inventory"
@@ -135,9 +139,12 @@ class Sender:
 
     def _resend_stale(self, out: Peer, watcher: Peer) -> None:
         now = time.monotonic()
-        for order_id in self._waiting(watcher):
-            sent = self._last_sent.get(order_id)
-            if sent is not None and now - sent > OUTCOME_WAIT_S:
+        stale = [o for o in self._waiting(watcher) if now - self._last_sent.get(o, now) > OUTCOME_WAIT_S]
+        if stale:  # the broker may have lost their outcomes: the log has them
+            issued = {row.subject: row.data for row in read_log(self._db) if row.type == "InventoryIssued"}
+            self.from_log |= {o: json.loads(issued[o])["inventory_id"] for o in stale if o in issued}
+        for order_id in stale:
+            if order_id not in self.from_log:
                 self._send(out, order_id)
 
     def _waiting(self, watcher: Peer) -> list[str]:
@@ -152,7 +159,7 @@ class Sender:
                 self.went_wrong[message["order_id"]] = f"rejected: {message['reason']}"
             elif message["type"] == "OrderFailed":
                 self.went_wrong[message["subject"]] = f"failed: {message['data']['reason']}"
-        return [o for o in self.ids if o not in self.records and o not in self.went_wrong]
+        return [o for o in self.ids if o not in self.records and o not in self.went_wrong and o not in self.from_log]
 
 
 @pytest.mark.timeout(300)
@@ -171,7 +178,7 @@ def test_broker_killed_every_few_seconds_loses_no_order_and_repeats_no_work(
         config = agent_config(tmp_path / device, port, device)
         db = events_db(config)
         ids = [f"{device}-{n:03d}" for n in range(ORDERS)]
-        sender = Sender(device, ids)
+        sender = Sender(device, ids, db)
         stop = threading.Event()
         restarts = 0
         with (
@@ -205,7 +212,8 @@ def test_broker_killed_every_few_seconds_loses_no_order_and_repeats_no_work(
     print(
         f"{ORDERS} orders, {restarts} broker kills in {sent - started:.0f} s (then {done - sent:.0f} s to stop); "
         f"{sum(resent.values())} resends of {len(resent)} orders; "
-        f"{sum(map(len, sender.records.values())) - ORDERS} inventory records received again; "
+        f"{sum(map(len, sender.records.values())) + len(sender.from_log) - ORDERS} inventory records received again, "
+        f"{len(sender.from_log)} read from the log; "
         f"the agent lost its connection {log_text.count('connection to the broker lost')} times"
     )
 
@@ -215,6 +223,7 @@ def test_broker_killed_every_few_seconds_loses_no_order_and_repeats_no_work(
     check_intact(db)
     issued = {row.subject: json.loads(row.data)["inventory_id"] for row in rows if row.type == "InventoryIssued"}
     mismatched = {o: r for o, r in sender.records.items() if set(r) != {issued[o]}}
+    mismatched |= {o: [r] for o, r in sender.from_log.items() if r != issued[o]}
     assert not mismatched, f"inventory records that name another inventory id than the log: {mismatched}"
     assert restarts >= MIN_RESTARTS, f"only {restarts} broker kills: the orders went through too fast"
     assert log_text.count("connection to the broker lost") >= restarts // 2, "the agent did not see the broker go"

@@ -12,11 +12,12 @@ PACKAGE = Path(__file__).resolve().parent.parent / "edge_agent"
 # What each layer may import from the project besides itself.
 ALLOWED = {
     "domain": {"errors"},
-    "log": {"domain", "errors", "clock"},
+    "log": {"domain", "errors", "clock", "files"},
     "workflow": {"domain", "errors", "clock"},
     "devices": {"errors", "config"},
     "mqtt": {"domain", "errors", "config"},
     "config": {"errors"},
+    "files": {"errors"},
     "clock": set(),
     "errors": set(),
 }

@@ -83,7 +83,7 @@ def test_an_io_error_stops_orders_and_outputs_until_the_log_is_writable_again(tm
                 agent.journal.log._db.execute("PRAGMA query_only = OFF")  # the disk works again
                 await until(agent, lambda: agent.fault is None)
                 await until(agent, lambda: acks.acked == ["before", "during"])
-                done = await agent.wait_until(lambda s: not s.work_items and len(s.orders) == 2)
+                done = await agent.wait_until(lambda s: not s.work_items and s.accepted == 2)
                 assert done.inventory_seq == 2  # both completed, nothing lost, nothing twice
 
     asyncio.run(scenario())
@@ -141,7 +141,7 @@ def test_a_really_full_disk_is_survived_and_work_resumes_when_space_returns(smal
                 filler.unlink()  # space returns
                 await until(agent, lambda: len(acks.acked) == 20, timeout=20)
                 state = await agent.wait_until(lambda s: s.inventory_seq == 20 and not s.work_items)
-                assert len(state.orders) == 20
+                assert state.accepted == 20
                 assert all(item.stage is not Stage.FAILED for item in state.work_items.values())
 
     asyncio.run(scenario())

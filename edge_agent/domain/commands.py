@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
+import orjson
+
 from edge_agent.domain.state import Policy
+
+
+def order_digest(order_id: str, product_id: str, qty: int, warehouse: str, priority: int) -> str:
+    """The idempotency digest of an order's body: the same order, from whatever origin and
+    however its JSON was laid out, has the same digest (sha256 of its fields as JSON with
+    sorted keys; the format of every digest already in a log)."""
+    body = {"order_id": order_id, "product_id": product_id, "qty": qty, "warehouse": warehouse, "priority": priority}
+    return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,7 +32,9 @@ def decide(state: State, command: cmd.Command, now: datetime) -> list[ev.Event]:
     at = iso(now)
     match command:
         case cmd.SubmitOrder():
-            return _submit(state, command)
+            # The order's id is taken to be new here: the record of the ids already used is
+            # kept beside the log, and `admit` decides an order against it.
+            return admit(command, None, open_items=len(state.work_items), max_open=None)
         case cmd.RejectOrder(order_id, reason):
             return [ev.OrderRejected(order_id, reason)]
         case cmd.ConfigurePlant(stations, products, policy):
@@ -104,12 +106,20 @@ def _require(state: State, order_id: str, stages: set[Stage] | frozenset[Stage],
     return item
 
 
-def _submit(state: State, order: cmd.SubmitOrder) -> list[ev.Event]:
-    known = state.orders.get(order.order_id)
+CONFLICT_REASON = "conflicting duplicate: order_id already used with another body"
+
+
+def admit(order: cmd.SubmitOrder, known: str | None, *, open_items: int, max_open: int | None) -> list[ev.Event]:
+    """The events for an inbound order, given the digest already recorded under its id
+    (`known`, None if the id is new) and how many work items are open against the limit:
+    a duplicate first (nothing: it is already a work item, or was one), then a conflict,
+    then a full queue (rejected, so that the sender knows), and only then acceptance."""
     if known == order.digest:
-        return []  # a redelivery or a retry by the sender: already a work item
+        return []  # a redelivery or a retry by the sender
     if known is not None:
-        return [ev.OrderRejected(order.order_id, "conflicting duplicate: order_id already used with another body")]
+        return [ev.OrderRejected(order.order_id, CONFLICT_REASON)]
+    if max_open is not None and open_items >= max_open:
+        return [ev.OrderRejected(order.order_id, f"queue full: {open_items} open")]
     return [
         ev.OrderAccepted(order.order_id, order.product_id, order.qty, order.warehouse, order.priority, order.digest)
     ]

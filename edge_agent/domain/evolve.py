@@ -31,6 +31,7 @@ class _Draft:
     """A mutable working copy of the state, used only inside `fold`."""
 
     __slots__ = (
+        "accepted",
         "dirty",
         "estop",
         "estop_since",
@@ -38,7 +39,6 @@ class _Draft:
         "items",
         "last_seq",
         "last_ts",
-        "orders",
         "policy",
         "products",
         "queue",
@@ -61,7 +61,7 @@ class _Draft:
         self.queue = list(state.lane.queue)
         self.items = state.work_items.mutate()
         self.dirty: dict[str, dict[str, Any]] = {}  # items changed in this fold, as mutable fields
-        self.orders = state.orders.mutate()
+        self.accepted = state.accepted
 
     def freeze(self) -> State:
         self.flush()
@@ -76,7 +76,7 @@ class _Draft:
             policy=self.policy,
             lane=Lane(self.shipping, tuple(self.queue)),
             work_items=self.items.finish(),
-            orders=self.orders.finish(),
+            accepted=self.accepted,
             rejected=self.rejected,
         )
 
@@ -137,7 +137,7 @@ def _accepted(d: _Draft, e: ev.OrderAccepted, r: ev.Recorded) -> None:
     item["priority"] = e.priority
     item["accepted_seq"] = r.seq
     item["accepted_at"] = r.ts
-    d.orders[e.order_id] = e.digest
+    d.accepted += 1
 
 
 def _rejected(d: _Draft, e: ev.OrderRejected, r: ev.Recorded) -> None:

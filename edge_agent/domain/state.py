@@ -143,8 +143,10 @@ class State(Frozen, frozen=True):
     policy: Policy = Policy()
     lane: Lane = Lane()
     work_items: Map[str, WorkItem] = msgspec.field(default_factory=Map)
-    # Every order id ever accepted, with its body digest: makes orders idempotent.
-    orders: Map[str, str] = msgspec.field(default_factory=Map)
+    # Orders accepted, ever. Which ids they had (the idempotency record) is kept beside the
+    # log in an indexed table, not here: the state, and so every snapshot, follows the live
+    # items, not the history.
+    accepted: int = 0
     rejected: int = 0  # orders rejected, ever
 
     def station(self, station_id: str) -> Station | None:

@@ -1,7 +1,8 @@
 """`log compact`: bound the log's size by removing events a snapshot covers.
 
 `keep` removes nothing; `archive` first writes the events to a gzip-compressed
-JSONL file (fsynced, then renamed into place) and only then deletes them;
+JSONL file (private, written whole under a temporary name, fsynced, renamed into
+place, the folder fsynced) and only then deletes them;
 `drop` deletes them. The newest snapshot stays, and the log's base records
 where the chain continues, so `log verify` still checks everything that is left.
 """
@@ -9,13 +10,14 @@ where the chain continues, so `log verify` still checks everything that is left.
 from __future__ import annotations
 
 import gzip
-import os
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import BinaryIO
 
 import orjson
 
+from edge_agent.files import private_dir, write_atomically
 from edge_agent.log.store import OUTBOX_CURSOR, EventLog, Row
 
 
@@ -59,17 +61,14 @@ def compact(log_: EventLog, retention: Retention, archive_dir: Path) -> Compacti
 
 
 def _write_archive(log_: EventLog, from_seq: int, to_seq: int, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "wb") as raw:
+    """The archive, complete under its name before any event is deleted (or not there at
+    all). An archive of the same range left by a compaction that stopped before its
+    deletion holds the same events: it is replaced."""
+
+    def write(raw: BinaryIO) -> None:
         with gzip.GzipFile(fileobj=raw, mode="wb") as archive:
             for row in log_.rows(from_seq, to_seq):
                 archive.write(row_json(row, with_hash=True) + b"\n")
-        raw.flush()
-        os.fsync(raw.fileno())
-    partial.replace(path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # the rename itself must survive a power cut
-    finally:
-        os.close(directory)
+
+    private_dir(path.parent)
+    write_atomically(path, write, force=True, option="archive")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from edge_agent.clock import Clock
@@ -118,6 +118,10 @@ class Journal:
     @property
     def state(self) -> State:
         return self._state
+
+    def known_orders(self, order_ids: Iterable[str]) -> Mapping[str, str]:
+        """The digest recorded for each of `order_ids` ever accepted (the idempotency record)."""
+        return self.log.known_orders(order_ids)
 
     def append(self, events: Sequence[Event]) -> list[Recorded]:
         """Commit `events` as one transaction, then apply them to the state."""

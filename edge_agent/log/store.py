@@ -6,8 +6,9 @@ WAL mode lets readers see a consistent prefix while the writer appends.
 
 from __future__ import annotations
 
+import os
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from functools import cache
@@ -27,16 +28,22 @@ from edge_agent.domain.codec import (
     state_from_dict,
     state_to_dict,
 )
-from edge_agent.domain.events import Event, Recorded
+from edge_agent.domain.events import Event, InventoryIssued, OrderAccepted, OrderCancelled, OrderFailed, Recorded
 from edge_agent.domain.moments import iso
 from edge_agent.domain.state import State
 from edge_agent.errors import ConfigError, LogCorrupted, LogError
-from edge_agent.log.schema import MIGRATIONS, migrate
+from edge_agent.files import create_private_file, fsync_dir, private_dir
+from edge_agent.log.schema import CANCELLED, FAILED, MIGRATIONS, migrate
 
 GENESIS_HASH = "0" * 64
 OUTBOX_CURSOR = "outbox"  # the MQTT outbox: events up to here are acknowledged by the broker
 Synchronous = Literal["full", "normal"]
 _READ_BATCH = 5000
+# `PRAGMA application_id` of every edge-agent log ("EAlg"): how a file says it is one.
+APPLICATION_ID = 0x45416C67
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+_HEADER_BYTES = 100
+_MAX_IDS_PER_QUERY = 500  # bound parameters per `known_orders` query: below SQLite's oldest limit of 999
 
 
 def chain_hash(prev: str, seq: int, ts: str, type_: str, subject: str, data: str) -> str:
@@ -92,11 +99,23 @@ class Transaction:
         first = self.head.seq + 1
         prev = self.head.hash
         values: list[object] = []  # the rows' columns one after another, as `_insert` binds them
+        accepted: list[tuple[str, str, int]] = []
+        ended: list[tuple[str, int, str]] = []
         for seq, event, data in zip(range(first, first + len(events)), events, events_to_json(events), strict=True):
             type_ = type(event).__name__
             prev = chain_hash(prev, seq, ts, type_, event.subject, data)
             values += (seq, ts, type_, event.subject, data, prev)
+            if isinstance(event, OrderAccepted):
+                accepted.append((event.order_id, event.digest, seq))
+            elif isinstance(event, InventoryIssued | OrderFailed | OrderCancelled):
+                ended.append((_outcome(event), seq, event.order_id))
         _insert(self._db, values)
+        # The idempotency record, in the same transaction as the events it follows. A second
+        # acceptance of one id fails the primary key: it would be a bug, never overwritten.
+        if accepted:
+            self._db.executemany("INSERT INTO orders (order_id, digest, accepted_seq) VALUES (?, ?, ?)", accepted)
+        if ended:
+            self._db.executemany("UPDATE orders SET outcome = ?, outcome_seq = ? WHERE order_id = ?", ended)
         self.head = Base(first + len(events) - 1, prev)
         return [Recorded(seq, ts, event) for seq, event in enumerate(events, first)]
 
@@ -127,34 +146,69 @@ class EventLog:
         self._clock = clock or SystemClock()
         try:
             self._db = self._connect(path, synchronous, readonly)
-        except sqlite3.Error as error:
+        except (sqlite3.Error, OSError) as error:  # OSError: creating the log or its folder
             raise LogError(f"cannot open the log {path}: {error}") from error
 
     def _connect(self, path: Path, synchronous: Synchronous, readonly: bool) -> sqlite3.Connection:
         if readonly:
             if not path.is_file():
                 raise ConfigError(f"no log at {path}")
-            db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
-            db.execute("PRAGMA busy_timeout = 5000")
-            tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            if "events" not in tables:
-                db.close()
-                raise ConfigError(f"{path} is not an edge-agent log (no events table)")
-            return db
-        path.parent.mkdir(parents=True, exist_ok=True)
+            identify(path)
+            return _open_readonly(path)
+        if path.exists():
+            # Read-only first: a file that is not a log is refused before anything writes to it.
+            labelled = identify(path)
+        else:
+            self._create(path)
+            labelled = True
         # Autocommit mode: transactions are opened explicitly with BEGIN IMMEDIATE.
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA busy_timeout = 5000")
-        # Set before the first table exists, so compaction can give pages back.
-        db.execute("PRAGMA auto_vacuum = INCREMENTAL")
-        if db.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
-            raise LogError(f"{path}: the file system does not support WAL mode")
-        db.execute(f"PRAGMA synchronous = {synchronous.upper()}")
-        migrate(db, iso(self._clock.now()))
+        try:
+            db.execute("PRAGMA busy_timeout = 5000")
+            if db.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
+                raise LogError(f"{path}: the file system does not support WAL mode")
+            db.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+            migrate(db, iso(self._clock.now()))
+            if not labelled:  # a log from before logs said what they are
+                db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        except BaseException:
+            db.close()
+            raise
         return db
+
+    def _create(self, path: Path) -> None:
+        """A new, empty log at `path`, private (0640, its folder 0750), labelled as a log and
+        with its schema, made under a temporary name and renamed into place: there is
+        never a file at `path` that is not a whole log."""
+        private_dir(path.parent)
+        partial = path.with_name(f".{path.name}.{os.getpid()}.new")
+        partial.unlink(missing_ok=True)
+        create_private_file(partial)
+        try:
+            db = sqlite3.connect(partial, isolation_level=None)
+            try:
+                db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                # Set before the first table exists, so compaction can give pages back.
+                db.execute("PRAGMA auto_vacuum = INCREMENTAL")
+                db.execute("PRAGMA journal_mode = WAL")
+                db.execute("PRAGMA synchronous = FULL")
+                migrate(db, iso(self._clock.now()))
+            finally:
+                db.close()  # the last connection: the WAL is checkpointed into the file and removed
+            partial.replace(path)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        fsync_dir(path.parent)
 
     def close(self) -> None:
         self._db.close()
+
+    @property
+    def synchronous(self) -> Synchronous:
+        """How durably a commit is written, as the connection has it now (`PRAGMA synchronous`)."""
+        (level,) = self._db.execute("PRAGMA synchronous").fetchone()
+        return "full" if level >= 2 else "normal"
 
     def __enter__(self) -> EventLog:
         return self
@@ -307,6 +361,21 @@ class EventLog:
                 continue
         return None
 
+    def known_orders(self, order_ids: Iterable[str]) -> dict[str, str]:
+        """The digest recorded for each of `order_ids` that was ever accepted (the idempotency
+        record; ids never accepted are left out): one indexed query per few hundred ids."""
+        ids = list(dict.fromkeys(order_ids))
+        known: dict[str, str] = {}
+        try:
+            for start in range(0, len(ids), _MAX_IDS_PER_QUERY):
+                chunk = ids[start : start + _MAX_IDS_PER_QUERY]
+                marks = ",".join("?" * len(chunk))
+                query = f"SELECT order_id, digest FROM orders WHERE order_id IN ({marks})"
+                known.update(self._db.execute(query, chunk))
+        except sqlite3.Error as error:
+            raise LogError(f"cannot read the log: {error}") from error
+        return known
+
     def migrations(self) -> list[str]:
         return [name for (name,) in self._db.execute("SELECT name FROM schema_migrations ORDER BY name")]
 
@@ -351,11 +420,66 @@ def _insert(db: sqlite3.Connection, values: list[object]) -> None:
         start += size
 
 
+def _outcome(event: InventoryIssued | OrderFailed | OrderCancelled) -> str:
+    if isinstance(event, InventoryIssued):
+        return event.inventory_id
+    return FAILED if isinstance(event, OrderFailed) else CANCELLED
+
+
+def _open_readonly(path: Path, *, immutable: bool = False) -> sqlite3.Connection:
+    """A read-only connection; `immutable`: SQLite reads the file alone, creating nothing
+    beside it (no -wal or -shm), which is right only while no -wal file exists."""
+    query = "mode=ro&immutable=1" if immutable else "mode=ro"
+    db = sqlite3.connect(f"{path.resolve().as_uri()}?{query}", uri=True, isolation_level=None)
+    db.execute("PRAGMA busy_timeout = 5000")
+    return db
+
+
+def identify(path: Path) -> bool:
+    """Whether the existing file `path` is labelled an edge-agent log (False: a log from
+    before the label, known by its recorded migrations). Anything else is refused with
+    ConfigError; the file is only read, and a file that is not an SQLite database is
+    not even opened as one."""
+    try:
+        with open(path, "rb") as stream:
+            header = stream.read(_HEADER_BYTES)
+    except OSError as error:
+        raise ConfigError(f"cannot read {path}: {error.strerror}") from error
+    if not header:
+        raise ConfigError(f"{path} is empty, not an edge-agent log")
+    if len(header) < _HEADER_BYTES or not header.startswith(_SQLITE_MAGIC):
+        raise ConfigError(f"{path} is not an edge-agent log (not an SQLite database)")
+    application_id = int.from_bytes(header[68:72], "big")
+    if application_id == APPLICATION_ID:
+        return True
+    if application_id != 0:
+        raise ConfigError(f"{path} is not an edge-agent log (another application's database: id {application_id:#x})")
+    try:
+        # A database in WAL mode opened read-only gets a -wal and -shm file beside it: not
+        # for one that may be another program's, unless it has a -wal (which then matters).
+        db = _open_readonly(path, immutable=not path.with_name(f"{path.name}-wal").exists())
+        try:
+            tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            recorded = (
+                {name for (name,) in db.execute("SELECT name FROM schema_migrations")}
+                if "schema_migrations" in tables
+                else set()
+            )
+        finally:
+            db.close()
+    except sqlite3.Error as error:
+        raise ConfigError(f"{path} is not an edge-agent log ({error})") from error
+    if "events" not in tables or MIGRATIONS[0][0] not in recorded:
+        raise ConfigError(f"{path} is not an edge-agent log (no events table or recorded migrations)")
+    return False
+
+
 def _checksum(text: str) -> str:
     return sha256(text.encode()).hexdigest()
 
 
 __all__ = [
+    "APPLICATION_ID",
     "GENESIS_HASH",
     "MIGRATIONS",
     "OUTBOX_CURSOR",

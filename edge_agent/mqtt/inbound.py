@@ -9,7 +9,6 @@ makes, in a quantity it allows.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Mapping
@@ -59,7 +58,7 @@ class CancelPayload(BaseModel):
 
 def digest(order: OrderPayload) -> str:
     """The same order, however its JSON was laid out, has the same digest."""
-    return hashlib.sha256(orjson.dumps(order.model_dump(), option=orjson.OPT_SORT_KEYS)).hexdigest()
+    return cmd.order_digest(order.order_id, order.product_id, order.qty, order.warehouse, order.priority)
 
 
 def parse_json(payload: bytes, max_bytes: int) -> tuple[Any, str | None]:

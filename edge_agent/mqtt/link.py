@@ -38,10 +38,12 @@ log = logging.getLogger(__name__)
 BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 30.0
 MAX_INFLIGHT = 100  # our own unacknowledged publishes
-# Unacknowledged orders the broker may send us (MQTT 5 Receive Maximum). Orders wait
-# unacknowledged while the cell is full, so this bounds what waits in memory: past it the
-# broker holds them (backpressure), and nothing acknowledged is ever dropped.
-RECEIVE_MAXIMUM = 256
+# Unacknowledged orders the broker may send us (MQTT 5 Receive Maximum): the most there is.
+# Every order is committed and acknowledged promptly (the log is the queue), so a burst
+# only waits briefly; what the broker cannot send at once it queues, and past its queue
+# limit (Mosquitto's default `max_queued_messages 1000`) it drops orders it acknowledged
+# to their sender. Sent on to us they are not dropped: TCP paces them.
+RECEIVE_MAXIMUM = 65535
 
 
 @dataclass(frozen=True, slots=True)

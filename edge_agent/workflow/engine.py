@@ -9,19 +9,19 @@ has any effect.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Protocol
 
 from edge_agent.clock import Clock
 from edge_agent.domain import commands as cmd
 from edge_agent.domain import events as ev
-from edge_agent.domain.decide import decide
+from edge_agent.domain.decide import admit, decide
 from edge_agent.domain.events import Recorded
 from edge_agent.domain.evolve import fold
 from edge_agent.domain.moments import iso, parse
 from edge_agent.domain.state import Stage, State, WorkItem
-from edge_agent.errors import CommandRejected, EdgeAgentError
+from edge_agent.errors import EdgeAgentError
 from edge_agent.workflow.steps import STEP_NAMES, STEPS
 
 log = logging.getLogger(__name__)
@@ -48,11 +48,17 @@ class Ledger(Protocol):
 
     def append(self, events: Sequence[ev.Event]) -> list[Recorded]: ...
 
+    def known_orders(self, order_ids: Iterable[str]) -> Mapping[str, str]:
+        """The digest recorded for each of `order_ids` that was ever accepted."""
+        ...
+
 
 class Workflow:
-    def __init__(self, journal: Ledger, clock: Clock) -> None:
+    def __init__(self, journal: Ledger, clock: Clock, *, max_open_items: int | None = None) -> None:
         self.journal = journal
         self._clock = clock
+        self.max_open_items = max_open_items  # past it, new orders are rejected (None: no limit)
+        self.duplicates = 0  # orders that came again with the same body: acknowledged, nothing logged
         self._timers: dict[str, tuple[str, float]] = {}  # order id -> (logged deadline, monotonic due time)
         # The items to look at again: an item's next step and its timer depend on the item
         # alone, so only items that events have touched since the last look can have moved.
@@ -87,27 +93,36 @@ class Workflow:
 
     def execute(self, command: cmd.Command) -> list[Recorded]:
         """Decide `command` now and commit the result (CommandRejected if it does not apply)."""
+        if isinstance(command, cmd.SubmitOrder):  # decided against the idempotency record
+            return self.execute_batch([command])
         return self._commit(decide(self.state, command, self._clock.now()))
 
     def execute_batch(self, orders: Sequence[cmd.SubmitOrder | cmd.RejectOrder]) -> list[Recorded]:
-        """Decide each order in turn and commit them all in one transaction (a group
-        commit). An order's decision depends only on what was accepted before under its
-        id, so the batch so far is folded ahead only when an id comes again in it (a
-        redelivery within the batch): folding per order cost more than the rest together."""
+        """Decide each order in turn and commit them all in one transaction (a group commit).
+
+        An order is decided against the idempotency record (one indexed query for the
+        whole batch, plus what this batch accepts, for an id that comes twice in it) and
+        the number of open items: a duplicate adds nothing, a conflict or a full queue is
+        a rejection, anything else is accepted."""
         now = self._clock.now()
-        state = self.state
+        known = dict(self.journal.known_orders(o.order_id for o in orders if isinstance(o, cmd.SubmitOrder)))
+        open_items = len(self.state.work_items)
         events: list[ev.Event] = []
-        folded = 0  # events[:folded] are in `state`
-        ids: set[str | None] = set()
+        duplicates = 0
         for order in orders:
-            if order.order_id in ids:
-                state, folded = _ahead(state, events[folded:], now), len(events)
-            ids.add(order.order_id)
-            try:
-                events += decide(state, order, now)
-            except CommandRejected as error:
-                log.warning("%s refused: %s", type(order).__name__, error)
-        return self._commit(events)
+            if isinstance(order, cmd.RejectOrder):
+                events += decide(self.state, order, now)
+                continue
+            decided = admit(order, known.get(order.order_id), open_items=open_items, max_open=self.max_open_items)
+            if not decided:
+                duplicates += 1
+            elif isinstance(decided[0], ev.OrderAccepted):
+                known[order.order_id] = order.digest
+                open_items += 1
+            events += decided
+        records = self._commit(events)
+        self.duplicates += duplicates  # counted once committed: a batch that failed is taken again
+        return records
 
     def advance(self) -> None:
         """Move every item and the cell forward until nothing more can happen now, and
