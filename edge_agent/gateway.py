@@ -20,7 +20,6 @@ from edge_agent import __version__
 from edge_agent.agent import Agent
 from edge_agent.config import Config
 from edge_agent.domain import commands as cmd
-from edge_agent.domain.events import Recorded
 from edge_agent.domain.moments import iso
 from edge_agent.domain.state import Stage
 from edge_agent.domain.view import state_view
@@ -140,9 +139,10 @@ class Gateway:
         max_bytes = self._config.limits.max_payload_bytes
         if self.topics.is_order(topic):
             order = order_command(message.payload, self._agent.state.products, max_bytes)
-            if isinstance(order, cmd.RejectOrder):
-                log.warning("order rejected: %s", order.reason)
-            self._agent.offer(order, lambda records: self._order_committed(order, records, message))
+            # Acknowledged once its outcome is committed; a duplicate (no records) too, and
+            # nothing is sent again: how it went is on `events` and `inventory` already.
+            # The service log tells the outcome from the commit (accepted, or why not).
+            self._agent.offer(order, lambda records: self.link.ack(message))
         elif topic == self.topics.cancel:
             cancel = cancel_command(message.payload, max_bytes)
             if isinstance(cancel, CancelRefused):
@@ -158,13 +158,6 @@ class Gateway:
         else:  # an unknown command, or a retained message a broker sent unasked (amqtt does)
             log.log(logging.WARNING if "/cmd/" in topic else logging.DEBUG, "ignored a message on %s", topic)
             self.link.ack(message)
-
-    def _order_committed(
-        self, order: cmd.SubmitOrder | cmd.RejectOrder, records: list[Recorded], message: Inbound
-    ) -> None:
-        # A duplicate (no records) is acknowledged too, and nothing is sent again: how the
-        # order went is on the events and inventory topics already, from the log.
-        self.link.ack(message)
 
     async def _cancel(self, cancel: cmd.CancelOrder, message: Inbound) -> None:
         """Decide the cancel, then acknowledge it whatever the outcome: a cancel left
