@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Annotated, Any
 
 import orjson
@@ -76,13 +77,18 @@ def submit(
             _follow(client, order_id, timeout)
 
 
-def _follow(client: Any, order_id: str, timeout: float) -> None:
+def _received(client: Session, timeout: float) -> Iterator[tuple[str, Any]]:
+    """(topic, decoded body) of each message the session follows, for `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while (left := deadline - time.monotonic()) > 0:
         received = client.next_event(left)
         if received is None:
-            break
-        _, event = received
+            return
+        yield received
+
+
+def _follow(client: Session, order_id: str, timeout: float) -> None:
+    for _, event in _received(client, timeout):
         if not isinstance(event, dict) or event.get("subject") != order_id:
             continue
         kind = event.get("type")
@@ -126,12 +132,7 @@ def cancel(
 
 def _follow_cancel(client: Session, topics: Topics, order_id: str, timeout: float) -> None:
     """Until the device logs the cancel (exit 0) or answers that it cannot apply (exit 1)."""
-    deadline = time.monotonic() + timeout
-    while (left := deadline - time.monotonic()) > 0:
-        received = client.next_event(left)
-        if received is None:
-            break
-        topic, body = received
+    for topic, body in _received(client, timeout):
         if not isinstance(body, dict) or order_id not in (body.get("subject"), body.get("order_id")):
             continue
         if topic == topics.events and body.get("type") == "OrderCancelled":
