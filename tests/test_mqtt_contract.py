@@ -293,6 +293,8 @@ def test_every_bad_input_is_rejected_with_a_reason_and_a_valid_order_after_compl
             logged = backoffice.wait_for(event(topic, "OrderRejected"), since=mark).json()
             assert logged["subject"] == (order_id or ""), label
             assert logged["data"]["reason"] == rejected["reason"], label
+            assert set(rejected) == {"order_id", "reason", "received_at", "seq"}, label
+            assert rejected["seq"] == logged["seq"], label  # deduplicated by (device_id, seq), like events
             agent.assert_alive()
 
         good = order("good-after-bad", qty=2, warehouse="WH7")
