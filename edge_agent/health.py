@@ -1,14 +1,23 @@
 """`/healthz` and `/metrics` over HTTP (the `http` section of the config).
 
-A small WSGI app on wsgiref in a thread of its own: two GET routes need no web
-framework, and a thread keeps a slow scraper off the control loop. It only
-reads: the state and the counters it is given are safe to read from here.
+A small WSGI app on wsgiref: two GET routes need no web framework, and threads
+keep a slow scraper off the control loop. It only reads: the state and the
+counters it is given are safe to read from here.
+
+No client delays another. A connection waits, threadless, until its request
+arrives (at most `timeout_s`; past `max_waiting` such sockets the oldest is
+closed, so a flood of idle ones never shuts a new client out), then is served on
+a daemon thread of its own with a socket timeout, at most `max_clients` at once
+(one more is closed at once rather than queued).
 """
 
 from __future__ import annotations
 
 import logging
+import selectors
+import socket
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,20 +68,48 @@ class _Live(Collector):
         yield stages
 
 
+MAX_CLIENTS = 16  # connections served at once, each on a thread
+MAX_WAITING = 64  # connections waiting for their request, each only a file descriptor
+TIMEOUT_S = 5.0  # for a request to arrive, and for each read or write of it
+
+
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("http: " + format, *args)
 
 
+class _Server(WSGIServer):
+    # The kernel's queue of connections not yet accepted; at wsgiref's 5, a burst of them
+    # has the kernel drop new ones, which their clients try again only a second later.
+    request_queue_size = 128
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("http: connection from %s ended badly", client_address, exc_info=True)
+
+
 class HealthServer:
     """Serves `/healthz` (200, or 503 with the reasons) and `/metrics` (Prometheus)."""
 
-    def __init__(self, bind: str, port: int, check: Callable[[], list[str]], metrics: Metrics) -> None:
+    def __init__(
+        self,
+        bind: str,
+        port: int,
+        check: Callable[[], list[str]],
+        metrics: Metrics,
+        *,
+        max_clients: int = MAX_CLIENTS,
+        max_waiting: int = MAX_WAITING,
+        timeout_s: float = TIMEOUT_S,
+    ) -> None:
         self._check = check
         self._metrics_app = make_wsgi_app(metrics.registry)
-        self._server: WSGIServer = make_server(bind, port, self._app, handler_class=_QuietHandler)
+        self._server = make_server(bind, port, self._app, server_class=_Server, handler_class=_QuietHandler)
         self.port = self._server.server_port
-        self._thread = threading.Thread(target=self._server.serve_forever, name="http", daemon=True)
+        self._slots = threading.BoundedSemaphore(max_clients)
+        self._max_waiting = max_waiting
+        self._timeout_s = timeout_s
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._accept, name="http", daemon=True)
 
     def _app(self, environ: dict[str, Any], start: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
@@ -87,11 +124,74 @@ class HealthServer:
         start("404 Not Found", [("Content-Type", "text/plain")])
         return [b"not found: try /healthz or /metrics\n"]
 
+    def _accept(self) -> None:
+        """Accept connections and hand each to a thread once its request has arrived."""
+        waiting: dict[socket.socket, float] = {}  # connection -> when it is given up; oldest first
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._server.socket, selectors.EVENT_READ)
+            while not self._stopping.is_set():
+                for key, _ in selector.select(timeout=0.5):
+                    if key.fileobj is self._server.socket:
+                        self._arrived(selector, waiting)
+                    else:
+                        connection = key.fileobj
+                        assert isinstance(connection, socket.socket)
+                        selector.unregister(connection)
+                        del waiting[connection]
+                        self._serve(connection)
+                now = time.monotonic()
+                for connection in [c for c, until in waiting.items() if until <= now]:
+                    selector.unregister(connection)
+                    del waiting[connection]
+                    connection.close()
+            for connection in waiting:
+                connection.close()
+
+    def _arrived(self, selector: selectors.BaseSelector, waiting: dict[socket.socket, float]) -> None:
+        try:
+            connection, _ = self._server.socket.accept()
+        except OSError:
+            return  # gone before it was taken, or out of file descriptors: the next one may do
+        if len(waiting) >= self._max_waiting:
+            oldest = next(iter(waiting))
+            selector.unregister(oldest)
+            del waiting[oldest]
+            oldest.close()
+        waiting[connection] = time.monotonic() + self._timeout_s
+        selector.register(connection, selectors.EVENT_READ)
+
+    def _serve(self, connection: socket.socket) -> None:
+        if not self._slots.acquire(blocking=False):
+            connection.close()  # all threads busy: closed at once, not queued behind them
+            return
+        try:
+            threading.Thread(target=self._handle, args=(connection,), name="http-client", daemon=True).start()
+        except RuntimeError:  # the process may start no more threads: this client, not the server, goes
+            self._slots.release()
+            connection.close()
+
+    def _handle(self, connection: socket.socket) -> None:
+        try:
+            connection.settimeout(self._timeout_s)  # a stuck client holds its own thread this long
+            address = connection.getpeername()
+            try:
+                self._server.finish_request(connection, address)
+            except Exception:
+                self._server.handle_error(connection, address)
+            finally:
+                self._server.shutdown_request(connection)
+        except OSError:
+            connection.close()  # the client left before it was served
+        finally:
+            self._slots.release()
+
     def start(self) -> None:
         self._thread.start()
         host = self._server.server_address[0]
         log.info("health on http://%s:%d/healthz, metrics on /metrics", host, self.port)
 
     def stop(self) -> None:
-        self._server.shutdown()
+        self._stopping.set()
+        if self._thread.is_alive():
+            self._thread.join()
         self._server.server_close()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -17,7 +19,7 @@ from edge_agent.config import Config
 from edge_agent.domain import commands as cmd
 from edge_agent.domain import events as ev
 from edge_agent.gateway import Gateway
-from edge_agent.health import HealthServer
+from edge_agent.health import HealthServer, Metrics
 from tests.agents import running
 from tests.brokers import free_port
 
@@ -141,3 +143,36 @@ def test_every_stage_has_a_work_items_series_that_goes_to_0_rather_than_away(tmp
                 server.stop()
 
     asyncio.run(scenario())
+
+
+def quick_get(url: str) -> int:
+    """The status of a GET that must be answered within a second (else it raises)."""
+    started = time.monotonic()
+    with urllib.request.urlopen(url, timeout=1) as response:
+        response.read()
+    assert time.monotonic() - started < 1
+    return int(response.status)
+
+
+def test_a_stuck_client_or_a_flood_of_idle_sockets_never_delays_healthz_or_metrics() -> None:
+    metrics = Metrics(lambda: {"orders_accepted_total": 3.0}, lambda: {}, lambda: {})
+    server = HealthServer("127.0.0.1", 0, lambda: [], metrics, max_clients=2, max_waiting=8, timeout_s=30)
+    server.start()
+    base = f"http://127.0.0.1:{server.port}"
+    held: list[socket.socket] = []
+    try:
+        stuck = socket.create_connection(("127.0.0.1", server.port))
+        held.append(stuck)
+        stuck.sendall(b"GET /healthz HTTP/1.1\r\n")  # and the rest never comes
+        assert quick_get(base + "/healthz") == 200
+        assert quick_get(base + "/metrics") == 200
+
+        # Idle sockets well beyond every bound: the server neither runs out of threads nor
+        # turns the next client away (the oldest idle ones are closed to make room).
+        held += [socket.create_connection(("127.0.0.1", server.port)) for _ in range(40)]
+        assert quick_get(base + "/healthz") == 200
+        assert quick_get(base + "/metrics") == 200
+    finally:
+        for connection in held:
+            connection.close()
+        server.stop()

@@ -270,7 +270,21 @@ BAD_INPUT: list[tuple[str, bytes, str | None, str]] = [
     ("ESC in warehouse", _with(order_id="bad-esc", warehouse="WH\x1b[2J"), "bad-esc", "warehouse: must not contain"),
     ("CSI in product", _with(order_id="bad-csi", product_id="w\x9bidget"), "bad-csi", "product_id: must not contain"),
     ("newline in warehouse", _with(order_id="bad-nl", warehouse="WH1\nWH2"), "bad-nl", "(U+000A at 3)"),
-    ("a key twice", _with(order_id="bad-twice")[:-1] + b',"qty":90}', None, "payload has the key 'qty' twice"),
+    ("a key twice", _with(order_id="bad-twice")[:-1] + b',"qty":90}', "bad-twice", "payload has the key 'qty' twice"),
+    ("JSON null", b"null", None, "payload is JSON null, not an object"),
+    (
+        "qty 10**27",
+        _with(order_id="bad-huge", qty="@").replace(b'"@"', b"1" + b"0" * 27),
+        "bad-huge",
+        "qty: out of range",
+    ),
+    (
+        "bidi override",
+        _with(order_id="bad-bidi", warehouse="WH\u202e1HW"),
+        "bad-bidi",
+        "a bidirectional control (U+202E",
+    ),
+    ("line separator", _with(order_id="bad-ls", warehouse="WH1\u2028WH2"), "bad-ls", "(U+2028 at 3)"),
 ]
 
 
@@ -293,6 +307,8 @@ def test_every_bad_input_is_rejected_with_a_reason_and_a_valid_order_after_compl
             logged = backoffice.wait_for(event(topic, "OrderRejected"), since=mark).json()
             assert logged["subject"] == (order_id or ""), label
             assert logged["data"]["reason"] == rejected["reason"], label
+            assert set(rejected) == {"order_id", "reason", "received_at", "seq"}, label
+            assert rejected["seq"] == logged["seq"], label  # deduplicated by (device_id, seq), like events
             agent.assert_alive()
 
         good = order("good-after-bad", qty=2, warehouse="WH7")
@@ -445,6 +461,13 @@ def test_telemetry_comes_at_qos_0_and_a_cancel_stops_a_build(new_agent: AgentFac
         refused = watcher.wait_for(on(topic.rejected), since=mark).json()
         assert refused["order_id"] == "no-such-order"
         assert refused["reason"] == "cancel refused: order 'no-such-order' is not a live work item"
+        mark = watcher.mark()
+        watcher.publish(topic.cancel, {"order_id": "X\u001b"})
+        refused = watcher.wait_for(on(topic.rejected), since=mark).json()
+        assert (refused["order_id"], refused["reason"]) == (
+            None,
+            "cancel refused: order_id: must not contain a control character (U+001B at 1)",
+        )
         mark = watcher.mark()
         watcher.publish(topic.cancel, {"order_id": "cancel-me"})
         watcher.wait_for(event(topic, "OrderCancelled", "cancel-me"), since=mark)

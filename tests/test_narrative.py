@@ -6,7 +6,9 @@ import logging
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from edge_agent.cli import app
 from edge_agent.domain import commands as cmd
 from edge_agent.log.journal import Journal
 from tests.plant import produce, run
@@ -73,3 +75,34 @@ def test_a_line_never_carries_a_control_character_from_the_log(
         run(journal, cmd.RejectOrder("r-2", "warehouse: \x1b[2J\nINFO forged line\x07\x9b"))
     (line,) = story(caplog)
     assert line == "order r-2 rejected: warehouse: \\x1b[2J\\x0aINFO forged line\\x07\\x9b"
+
+
+# Line and paragraph separators, then bidirectional controls: they break a line, or show a
+# value reordered ("WH1" + RLO + "evil" reads "WH1live"), wherever it is printed raw.
+REORDERING = "\u2028\u2029\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c"
+HIDDEN_WAREHOUSE = "WH1\u202eevil\u2028INFO forged"  # as an old log or a `--db` file may hold it
+
+
+def test_a_line_never_carries_a_line_separator_or_bidirectional_control_from_the_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=JOURNAL_LOGGER)
+    with Journal.open(tmp_path / "events.db") as journal:
+        produce(journal, 0)
+        run(journal, cmd.SubmitOrder("b-1", "widget-a", 1, HIDDEN_WAREHOUSE, 0, "digest-b-1"))
+        run(journal, cmd.RejectOrder("r-3", f"warehouse: {REORDERING}"))
+    accepted, rejected = story(caplog)
+    assert accepted == "order b-1 accepted: 1 x widget-a for WH1\\u202eevil\\u2028INFO forged"
+    assert rejected == "order r-3 rejected: warehouse: " + "".join(f"\\u{ord(c):04x}" for c in REORDERING)
+
+
+def test_status_never_prints_a_line_separator_or_bidirectional_control_from_the_log(tmp_path: Path) -> None:
+    path = tmp_path / "old" / "events.db"
+    with Journal.open(path) as journal:
+        produce(journal, 0)
+        run(journal, cmd.SubmitOrder("b-1", "widget-a", 1, HIDDEN_WAREHOUSE, 0, "digest-b-1"))
+        run(journal, cmd.FailOrder("b-1", f"jam {REORDERING}"))
+    result = CliRunner().invoke(app, ["status", "--db", str(path)], env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    assert not any(char in result.stdout for char in REORDERING), repr(result.stdout)
+    assert "WH1\\u202eevil\\u2028INFO forged" in result.stdout  # escaped: the operator still sees it is there

@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from edge_agent.domain import narrative
 from edge_agent.log.journal import Progress as ProgressCallback
 
 # Below this many events a replay is instant: no progress bar.
@@ -25,16 +26,16 @@ out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
-# C0, DEL and C1: a log may hold them (an old log, a `--db` file from elsewhere), and raw
-# in a terminal they move the cursor, recolour or retitle it, or ring it.
-_CONTROL = {cp: f"\\x{cp:02x}" for cp in (*range(0x20), *range(0x7F, 0xA0))}
 # JSON escapes C0 itself; DEL and C1 (U+0080..U+009F, in UTF-8 0xC2 0x80..0x9F) it leaves raw.
 _JSON_RAW_CONTROL = re.compile(rb"\x7f|\xc2[\x80-\x9f]")
 
 
 def printable(value: object) -> str:
-    """`value` as text with every control character written as an escape (`\\x1b`)."""
-    return str(value).translate(_CONTROL)
+    """`value` as text with every control character, line separator and bidirectional
+    control written as an escape (`\\x1b`, `\\u202e`): a log may hold them (an old log, a
+    `--db` file from elsewhere), and raw in a terminal they move the cursor, recolour or
+    retitle it, ring it, or show a value reordered."""
+    return narrative.printable(str(value))
 
 
 def plain(value: object) -> Text:

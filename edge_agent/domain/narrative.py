@@ -11,13 +11,24 @@ import re
 
 from edge_agent.domain import events as ev
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Characters no string from outside may hold, and none is shown raw: C0, DEL and C1 move a
+# terminal's cursor, ring its bell or start an escape sequence; the line and paragraph
+# separators (U+2028, U+2029) break a line where a reader (or a log parser) sees none; the
+# bidirectional controls (U+200E, U+200F, U+061C, U+202A-U+202E, U+2066-U+2069) reorder
+# what is displayed, so that one id reads as another. Inbound validation rejects them.
+UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
 
 
 def printable(text: str) -> str:
-    """`text` with its control characters (C0, DEL, C1) escaped, so that a value taken
-    from the log can never move a terminal's cursor or forge a line of the journal."""
-    return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
+    """`text` with every `UNPRINTABLE` character escaped (`\\x1b`, `\\u202e`), so that a value
+    taken from the log can never move a terminal's cursor, forge a line of the journal or
+    show itself reordered."""
+    return UNPRINTABLE.sub(_escape, text)
 
 
 def describe(event: ev.Event) -> str | None:

@@ -3,8 +3,8 @@
 Every payload becomes either a `SubmitOrder` or a `RejectOrder` with a reason a
 person can act on; nothing raises. Validation is strict: `"3"` is not `3`,
 `true` is not `1`, unknown fields and a key given twice are rejected, no string
-holds a control character, and the product must be one the device profile
-makes, in a quantity it allows.
+holds a control character, a line separator or a bidirectional control, and the
+product must be one the device profile makes, in a quantity it allows.
 """
 
 from __future__ import annotations
@@ -16,22 +16,42 @@ from typing import Annotated, Any, NamedTuple
 
 import orjson
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
-from pydantic_core import PydanticCustomError
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 from edge_agent.domain import commands as cmd
+from edge_agent.domain.narrative import UNPRINTABLE
 
 ORDER_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"
 _ORDER_ID = re.compile(ORDER_ID_PATTERN)
-# C0, DEL and C1: they would move a terminal's cursor, ring its bell or start an escape
-# sequence wherever the string is shown (the CLI, the journal, a back-office screen).
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+MAX_PRIORITY = 1_000_000
+MAX_QTY = 2**63 - 1  # the largest integer SQLite stores
+# An integer beyond 64 bits comes out of orjson as a float; its field is strict, so the
+# error is a float's ("a valid integer") unless it is told as what it is.
+_BOUNDS = {"qty": (1, MAX_QTY), "priority": (-MAX_PRIORITY, MAX_PRIORITY)}
+
+
+def _unprintable(value: str) -> str | None:
+    """Why `value` must not be taken (a character `narrative.UNPRINTABLE` names), if so.
+
+    They would move a terminal's cursor, ring its bell, break a line or reorder the text
+    wherever the string is shown (the CLI, the journal, a back-office screen)."""
+    found = UNPRINTABLE.search(value)  # one regex scan: the hot path of every order
+    if found is None:
+        return None
+    code = ord(found.group())
+    if code in (0x2028, 0x2029):
+        kind = "a line or paragraph separator"
+    elif code > 0xFF:
+        kind = "a bidirectional control"
+    else:
+        kind = "a control character"
+    return f"must not contain {kind} (U+{code:04X} at {found.start()})"
 
 
 def _no_control(value: str) -> str:
-    found = _CONTROL.search(value)
-    if found is not None:
-        where = f"U+{ord(found.group()):04X} at {found.start()}"
-        raise PydanticCustomError("control_character", f"must not contain a control character ({where})")
+    problem = _unprintable(value)
+    if problem is not None:
+        raise PydanticCustomError("control_character", problem)
     return value
 
 
@@ -45,9 +65,9 @@ class OrderPayload(BaseModel):
 
     order_id: str = Field(pattern=ORDER_ID_PATTERN)
     product_id: Text = Field(min_length=1, max_length=64)
-    qty: int = Field(ge=1)
+    qty: int = Field(ge=1, le=MAX_QTY)
     warehouse: Text = Field(min_length=1, max_length=64)
-    priority: int = Field(0, ge=-1_000_000, le=1_000_000)
+    priority: int = Field(0, ge=-MAX_PRIORITY, le=MAX_PRIORITY)
 
 
 class CancelPayload(BaseModel):
@@ -62,7 +82,10 @@ def digest(order: OrderPayload) -> str:
 
 
 def parse_json(payload: bytes, max_bytes: int) -> tuple[Any, str | None]:
-    """(value, None), or (None, the reason it is not acceptable JSON)."""
+    """(value, None), or (None, the reason it is not acceptable JSON).
+
+    An object with a key given twice is not acceptable either, but what else it says is
+    readable: (the object without that key, whose value is in doubt, the reason)."""
     if len(payload) > max_bytes:
         return None, f"payload of {len(payload)} bytes is over the limit of {max_bytes}"
     try:
@@ -78,7 +101,8 @@ def parse_json(payload: bytes, max_bytes: int) -> tuple[Any, str | None]:
     if isinstance(value, dict):
         twice = _key_twice(payload, value)
         if twice is not None:
-            return None, f"payload has the key '{_shown(twice)}' twice"
+            del value[twice]
+            return value, f"payload has the key '{_shown(twice)}' twice"
     return value, None
 
 
@@ -117,11 +141,11 @@ def _key_twice(payload: bytes, value: dict[str, Any]) -> str | None:
 def order_command(payload: bytes, products: Mapping[str, int], max_bytes: int) -> cmd.SubmitOrder | cmd.RejectOrder:
     """The command for an inbound order payload; `products` maps product ids to their largest qty."""
     value, problem = parse_json(payload, max_bytes)
-    if problem is not None:
-        return cmd.RejectOrder(None, problem)
     order_id = _readable_order_id(value)
+    if problem is not None:
+        return cmd.RejectOrder(order_id, problem)
     if not isinstance(value, dict):
-        return cmd.RejectOrder(None, f"payload is a JSON {type(value).__name__}, not an object")
+        return cmd.RejectOrder(None, _not_an_object(value))
     try:
         order = OrderPayload.model_validate(value)
     except ValidationError as error:
@@ -145,11 +169,28 @@ def cancel_command(payload: bytes, max_bytes: int) -> cmd.CancelOrder | CancelRe
     """The cancel command, or why the payload is not one."""
     value, problem = parse_json(payload, max_bytes)
     if problem is not None:
-        return CancelRefused(None, problem)
+        return CancelRefused(_readable_order_id(value), problem)
+    if not isinstance(value, dict):
+        return CancelRefused(None, _not_an_object(value))
     try:
         return cmd.CancelOrder(CancelPayload.model_validate(value).order_id)
     except ValidationError as error:
         return CancelRefused(_readable_order_id(value), describe(error))
+
+
+def _not_an_object(value: Any) -> str:
+    """The reason a JSON value that is not an object is no order, in JSON's own terms."""
+    match value:
+        case None:
+            return "payload is JSON null, not an object"
+        case bool():
+            return "payload is a JSON boolean, not an object"
+        case int() | float():
+            return "payload is a JSON number, not an object"
+        case str():
+            return "payload is a JSON string, not an object"
+        case _:
+            return "payload is a JSON array, not an object"
 
 
 MAX_PROBLEMS = 5  # named in a rejection; the rest are counted
@@ -163,14 +204,26 @@ def describe(error: ValidationError) -> str:
     with the payload nor carry the sender's line breaks: field names are shown escaped and
     cut short, and only the first few problems are named."""
     problems = []
-    errors = error.errors(include_url=False, include_input=False)
+    errors = error.errors(include_url=False)
     for item in errors[:MAX_PROBLEMS]:
-        field = _shown(".".join(str(part) for part in item["loc"]) or "payload")
-        message = "unknown field" if item["type"] == "extra_forbidden" else item["msg"]
-        problems.append(f"{field}: {message}")
+        name = ".".join(str(part) for part in item["loc"])
+        problems.append(f"{_shown(name or 'payload')}: {_message(name, item)}")
     if len(errors) > MAX_PROBLEMS:
         problems.append(f"and {len(errors) - MAX_PROBLEMS} more")
     return "; ".join(problems)
+
+
+def _message(name: str, item: ErrorDetails) -> str:
+    """Pydantic's message, but where it would hide what is wrong (never the input itself)."""
+    kind, given = item["type"], item.get("input")
+    if kind == "extra_forbidden":
+        return "unknown field"
+    if kind == "string_pattern_mismatch" and isinstance(given, str):
+        return _unprintable(given) or item["msg"]  # the character, not a pattern that cannot say why
+    bounds = _BOUNDS.get(name)
+    if kind == "int_type" and bounds and isinstance(given, float) and given.is_integer() and abs(given) >= 2**63:
+        return f"out of range (from {bounds[0]} to {bounds[1]})"
+    return item["msg"]
 
 
 def _shown(name: str) -> str:

@@ -108,12 +108,10 @@ def messages(row: Row, device_id: str, topics: Topics) -> list[tuple[str, bytes]
         }
         out.append((topics.inventory, orjson.dumps(record)))
     elif row.type == "OrderRejected":
-        out.append(
-            (
-                topics.rejected,
-                orjson.dumps({"order_id": data["order_id"], "reason": data["reason"], "received_at": row.ts}),
-            )
-        )
+        # The event's seq: a rejection is delivered at least once, like the event itself, so
+        # a consumer deduplicates it by (device_id, seq) here too.
+        rejection = {"order_id": data["order_id"], "reason": data["reason"], "received_at": row.ts, "seq": row.seq}
+        out.append((topics.rejected, orjson.dumps(rejection)))
     return out
 
 
