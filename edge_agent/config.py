@@ -207,6 +207,18 @@ def load_config(path: Path | None) -> Config:
     return config if found is None else _resolved(config, found.parent)
 
 
+def changed_keys(old: BaseModel, new: BaseModel, prefix: str = "") -> list[str]:
+    """Every key whose value differs between two configs, dotted (`mqtt.port`)."""
+    found = []
+    for name in type(old).model_fields:
+        before, after = getattr(old, name), getattr(new, name)
+        if isinstance(before, BaseModel) and isinstance(after, BaseModel):
+            found += changed_keys(before, after, f"{prefix}{name}.")
+        elif before != after:
+            found.append(f"{prefix}{name}")
+    return found
+
+
 def check_files(model: BaseModel, prefix: str = "") -> None:
     """Every `*_file` key that is set names a readable file, and a secret one (SecretFile)
     is readable by its owner only: a ConfigError naming the key otherwise. Run before

@@ -15,7 +15,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 
 from edge_agent.agent import Agent, demo_orders
-from edge_agent.config import Config, check_files, load_config
+from edge_agent.config import Config, changed_keys, check_files, load_config
 from edge_agent.devices.profile import load_profile
 from edge_agent.domain.state import Stage
 from edge_agent.errors import ConfigError
@@ -173,7 +173,7 @@ def reload(config: Config, path: Path | None, gateway: Gateway | None) -> Config
     except ConfigError as error:
         log.error("reload refused, nothing changed: %s", error)
         return config
-    changed = {key for key in type(fresh).model_fields if getattr(fresh, key) != getattr(config, key)}
+    changed = set(changed_keys(config, fresh))  # dotted: `mqtt.port`, not the whole section
     logging.getLogger().setLevel(fresh.log_level.upper())
     log.debug("logging at %s", fresh.log_level)  # seen only if that level is now in force
     if gateway is not None:
