@@ -23,6 +23,7 @@ from edge_agent.gateway import Gateway
 from edge_agent.health import HealthServer, Metrics
 from edge_agent.lock import DataDirLock
 from edge_agent.mqtt.broker import EmbeddedBroker
+from edge_agent.mqtt.link import check_credentials
 from edge_agent.sdnotify import Notifier
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,8 @@ def run_agent(config: Config, demo: int = 0, config_path: Path | None = None) ->
 
 async def serve(config: Config, demo: int = 0, config_path: Path | None = None) -> None:
     profile = load_profile(config.profile)  # a bad profile stops us before any pin or the log is touched
-    check_files(config)  # so do a missing certificate and a password file others can read
+    check_files(config)  # so do a missing certificate and a password file others can read,
+    check_credentials(config.mqtt)  # and a certificate, key or password the link could not use
     notifier = Notifier()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
