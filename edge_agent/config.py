@@ -12,6 +12,7 @@ systemd, the working directory is the state directory).
 from __future__ import annotations
 
 import os
+import pwd
 import socket
 import stat
 from collections.abc import Mapping
@@ -19,7 +20,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from edge_agent.errors import ConfigError
@@ -35,7 +45,11 @@ SecretFile = Annotated[Path | None, Field(json_schema_extra=SECRET)]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan off: `speed: nan` would pass every bound (a comparison with nan is false).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    # field name -> the EDGE_AGENT_ variable that set it, so a later check of the value
+    # (a file that cannot be read) blames the variable, as validation does.
+    _variables: dict[str, str] = PrivateAttr(default_factory=dict)
 
 
 class TlsConfig(_Section):
@@ -56,6 +70,14 @@ class MqttConfig(_Section):
     protocol: Literal["5", "3.1.1"] = "5"
     keepalive_s: int = Field(30, ge=5, le=65535)
     session_expiry_s: int = Field(86400, ge=0)
+
+    @field_validator("password_file")
+    @classmethod
+    def _password_has_a_user(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        # A password is sent only with a user name: without one it would be ignored silently.
+        if value is not None and info.data.get("username") is None:
+            raise ValueError("a password file needs mqtt.username (the user it is the password of)")
+        return value
 
     @model_validator(mode="after")
     def _embedded_speaks_311(self) -> MqttConfig:
@@ -85,7 +107,10 @@ class HttpConfig(_Section):
 class Config(BaseSettings):
     """The whole `config.yaml`; unknown keys are errors (a typo must not pass silently)."""
 
-    model_config = SettingsConfigDict(env_prefix="EDGE_AGENT_", env_nested_delimiter="__", extra="forbid", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix="EDGE_AGENT_", env_nested_delimiter="__", extra="forbid", frozen=True, allow_inf_nan=False
+    )
+    _variables: dict[str, str] = PrivateAttr(default_factory=dict)  # as in _Section
 
     device_id: str = Field(default_factory=socket.gethostname, min_length=1, pattern=r"^[A-Za-z0-9._:-]{1,64}$")
     data_dir: Path = Path("./var")
@@ -124,6 +149,8 @@ def invalid(source: str, error: ValidationError, variables: Mapping[tuple[str, .
     loc = tuple(str(part) for part in first["loc"])
     key = ".".join(loc) or "(top level)"
     message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
+    if first["type"] == "finite_number":  # nan or inf: pydantic's message does not say which was given
+        message = f"must be a finite number, not {first['input']}"
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     blamed = next((name for path, name in (variables or {}).items() if loc[: len(path)] == path), source)
     return ConfigError(f"{blamed}: {key}: {message}{more}", key=key)
@@ -132,6 +159,8 @@ def invalid(source: str, error: ValidationError, variables: Mapping[tuple[str, .
 def find_config(path: Path | None) -> Path | None:
     """The file `--config` names, else the first default that exists (else None)."""
     if path is not None:
+        if path.is_dir():
+            raise ConfigError(f"--config: {path} is a folder, not a file; name the config file in it", key="--config")
         if not path.is_file():
             raise ConfigError(f"config file {path} not found", key="--config")
         return path
@@ -191,7 +220,9 @@ def load_config(path: Path | None) -> Config:
     values: dict[str, Any] = {}
     if found is not None:
         try:
-            values = yaml.safe_load(found.read_text(encoding="utf-8")) or {}
+            text = found.read_text(encoding="utf-8")
+            refuse_repeated_keys(found, yaml.compose(text, Loader=yaml.SafeLoader))
+            values = yaml.safe_load(text) or {}
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
             raise ConfigError(f"{found}: cannot read the config: {error}") from error
         if not isinstance(values, dict):
@@ -204,13 +235,61 @@ def load_config(path: Path | None) -> Config:
         config = Config(**values)
     except ValidationError as error:
         raise invalid(source, error, {key_path: name for key_path, (name, _) in overrides.items()}) from error
+    for key_path, (name, _) in overrides.items():
+        _section(config, key_path[:-1])._variables[key_path[-1]] = name
     return config if found is None else _resolved(config, found.parent)
+
+
+def refuse_repeated_keys(path: Path, node: yaml.Node | None, prefix: str = "") -> None:
+    """A key given twice in one mapping (at any depth) is a ConfigError naming it: YAML
+    loaders keep the last one, so a fix made higher up in the file would silently not count."""
+    if isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            refuse_repeated_keys(path, item, prefix)
+    if not isinstance(node, yaml.MappingNode):
+        return
+    seen: dict[str, int] = {}
+    for key_node, value_node in node.value:
+        key = f"{prefix}{key_node.value}" if isinstance(key_node, yaml.ScalarNode) else None
+        if key is not None and key_node.tag != "tag:yaml.org,2002:merge":
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(f"{path}: {key}: given twice (lines {seen[key]} and {line})", key=key)
+            seen[key] = line
+        refuse_repeated_keys(path, value_node, f"{key}." if key is not None else prefix)
+
+
+def _section(config: Config, path: tuple[str, ...]) -> _Section | Config:
+    found: _Section | Config = config
+    for name in path:
+        found = getattr(found, name)
+    return found
+
+
+def blame(model: BaseModel, name: str, key: str, problem: str) -> ConfigError:
+    """A ConfigError about field `name` of `model` (dotted `key`), naming the environment
+    variable that set it, if one did: `EDGE_AGENT_MQTT__TLS__CA_FILE: mqtt.tls.ca_file: ...`."""
+    variable = model._variables.get(name) if isinstance(model, _Section | Config) else None
+    return ConfigError(f"{variable}: {key}: {problem}" if variable else f"{key}: {problem}", key=key)
+
+
+def changed_keys(old: BaseModel, new: BaseModel, prefix: str = "") -> list[str]:
+    """Every key whose value differs between two configs, dotted (`mqtt.port`)."""
+    found = []
+    for name in type(old).model_fields:
+        before, after = getattr(old, name), getattr(new, name)
+        if isinstance(before, BaseModel) and isinstance(after, BaseModel):
+            found += changed_keys(before, after, f"{prefix}{name}.")
+        elif before != after:
+            found.append(f"{prefix}{name}")
+    return found
 
 
 def check_files(model: BaseModel, prefix: str = "") -> None:
     """Every `*_file` key that is set names a readable file, and a secret one (SecretFile)
-    is readable by its owner only: a ConfigError naming the key otherwise. Run before
-    anything is opened, so that a missing certificate is a config error, not a crash."""
+    belongs to the agent's user (or root) and is readable by its owner only: a ConfigError
+    naming the key (and the variable that set it) otherwise. Run before anything is opened,
+    so that a missing certificate is a config error, not a crash."""
     for name, field in type(model).model_fields.items():
         value = getattr(model, name)
         key = f"{prefix}{name}"
@@ -218,14 +297,34 @@ def check_files(model: BaseModel, prefix: str = "") -> None:
             check_files(value, f"{key}.")
         elif isinstance(value, Path) and name.endswith("_file"):
             try:
-                mode = value.stat().st_mode
+                status = value.stat()
             except OSError as error:
-                raise ConfigError(f"{key}: cannot read {value}: {error.strerror}", key=key) from error
+                raise blame(model, name, key, f"cannot read {value}: {error.strerror}") from error
+            mode = status.st_mode
             if not stat.S_ISREG(mode):
-                raise ConfigError(f"{key}: {value} is not a file", key=key)
-            if field.json_schema_extra == SECRET and mode & 0o077:
-                raise ConfigError(
-                    f"{key}: {value} is open to group or others (mode {stat.S_IMODE(mode):04o}); "
-                    f"run: chmod 600 {value}",
-                    key=key,
+                raise blame(model, name, key, f"{value} is not a file")
+            if field.json_schema_extra != SECRET:
+                continue
+            if status.st_uid not in (os.geteuid(), 0):
+                user = _user_name(os.geteuid())
+                raise blame(
+                    model,
+                    name,
+                    key,
+                    f"{value} belongs to {_user_name(status.st_uid)}, not to the agent's user {user}; "
+                    f"run: chown {user} {value}",
                 )
+            if mode & 0o077:
+                raise blame(
+                    model,
+                    name,
+                    key,
+                    f"{value} is open to group or others (mode {stat.S_IMODE(mode):04o}); run: chmod 600 {value}",
+                )
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:  # a uid with no account (a file from another machine)
+        return f"uid {uid}"

@@ -22,7 +22,7 @@ from pathlib import Path
 from types import TracebackType
 
 from edge_agent.domain.moments import iso
-from edge_agent.errors import EdgeAgentError
+from edge_agent.errors import ConfigError, EdgeAgentError
 from edge_agent.files import FILE_MODE, private_dir
 
 LOCK_NAME = "lock"
@@ -53,16 +53,23 @@ class Holder:
 class DataDirLock:
     """`with DataDirLock(data_dir):` holds the data folder's lock (DataDirLocked if taken)."""
 
-    def __init__(self, data_dir: Path, *, advice: str = "") -> None:
+    def __init__(self, data_dir: Path, *, advice: str = "", key: str = "data_dir") -> None:
         self.data_dir = data_dir
         self.path = data_dir / LOCK_NAME
         self._advice = advice
+        self._key = key  # what to blame when the folder cannot be used
         self._fd: int | None = None
 
     def acquire(self) -> DataDirLock:
-        private_dir(self.data_dir)
-        # O_NOFOLLOW: a symlink planted at the lock's name must not redirect the write below.
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+        if self.data_dir.exists() and not self.data_dir.is_dir():
+            raise ConfigError(f"{self._key}: cannot use {self.data_dir}: it is a file, not a folder", key=self._key)
+        try:
+            private_dir(self.data_dir)
+            # O_NOFOLLOW: a symlink planted at the lock's name must not redirect the write below.
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+        except OSError as error:  # the first thing the agent does: a config error, nothing touched
+            reason = error.strerror or str(error)
+            raise ConfigError(f"{self._key}: cannot use {self.data_dir}: {reason}", key=self._key) from error
         try:
             os.fchmod(fd, FILE_MODE)  # os.open's mode is filtered by the umask
             _lock(fd)

@@ -15,7 +15,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 
 from edge_agent.agent import Agent, demo_orders
-from edge_agent.config import Config, check_files, load_config
+from edge_agent.config import Config, changed_keys, check_files, load_config
 from edge_agent.devices.profile import load_profile
 from edge_agent.domain.state import Stage
 from edge_agent.errors import ConfigError
@@ -23,6 +23,7 @@ from edge_agent.gateway import Gateway
 from edge_agent.health import HealthServer, Metrics
 from edge_agent.lock import DataDirLock
 from edge_agent.mqtt.broker import EmbeddedBroker
+from edge_agent.mqtt.link import check_credentials
 from edge_agent.sdnotify import Notifier
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,8 @@ def run_agent(config: Config, demo: int = 0, config_path: Path | None = None) ->
 
 async def serve(config: Config, demo: int = 0, config_path: Path | None = None) -> None:
     profile = load_profile(config.profile)  # a bad profile stops us before any pin or the log is touched
-    check_files(config)  # so do a missing certificate and a password file others can read
+    check_files(config)  # so do a missing certificate and a password file others can read,
+    check_credentials(config.mqtt)  # and a certificate, key or password the link could not use
     notifier = Notifier()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -173,7 +175,7 @@ def reload(config: Config, path: Path | None, gateway: Gateway | None) -> Config
     except ConfigError as error:
         log.error("reload refused, nothing changed: %s", error)
         return config
-    changed = {key for key in type(fresh).model_fields if getattr(fresh, key) != getattr(config, key)}
+    changed = set(changed_keys(config, fresh))  # dotted: `mqtt.port`, not the whole section
     logging.getLogger().setLevel(fresh.log_level.upper())
     log.debug("logging at %s", fresh.log_level)  # seen only if that level is now in force
     if gateway is not None:

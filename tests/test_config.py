@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pwd
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,8 @@ import pytest
 
 from edge_agent.config import Config, check_files, load_config
 from edge_agent.errors import ConfigError
+from edge_agent.mqtt.link import tls_context
+from tests.test_mqtt_faults import make_pki
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -257,3 +260,194 @@ def test_the_agent_exits_2_on_a_bad_config_before_touching_the_log(tmp_path: Pat
     assert "log.snapshot_every" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "data").exists()
+
+
+# -- every file and folder the agent will use is checked before the log is touched ------------
+
+
+def tls_config(tmp_path: Path, tls: str) -> Path:
+    make_pki(tmp_path / "pki")
+    (tmp_path / "pki" / "notes.txt").write_text("not a certificate\n", encoding="utf-8")
+    return agent_config(tmp_path, f"{{port: 1, tls: {tls}}}")
+
+
+@pytest.mark.parametrize(
+    ("tls", "expected"),
+    [
+        ("{ca_file: ../pki/notes.txt}", "mqtt.tls.ca_file: {pki}/notes.txt holds no PEM certificate"),
+        ("{ca_file: ../pki/server.key}", "mqtt.tls.ca_file: {pki}/server.key holds no PEM certificate"),
+        (
+            "{ca_file: ../pki/ca.crt, cert_file: ../pki/server.crt}",
+            "mqtt.tls.cert_file: {pki}/server.crt holds no private key; set mqtt.tls.key_file",
+        ),
+        (
+            "{ca_file: ../pki/ca.crt, cert_file: ../pki/server.key, key_file: ../pki/server.key}",
+            "mqtt.tls.cert_file: {pki}/server.key holds no PEM certificate",
+        ),
+        (
+            "{ca_file: ../pki/ca.crt, cert_file: ../pki/server.crt, key_file: ../pki/notes.txt}",
+            "mqtt.tls.key_file: {pki}/notes.txt holds no PEM private key",
+        ),
+        (
+            "{ca_file: ../pki/ca.crt, cert_file: ../pki/server.crt, key_file: ../pki/ca.key}",
+            "mqtt.tls.key_file: {pki}/ca.key does not match the certificate in {pki}/server.crt",
+        ),
+        (
+            "{ca_file: ../pki/ca.crt, key_file: ../pki/server.key}",
+            "mqtt.tls.key_file: {pki}/server.key is set without mqtt.tls.cert_file",
+        ),
+    ],
+)
+def test_tls_files_the_link_cannot_use_are_config_errors_before_the_log(
+    tmp_path: Path, tls: str, expected: str
+) -> None:
+    done = run_agent(tls_config(tmp_path, tls))
+    line = one_error_line(done)
+    assert line.startswith("error: " + expected.format(pki=tmp_path / "etc" / ".." / "pki")), line
+    assert not (tmp_path / "data").exists()  # no lock, no log, no AgentStarted
+
+
+def test_a_certificate_and_its_key_are_accepted(tmp_path: Path) -> None:
+    config = load_config(
+        tls_config(tmp_path, "{ca_file: ../pki/ca.crt, cert_file: ../pki/server.crt, key_file: ../pki/server.key}")
+    )
+    check_files(config)
+    assert tls_context(config.mqtt) is not None
+
+
+def unusable_data_dir(tmp_path: Path, case: str) -> Path:
+    if case == "missing parent under /proc":
+        return Path("/proc/edge-agent-nope/data")
+    if case == "a file in the way":
+        (tmp_path / "in-the-way").write_text("", encoding="utf-8")
+        return tmp_path / "in-the-way"
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    return locked / "data"
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("missing parent under /proc", "No such file or directory"),
+        ("a file in the way", "it is a file, not a folder"),
+        pytest.param(
+            "permission denied",
+            "Permission denied",
+            marks=pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere"),
+        ),
+    ],
+)
+def test_an_unusable_data_dir_is_one_line_naming_the_key_and_the_path(tmp_path: Path, case: str, reason: str) -> None:
+    data_dir = unusable_data_dir(tmp_path, case)
+    config = write(tmp_path, f"data_dir: {data_dir}\nprofile: {ROOT / 'device_profiles' / 'simulated.yaml'}\n")
+    done = run_agent(config)
+    assert one_error_line(done) == f"error: data_dir: cannot use {data_dir}: {reason}"
+
+
+def secret(tmp_path: Path, text: str, owner: int | None = None) -> Path:
+    path = tmp_path / "etc" / "mqtt-password"
+    path.write_text(text, encoding="utf-8")
+    path.chmod(0o600)
+    if owner is not None:
+        os.chown(path, owner, -1)
+    return path
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user takes root")
+def test_a_password_file_of_another_user_is_refused_with_the_chown_to_run(tmp_path: Path) -> None:
+    config = agent_config(tmp_path, "{port: 1, username: cell, password_file: mqtt-password}")
+    path = secret(tmp_path, "s3cret\n", owner=pwd.getpwnam("nobody").pw_uid)
+    line = one_error_line(run_agent(config))
+    assert line.startswith(f"error: mqtt.password_file: {path} belongs to nobody, not to the agent's user root")
+    assert line.endswith(f"run: chown root {path}")
+    assert not (tmp_path / "data").exists()
+
+
+def test_an_empty_password_file_is_refused(tmp_path: Path) -> None:
+    config = agent_config(tmp_path, "{port: 1, username: cell, password_file: mqtt-password}")
+    path = secret(tmp_path, " \n")
+    assert one_error_line(run_agent(config)) == f"error: mqtt.password_file: {path} is empty"
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_password_file_without_a_username_is_refused(tmp_path: Path) -> None:
+    config = agent_config(tmp_path, "{port: 1, password_file: mqtt-password}")
+    secret(tmp_path, "s3cret\n")
+    line = one_error_line(run_agent(config))
+    assert (
+        line
+        == f"error: {config}: mqtt.password_file: a password file needs mqtt.username (the user it is the password of)"
+    )
+
+
+def test_a_username_without_a_password_is_a_valid_setup(tmp_path: Path) -> None:
+    """Mosquitto with `allow_anonymous true` and ACLs by user name takes a name alone."""
+    config = load_config(agent_config(tmp_path, "{port: 1, username: cell}"))
+    assert (config.mqtt.username, config.mqtt.password_file) == ("cell", None)
+    check_files(config)
+
+
+@pytest.mark.parametrize(
+    ("variable", "key", "problem"),
+    [
+        ("EDGE_AGENT_MQTT__TLS__CA_FILE", "mqtt.tls.ca_file", "cannot read /nope: No such file or directory"),
+        ("EDGE_AGENT_MQTT__PASSWORD_FILE", "mqtt.password_file", "cannot read /nope: No such file or directory"),
+    ],
+)
+def test_a_bad_file_set_by_a_variable_names_the_variable(tmp_path: Path, variable: str, key: str, problem: str) -> None:
+    config = agent_config(tmp_path, "{port: 1, username: cell}")
+    line = one_error_line(run_agent(config, **{variable: "/nope"}))
+    assert line == f"error: {variable}: {key}: {problem}"
+
+
+def test_a_certificate_set_by_a_variable_that_is_not_one_names_the_variable(tmp_path: Path) -> None:
+    config = tls_config(tmp_path, "{}")
+    notes = tmp_path / "pki" / "notes.txt"
+    line = one_error_line(run_agent(config, EDGE_AGENT_MQTT__TLS__CA_FILE=str(notes)))
+    assert line.startswith(f"error: EDGE_AGENT_MQTT__TLS__CA_FILE: mqtt.tls.ca_file: {notes} holds no PEM certificate")
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "lines"),
+    [
+        ("speed: 2\nlog_level: info\nspeed: 3\n", "speed", "1 and 3"),
+        ("mqtt:\n  port: 1883\n  host: broker\n  port: 1884\n", "mqtt.port", "2 and 4"),
+        ("mqtt:\n  tls: {ca_file: a.pem, ca_file: b.pem}\n", "mqtt.tls.ca_file", "2 and 2"),
+        ("mqtt: {port: 1}\nlog: {retention: drop}\nmqtt: {host: b}\n", "mqtt", "1 and 3"),
+    ],
+)
+def test_a_key_given_twice_is_an_error_naming_it(tmp_path: Path, text: str, key: str, lines: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value) == f"{path}: {key}: given twice (lines {lines})"
+    assert caught.value.key == key
+
+
+def test_a_folder_given_as_config_says_it_is_a_folder(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "edge_agent", "run", "--config", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert one_error_line(done) == f"error: --config: {tmp_path} is a folder, not a file; name the config file in it"
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN"])
+def test_speed_from_a_variable_refuses_nan_and_inf(tmp_path: Path, value: str) -> None:
+    config = agent_config(tmp_path, "{port: 1}")
+    line = one_error_line(run_agent(config, EDGE_AGENT_SPEED=value))
+    assert line == f"error: EDGE_AGENT_SPEED: speed: must be a finite number, not {value}"
+
+
+@pytest.mark.parametrize(
+    ("text", "key"), [("speed: .nan\n", "speed"), ("telemetry_interval_s: .inf\n", "telemetry_interval_s")]
+)
+def test_a_float_key_in_the_file_refuses_nan_and_inf(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text))
+    assert caught.value.key == key
+    assert "must be a finite number" in str(caught.value)

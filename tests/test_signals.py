@@ -113,3 +113,21 @@ def test_log_level_on_the_command_line_overrides_the_config(tmp_path: Path) -> N
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=5)
     assert not any(" INFO " in line for line in output.seen)  # info: not shown
+
+
+def test_sighup_names_every_changed_key_dotted_not_its_section(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    port = free_port()
+    write_config(config, "info", 5, port)
+    process, output = start(config)
+    try:
+        output.wait_for("edge-agent 0.1.0 on signal-test")
+        text = config.read_text(encoding="utf-8").replace(f"port: {port}", f"port: {free_port()}")
+        config.write_text(text + "log: {snapshot_every: 500}\n", encoding="utf-8")
+        process.send_signal(signal.SIGHUP)
+        pending = output.wait_for("only after a restart").rstrip("\n")
+        assert pending.endswith("take effect only after a restart: log.snapshot_every, mqtt.port"), pending
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=5) == 0
+    finally:
+        process.kill()

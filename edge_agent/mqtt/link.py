@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -29,7 +30,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from edge_agent.config import MqttConfig, check_files
+from edge_agent.config import MqttConfig, TlsConfig, blame, check_files
 from edge_agent.errors import ConfigError
 from edge_agent.mqtt.topics import Topics
 
@@ -343,21 +344,87 @@ def secure(client: paho.Client, config: MqttConfig) -> None:
     check_files(config, "mqtt.")
     if config.username is not None:
         client.username_pw_set(config.username, read_password(config))
-    tls = config.tls
-    if tls.ca_file or tls.cert_file or tls.key_file:
-        client.tls_set(
-            ca_certs=str(tls.ca_file) if tls.ca_file else None,
-            certfile=str(tls.cert_file) if tls.cert_file else None,
-            keyfile=str(tls.key_file) if tls.key_file else None,
-        )
+    context = tls_context(config)
+    if context is not None:
+        client.tls_set_context(context)  # verifies the broker's certificate and host name
+
+
+def check_credentials(config: MqttConfig) -> None:
+    """Everything `secure` will load, loaded now: run at start-up, before the log is opened,
+    so that a bad certificate or password file is a config error, not a crash later."""
+    check_files(config, "mqtt.")
+    read_password(config)
+    tls_context(config)
 
 
 def read_password(config: MqttConfig) -> str | None:
     if config.password_file is None:
         return None
     try:
-        return config.password_file.read_text(encoding="utf-8").strip()
-    except OSError as error:
-        raise ConfigError(
-            f"mqtt.password_file: cannot read {config.password_file}: {error}", key="mqtt.password_file"
+        password = config.password_file.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as error:
+        problem = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
+        raise blame(
+            config, "password_file", "mqtt.password_file", f"cannot read {config.password_file}: {problem}"
         ) from error
+    if not password:  # sent as is, an empty password fails as a bad one, far from its cause
+        raise blame(config, "password_file", "mqtt.password_file", f"{config.password_file} is empty")
+    return password
+
+
+class _Encrypted(Exception):
+    """The private key asks for a passphrase (the agent has none to give)."""
+
+
+def _no_passphrase() -> str:
+    raise _Encrypted  # without a callback, OpenSSL would prompt on the terminal
+
+
+def tls_context(config: MqttConfig) -> ssl.SSLContext | None:
+    """The TLS context the link uses (None: plain TCP), as paho's `tls_set` would build it,
+    every file loaded: one that is not a certificate or key, a certificate without its key,
+    a key that does not match it, is a ConfigError naming the key and the path."""
+    tls = config.tls
+    if tls.ca_file is None and tls.cert_file is None and tls.key_file is None:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED, host name checked
+    if tls.ca_file is None:
+        context.load_default_certs()
+    else:
+        try:
+            context.load_verify_locations(cafile=str(tls.ca_file))
+        except (ssl.SSLError, OSError) as error:
+            raise _bad(tls, "ca_file", f"{tls.ca_file} holds no PEM certificate ({_tls_text(str(error))})") from error
+    if tls.cert_file is None:
+        if tls.key_file is not None:
+            raise _bad(tls, "key_file", f"{tls.key_file} is set without mqtt.tls.cert_file, its certificate")
+        return context
+    if b"-----BEGIN CERTIFICATE-----" not in _read(tls, "cert_file"):
+        raise _bad(tls, "cert_file", f"{tls.cert_file} holds no PEM certificate")
+    holder = "key_file" if tls.key_file is not None else "cert_file"
+    if b"PRIVATE KEY-----" not in _read(tls, holder):
+        if tls.key_file is None:
+            raise _bad(tls, "cert_file", f"{tls.cert_file} holds no private key; set mqtt.tls.key_file")
+        raise _bad(tls, "key_file", f"{tls.key_file} holds no PEM private key")
+    key_path = tls.key_file or tls.cert_file
+    try:
+        context.load_cert_chain(str(tls.cert_file), str(tls.key_file) if tls.key_file else None, _no_passphrase)
+    except _Encrypted:
+        raise _bad(tls, holder, f"{key_path} is encrypted; the agent needs the key without a passphrase") from None
+    except ssl.SSLError as error:
+        if error.reason == "KEY_VALUES_MISMATCH":
+            raise _bad(tls, holder, f"{key_path} does not match the certificate in {tls.cert_file}") from error
+        raise _bad(tls, holder, f"cannot load {key_path}: {_tls_text(str(error))}") from error
+    return context
+
+
+def _read(tls: TlsConfig, name: str) -> bytes:
+    path: Path = getattr(tls, name)
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise _bad(tls, name, f"cannot read {path}: {error.strerror}") from error
+
+
+def _bad(tls: TlsConfig, name: str, problem: str) -> ConfigError:
+    return blame(tls, name, f"mqtt.tls.{name}", problem)
