@@ -11,6 +11,7 @@ import json
 import os
 import queue
 import re
+import shutil
 import sqlite3
 import stat
 import subprocess
@@ -38,6 +39,7 @@ from edge_agent.domain import events as ev
 from edge_agent.domain.evolve import fold
 from edge_agent.domain.state import State
 from edge_agent.domain.view import state_view
+from edge_agent.lock import LOCK_NAME, DataDirLock, holder
 from edge_agent.log.journal import Journal, replay
 from edge_agent.log.store import Base, EventLog
 from tests.plant import PRODUCTS, STATIONS, run
@@ -774,16 +776,70 @@ def test_log_export_never_writes_onto_the_log_it_reads(cell: Cell) -> None:
 
 def test_log_export_overwrites_only_with_force(cell: Cell, tmp_path: Path) -> None:
     target = tmp_path / "export.jsonl"
-    target.write_text("yesterday's export\n")
+    assert agent("log", "export", "--db", cell.path, "--output", target).returncode == 0
+    yesterday = target.read_text()
     done = agent("log", "export", "--db", cell.path, "--output", target)
     assert done.returncode == 2
     assert f"{target} exists; use --force to replace it" in one_error_line(done.stderr)
-    assert target.read_text() == "yesterday's export\n"
+    assert target.read_text() == yesterday
 
+    target.write_text(yesterday.splitlines()[0] + "\n")  # an earlier, shorter export
     forced = agent("log", "export", "--db", cell.path, "--output", target, "--force")
     assert forced.returncode == 0, forced.stderr
     assert json_lines(target.read_text()) == stored_events(cell.path)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+
+    empty = tmp_path / "empty.jsonl"
+    empty.touch()
+    assert agent("log", "export", "--db", cell.path, "--output", empty, "--force").returncode == 0
+    assert json_lines(empty.read_text()) == stored_events(cell.path)
+
+
+def fingerprint(path: Path) -> tuple[int, int, bytes]:
+    """(inode, type and mode, content) of a file: the same only if nothing replaced or wrote it."""
+    found = path.lstat()
+    content = path.read_bytes() if stat.S_ISREG(found.st_mode) else b""
+    return found.st_ino, found.st_mode, content
+
+
+def test_log_export_force_replaces_nothing_but_an_earlier_export(cell: Cell, tmp_path: Path) -> None:
+    """Not another agent's log, its journal, a data folder's lock, a device, a fifo or a stranger's file."""
+    other_dir = tmp_path / "other"
+    with Journal.open(other_dir / "events.db", synchronous="normal") as journal:
+        run(journal, cmd.ConfigurePlant(STATIONS, PRODUCTS), FakeClock(T0))
+    other_log = other_dir / "events.db"
+    wal = tmp_path / "wal" / "events.db-wal"
+    wal.parent.mkdir()
+    shutil.copy(other_log, wal.parent / "events.db")
+    wal.touch()  # a checkpointed WAL is empty, yet SQLite's
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an export\n")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    targets = [other_log, wal, notes, fifo]
+    if os.geteuid() == 0:
+        device = tmp_path / "null"
+        os.mknod(device, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        targets.append(device)
+    with DataDirLock(other_dir):  # a running agent's lock
+        lock = other_dir / LOCK_NAME
+        targets.append(lock)
+        before = {target: fingerprint(target) for target in targets}
+        for target in targets:
+            done = agent("log", "export", "--db", cell.path, "--output", target, "--force")
+            assert done.returncode == 2, (target, done.stderr)
+            assert "--force replaces only a file this command wrote" in one_error_line(done.stderr), target
+        assert {target: fingerprint(target) for target in targets} == before
+        assert holder(other_dir) is not None
+    assert_verifies(other_log, 1, 1)
+
+
+def test_log_export_to_a_folder_is_one_line(cell: Cell, tmp_path: Path) -> None:
+    for force in ((), ("--force",)):
+        done = agent("log", "export", "--db", cell.path, "--output", tmp_path, *force)
+        assert done.returncode == 2, done.stderr
+        assert f"{tmp_path} is a folder" in one_error_line(done.stderr)
+    assert tmp_path.is_dir()
 
 
 def test_log_export_never_follows_a_symlink(cell: Cell, tmp_path: Path) -> None:
@@ -802,9 +858,10 @@ def test_log_export_never_follows_a_symlink(cell: Cell, tmp_path: Path) -> None:
     assert refused.returncode == 2
     assert "is the log being read" in one_error_line(refused.stderr)
 
-    forced = agent("log", "export", "--db", cell.path, "--output", link, "--force")  # the link replaced, not followed
-    assert forced.returncode == 0, forced.stderr
-    assert not link.is_symlink()
+    forced = agent("log", "export", "--db", cell.path, "--output", link, "--force")  # neither followed nor replaced
+    assert forced.returncode == 2
+    assert "is a symlink" in one_error_line(forced.stderr)
+    assert link.is_symlink()
     assert elsewhere.read_text() == "not yours\n"
 
 
