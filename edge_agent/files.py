@@ -62,7 +62,7 @@ def write_atomically(
     force: bool = False,
     option: str = "--output",
     protected: tuple[Path, ...] = (),
-    replaceable: Callable[[Path], str | None] = lambda path: "an existing file",
+    replaceable: Callable[[Path], str | None] = lambda path: None,
 ) -> None:
     """Write a new file at `path` with `write(stream)`: complete under its name or not there.
 
