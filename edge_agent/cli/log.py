@@ -205,9 +205,12 @@ def compact(
     """Archive or drop the events before the newest snapshot, per log.retention."""
     chosen = retention or Retention(load_config(config).log.retention)
     with open_log(config, db) as log_:  # a missing or foreign file is refused before a lock is made beside it
-        folder = log_.path.parent
+        path = log_.path  # symlinks resolved: the lock below is the real folder's
+    if path.stat().st_nlink > 1:
+        # The lock guards one name only: under another name this file may be a running agent's log.
+        raise ConfigError(f"{path} has other hard links (it may be a running agent's log); compact a copy", key="--db")
     # The agent's own lock: one writer per log, so never while the agent runs.
-    with DataDirLock(folder, advice=", stop it first"), open_log(config, db, write=True) as log_:
+    with DataDirLock(path.parent, advice=", stop it first"), open_log(config, path, write=True) as log_:
         result = compact_log(log_, chosen, log_.path.parent / "archive")
     if result.up_to_seq is None:
         display.out.print(f"nothing to compact (retention {chosen}, or no snapshot past the log's start)")
