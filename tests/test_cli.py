@@ -1026,6 +1026,41 @@ def test_an_invalid_config_names_the_key(tmp_path: Path, yaml_text: str, key: st
     assert done.stdout == ""
 
 
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (("frobnicate",), "No such command 'frobnicate'"),
+        (("order", "submit", "widget-a", "abc", "--warehouse", "WH1"), "Invalid value for 'qty'"),
+        (("order", "submit", "widget-a", "3"), "Missing option '--warehouse'"),
+        (("log", "replay", "--to", "abc"), "Invalid value for '--to'"),
+        (("log", "export", "--format", "csv"), "Invalid value for '--format'"),
+        (("log", "show", "--nope"), "No such option: --nope"),
+    ],
+    ids=["command", "argument", "missing-option", "option-value", "choice", "option"],
+)
+def test_a_usage_error_is_one_line_exit_2(args: tuple[str, ...], says: str) -> None:
+    done = agent(*args)
+    assert done.returncode == 2
+    line = one_error_line(done.stderr)
+    assert says in line
+    assert line.endswith("--help')")
+    assert done.stdout == ""
+
+
+def test_help_and_version_still_exit_as_before() -> None:
+    for args in (("--help",), ("log", "show", "--help"), ("order", "submit", "--help")):
+        done = agent(*args)
+        assert done.returncode == 0, args
+        assert "Usage:" in done.stdout
+        assert done.stderr == ""
+    version = agent("--version")
+    assert (version.returncode, version.stdout.strip()) == (0, f"edge-agent {__version__}")
+    bare = agent("log")  # a group without a command: its help
+    assert bare.returncode == 2
+    assert "Usage:" in bare.stdout
+    assert "show" in bare.stdout
+
+
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     missing = tmp_path / "nope.db"
     done = agent("--debug", "status", "--db", missing)

@@ -10,6 +10,7 @@ from enum import StrEnum
 from typing import Annotated
 
 import typer
+from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer vendors click; no public name
 
 from edge_agent import __version__
 from edge_agent.cli import display
@@ -119,9 +120,18 @@ def main() -> None:
     debug = "--debug" in sys.argv[1:]
     try:
         try:
-            app()
+            # Not standalone: usage errors come here, to be one line like every other error.
+            code = app(standalone_mode=False)
         except BaseExceptionGroup as group:  # from a TaskGroup: report the first real error
             raise _first_error(group) from group
+    except NoArgsIsHelpError as error:  # `edge-agent log`: the group's help, as ever
+        display.out.print(error.format_message(), markup=False, end="")
+        sys.exit(error.exit_code)
+    except UsageError as error:
+        display.err.print(f"error: {_usage_line(error)}", markup=False)
+        sys.exit(error.exit_code)
+    except typer.Abort:  # end of input at a prompt
+        sys.exit(1)
     except EdgeAgentError as error:
         if debug:
             traceback.print_exc()
@@ -139,3 +149,12 @@ def main() -> None:
             f"error: {type(error).__name__}: {display.printable(error)} (run with --debug for details)", markup=False
         )
         sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)  # typer.Exit(n) returns n when not standalone
+
+
+def _usage_line(error: UsageError) -> str:
+    """click's message on one line, with where to find the usage instead of the usage itself."""
+    message = " ".join(display.printable(error.format_message()).split())
+    if error.ctx is None:
+        return message
+    return f"{message} (see '{error.ctx.command_path} --help')"
