@@ -611,6 +611,26 @@ def test_order_submit_wait_gives_up_after_its_timeout_in_one_line(new_agent: Age
     assert "order lost did not reach the warehouse within 0.5 s" in lines[0]
 
 
+@pytest.mark.parametrize("broker", ["mosquitto"], indirect=True)  # a broker, and no agent behind it
+def test_a_device_that_is_not_a_device_id_is_a_usage_error_and_nothing_is_sent(new_agent: AgentFactory) -> None:
+    """Not a topic level (`a/b`, `#`, `+`), nor empty (which would send to the whole fleet)."""
+    agent = new_agent(start=False)
+    submit = ["order", "submit", "widget-a", "1", "--warehouse", "WH1"]
+    with agent.peer("#") as everything:
+        for device in ("a/b", "#", ""):
+            refused = agent.cli(*submit, "--device", device)
+            assert refused.returncode == 2, (device, refused.stderr)
+            assert "--device" in refused.stderr.strip()
+            assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+        refused = agent.cli("order", "cancel", "X", "--device", "+")
+        assert refused.returncode == 2, refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+        # a good one after them: once it is there, anything the refused ones sent would be too
+        assert agent.cli(*submit, "--device", "cell-7", "--order-id", "after").returncode == 0
+        everything.wait_for(on(f"{PREFIX}/cell-7/orders", order_id="after"))
+        assert [m.topic for m in everything.messages()] == [f"{PREFIX}/cell-7/orders"]
+
+
 @pytest.mark.parametrize("broker", ["mosquitto"], indirect=True)
 def test_order_cancel_wait_exits_0_once_cancelled_and_1_with_the_reason_when_it_cannot_apply(
     new_agent: AgentFactory,

@@ -3,6 +3,7 @@ configured broker, and follow what becomes of it."""
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ from pydantic import ValidationError
 
 from edge_agent.cli import display
 from edge_agent.cli.options import ConfigOption
-from edge_agent.config import load_config
+from edge_agent.config import Config, load_config
 from edge_agent.errors import ConfigError, EdgeAgentError
 from edge_agent.mqtt.client import Session, session
 from edge_agent.mqtt.inbound import CancelPayload, OrderPayload, describe
@@ -25,6 +26,26 @@ order_app = typer.Typer(help="Submit and cancel orders through the configured br
 
 class OrderNotCompleted(EdgeAgentError):
     """The order was rejected, failed or cancelled, or did not finish in time."""
+
+
+def _device_id_rule() -> re.Pattern[str]:
+    """The config's own rule for `device_id`: a `--device` is held to the same."""
+    for meta in Config.model_fields["device_id"].metadata:
+        if isinstance(pattern := getattr(meta, "pattern", None), str):
+            return re.compile(pattern)
+    raise AssertionError("device_id has no pattern")  # pragma: no cover
+
+
+_DEVICE_ID = _device_id_rule()
+
+
+def checked_device(device: str | None) -> str | None:
+    """`--device` as given, refused (exit 2) unless a device id: not a topic level such as
+    `a/b` or `#`, nor an empty one, which would send to other devices or to the fleet."""
+    if device is not None and not _DEVICE_ID.fullmatch(device):
+        shown = display.printable(device)
+        raise ConfigError(f"--device: {shown!r} is not a device id (1 to 64 of A-Z a-z 0-9 . _ : -)", key="--device")
+    return device
 
 
 def _milestone(event: dict[str, Any]) -> str | None:
@@ -59,6 +80,7 @@ def submit(
     config: ConfigOption = None,
 ) -> None:
     """Publish an order (QoS 1); with --wait, follow it. Exit 1 on rejection, failure or timeout."""
+    device = checked_device(device)
     settings = load_config(config)
     prefix = settings.mqtt.topic_prefix
     order_id = order_id or f"order-{uuid.uuid4().hex[:12]}"
@@ -68,7 +90,7 @@ def submit(
     except ValidationError as error:
         field = str(error.errors()[0]["loc"][0])
         raise ConfigError(describe(error), key=field) from error
-    topic = f"{prefix}/{device}/orders" if device else f"{prefix}/orders"
+    topic = f"{prefix}/{device}/orders" if device is not None else f"{prefix}/orders"
     follow = [f"{prefix}/{device or '+'}/events"] if wait else []
     with session(settings.mqtt, follow) as client:
         client.publish(topic, orjson.dumps(body), timeout_s=min(timeout, 30.0))
@@ -115,12 +137,13 @@ def cancel(
     config: ConfigOption = None,
 ) -> None:
     """Ask a device to cancel an order (QoS 1); with --wait, exit 0 once it is cancelled, 1 if refused."""
+    device = checked_device(device)
     settings = load_config(config)
     try:  # the check the agent makes, before anything is sent
         CancelPayload.model_validate({"order_id": order_id})
     except ValidationError as error:
         raise ConfigError(describe(error), key="order_id") from error
-    device = device or settings.device_id
+    device = settings.device_id if device is None else device
     topics = Topics(settings.mqtt.topic_prefix, device)
     follow = [topics.events, topics.rejected] if wait else []
     with session(settings.mqtt, follow) as client:
