@@ -63,6 +63,8 @@ def show(
 ) -> None:
     """Print events, one per line."""
     _known_type(type_)
+    if to_seq is not None and to_seq < from_seq:  # else an empty range, silently
+        raise ConfigError(f"--to {to_seq} is before --from {from_seq}", key="--to")
     with open_log(config, db) as log_:
         next_seq = from_seq
         while True:
