@@ -41,7 +41,7 @@ from edge_agent.domain.state import State
 from edge_agent.domain.view import state_view
 from edge_agent.lock import LOCK_NAME, DataDirLock, holder
 from edge_agent.log.journal import Journal, replay
-from edge_agent.log.store import Base, EventLog
+from edge_agent.log.store import OUTBOX_CURSOR, Base, EventLog
 from tests.plant import PRODUCTS, STATIONS, run
 
 T0 = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
@@ -298,7 +298,13 @@ def test_status_json_is_the_live_state_while_the_agent_writes(cell: Cell) -> Non
     (view,) = json_lines(result.stdout)
     assert view.keys() >= STATE_KEYS
     # A Journal, not an agent: nobody holds the data folder's lock.
-    assert timeless(view) == timeless({**expected, "agent": {"running": False, "pid": None, "since": None}})
+    assert timeless(view) == timeless(
+        {
+            **expected,
+            "outbox": {"published_seq": 0, "waiting": journal.state.last_seq},  # no broker ever acknowledged
+            "agent": {"running": False, "pid": None, "since": None},
+        }
+    )
     # what an operator reads off it
     assert view["last_seq"] == journal.state.last_seq
     assert view["estop"] is False
@@ -329,6 +335,18 @@ def test_status_json_is_the_live_state_while_the_agent_writes(cell: Cell) -> Non
     assert (items["o5"]["progress"], items["o5"]["units_done"]) == (100, 2)
     assert (items["o6"]["stage"], items["o6"]["progress"]) == ("FactoryAccepted", 0)
     assert all(isinstance(o2[key], float) for key in CLOCK_KEYS)  # measured up to now
+
+
+def test_status_shows_how_far_the_broker_has_acknowledged_the_outbox(cell: Cell) -> None:
+    """A broker refusing or away shows as events waiting, not as nothing."""
+    with EventLog(cell.path) as log_:
+        log_.save_cursor(OUTBOX_CURSOR, 12)
+    waiting = cell.last.last_seq - 12
+    as_json = cli("status", "--db", cell.path, "--json")
+    assert as_json.exit_code == 0, as_json.output
+    assert json_lines(as_json.stdout)[0]["outbox"] == {"published_seq": 12, "waiting": waiting}
+    as_text = cli("status", "--db", cell.path, env={"COLUMNS": "200"})
+    assert f"outbox published up to seq 12, {waiting} waiting" in as_text.stdout
 
 
 def test_status_table(cell: Cell) -> None:
@@ -469,6 +487,13 @@ def test_log_show_filters(cell: Cell) -> None:
     assert both == [e for e in stored if e["subject"] == "o5" and e["type"] == "UnitBuilt"]
     assert show(cell, "--type", "OrderCancelled") == []  # a type, none of it in this log
     assert show(cell, "--from", str(cell.last.last_seq + 1)) == []
+
+
+def test_log_show_an_empty_range_is_a_usage_error(cell: Cell) -> None:
+    done = agent("log", "show", "--db", cell.path, "--from", "10", "--to", "5")
+    assert done.returncode == 2
+    assert "--to 5 is before --from 10" in one_error_line(done.stderr)
+    assert done.stdout == ""
 
 
 def test_log_show_an_unknown_type_lists_the_types(cell: Cell) -> None:
@@ -989,6 +1014,19 @@ def test_profile_list_names_the_config_it_used(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[0] == f"config: {config}; profile: {root / 'device_profiles' / 'simulated.yaml'}"
     assert "rpi-2station" in done.stdout
+
+
+def test_profile_list_shows_whole_file_names_at_80_columns(tmp_path: Path) -> None:
+    folder = Path(__file__).resolve().parent.parent / "device_profiles"
+    config = tmp_path / "cell.yaml"
+    config.write_text(f"profile: {folder / 'simulated.yaml'}\n")
+    done = agent("profile", "list", "--config", config, env=subprocess_env(COLUMNS="80"))
+    assert done.returncode == 0, done.stderr
+    assert all(len(line) <= 80 for line in done.stdout.splitlines()[1:])  # the table, below the config line
+    assert f"Profiles in {folder}/" in done.stdout
+    for path in folder.glob("*.yaml"):
+        assert path.name in done.stdout
+    assert "…" not in done.stdout
 
 
 # -- errors ----------------------------------------------------------------------------------------------------------

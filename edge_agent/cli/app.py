@@ -25,6 +25,7 @@ from edge_agent.domain.view import state_view
 from edge_agent.errors import EdgeAgentError
 from edge_agent.lock import holder
 from edge_agent.log.journal import replay
+from edge_agent.log.store import OUTBOX_CURSOR
 
 app = typer.Typer(
     name="edge-agent",
@@ -93,10 +94,13 @@ def status(config: ConfigOption = None, db: DbOption = None, as_json: JsonOption
     """Whether the agent runs; live work items, stations, lane, e-stop and log position (read-only)."""
     with open_log(config, db) as log_:
         state = replay(log_, verify=False)
+        published = log_.cursor(OUTBOX_CURSOR) or 0
         # After the log is read: a log that exists has a folder, and an agent that stopped
         # meanwhile is not reported running beside a state it no longer changes.
         running = holder(db_path(config, db).parent)
     view = state_view(state, SystemClock().now())
+    # What the broker has acknowledged: a broker refusing or unreachable shows as events waiting.
+    view["outbox"] = {"published_seq": published, "waiting": max(state.last_seq - published, 0)}
     view["agent"] = {
         "running": running is not None,
         "pid": running.pid if running else None,
