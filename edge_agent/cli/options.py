@@ -49,7 +49,9 @@ def open_log(config: Path | None, db: Path | None, *, write: bool = False) -> It
         try:
             yield log_
         except sqlite3.DatabaseError as error:
-            raise LogError(f"cannot read the log {given}: {error} (the file is damaged)") from error
+            # OperationalError (locked, I/O) is a subclass: only the base class says the file is bad.
+            damaged = " (the file is damaged)" if type(error) is sqlite3.DatabaseError else ""
+            raise LogError(f"cannot read the log {given}: {error}{damaged}") from error
 
 
 def parse_time(value: str, option: str) -> str:
