@@ -84,12 +84,12 @@ def write_atomically(
     if path.is_symlink():
         raise ConfigError(f"{option}: {path} is a symlink; not followed nor replaced", key=option)
     if path.exists():
-        if not force:
-            raise ConfigError(f"{option}: {path} exists; use --force to replace it", key=option)
         what = _kind(path) or replaceable(path)
-        if what is not None:
+        if what is not None:  # said with or without --force: --force would not do either
             refusal = f"{option}: {path} is {what}; --force replaces only a file this command wrote"
             raise ConfigError(refusal, key=option)
+        if not force:
+            raise ConfigError(f"{option}: {path} exists; use --force to replace it", key=option)
     temporary = folder / f".{path.name}.{os.getpid()}.partial"
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE)
     try:

@@ -851,9 +851,10 @@ def test_log_export_force_replaces_nothing_but_an_earlier_export(cell: Cell, tmp
         targets.append(lock)
         before = {target: fingerprint(target) for target in targets}
         for target in targets:
-            done = agent("log", "export", "--db", cell.path, "--output", target, "--force")
-            assert done.returncode == 2, (target, done.stderr)
-            assert "--force replaces only a file this command wrote" in one_error_line(done.stderr), target
+            for force in ((), ("--force",)):
+                done = agent("log", "export", "--db", cell.path, "--output", target, *force)
+                assert done.returncode == 2, (target, done.stderr)
+                assert "--force replaces only a file this command wrote" in one_error_line(done.stderr), target
         assert {target: fingerprint(target) for target in targets} == before
         assert holder(other_dir) is not None
     assert_verifies(other_log, 1, 1)
