@@ -10,6 +10,7 @@ fsynced so that the rename itself survives a power cut.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -61,23 +62,34 @@ def write_atomically(
     force: bool = False,
     option: str = "--output",
     protected: tuple[Path, ...] = (),
+    replaceable: Callable[[Path], str | None] = lambda path: None,
 ) -> None:
     """Write a new file at `path` with `write(stream)`: complete under its name or not there.
 
-    Refused (ConfigError, exit 2) before anything is written: a missing folder, an
-    existing file without `force`, a symlink, or one of `protected` (the log being read,
-    say). With `force`, an existing file (or symlink) is replaced, never written through."""
+    Refused (ConfigError, exit 2) before anything is written: a missing folder, a folder
+    at `path`, an existing file without `force`, a symlink, or one of `protected` (the log
+    being read, say). With `force`, an existing file is replaced (never written through)
+    only if it is a regular file that `replaceable` finds nothing against (it returns what
+    the file is, e.g. "an SQLite database", to refuse it): `--force` is for a file the
+    command wrote before, never for a device, a lock or another program's data."""
     folder = path.parent
     if not folder.is_dir():
         raise ConfigError(f"{option}: folder {folder} does not exist", key=option)
+    if path.is_dir():
+        raise ConfigError(f"{option}: {path} is a folder; give a file name", key=option)
     target = path.resolve(strict=False) if not path.is_symlink() else path.absolute()
     for guarded in protected:
         if target == guarded.resolve() or (path.exists() and guarded.exists() and path.samefile(guarded)):
             raise ConfigError(f"{option}: {path} is the log being read; choose another file", key=option)
-    if path.is_symlink() and not force:
-        raise ConfigError(f"{option}: {path} is a symlink; not followed (--force replaces the link)", key=option)
-    if path.exists() and not force:
-        raise ConfigError(f"{option}: {path} exists; use --force to replace it", key=option)
+    if path.is_symlink():
+        raise ConfigError(f"{option}: {path} is a symlink; not followed nor replaced", key=option)
+    if path.exists():
+        what = _kind(path) or replaceable(path)
+        if what is not None:  # said with or without --force: --force would not do either
+            refusal = f"{option}: {path} is {what}; --force replaces only a file this command wrote"
+            raise ConfigError(refusal, key=option)
+        if not force:
+            raise ConfigError(f"{option}: {path} exists; use --force to replace it", key=option)
     temporary = folder / f".{path.name}.{os.getpid()}.partial"
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE)
     try:
@@ -91,3 +103,20 @@ def write_atomically(
         temporary.unlink(missing_ok=True)
         raise
     fsync_dir(folder)
+
+
+def _kind(path: Path) -> str | None:
+    """What `path` is if not a regular file ("a device", ...); None for a regular file."""
+    mode = path.lstat().st_mode
+    kinds = (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISCHR, "a device"),
+        (stat.S_ISBLK, "a device"),
+        (stat.S_ISFIFO, "a fifo"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISLNK, "a symlink"),
+    )
+    for test, name in kinds:
+        if test(mode):
+            return name
+    return None if stat.S_ISREG(mode) else "not a regular file"

@@ -325,6 +325,7 @@ def test_agent_killed_a_hundred_times_does_every_order_exactly_once(
     assert status.returncode == 0, status.stderr
     shown = json.loads(status.stdout)
     assert shown.pop("agent")["running"] is False
+    assert set(shown.pop("outbox")) == {"published_seq", "waiting"}
     assert shown == state_view(everything), "status --json differs from the fold"
     verified = cli("log", "verify", "--db", str(db))
     assert verified.returncode == 0, f"log verify: {verified.stdout}{verified.stderr}"

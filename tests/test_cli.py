@@ -11,6 +11,7 @@ import json
 import os
 import queue
 import re
+import shutil
 import sqlite3
 import stat
 import subprocess
@@ -38,8 +39,9 @@ from edge_agent.domain import events as ev
 from edge_agent.domain.evolve import fold
 from edge_agent.domain.state import State
 from edge_agent.domain.view import state_view
+from edge_agent.lock import LOCK_NAME, DataDirLock, holder
 from edge_agent.log.journal import Journal, replay
-from edge_agent.log.store import Base, EventLog
+from edge_agent.log.store import OUTBOX_CURSOR, Base, EventLog
 from tests.plant import PRODUCTS, STATIONS, run
 
 T0 = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
@@ -296,7 +298,13 @@ def test_status_json_is_the_live_state_while_the_agent_writes(cell: Cell) -> Non
     (view,) = json_lines(result.stdout)
     assert view.keys() >= STATE_KEYS
     # A Journal, not an agent: nobody holds the data folder's lock.
-    assert timeless(view) == timeless({**expected, "agent": {"running": False, "pid": None, "since": None}})
+    assert timeless(view) == timeless(
+        {
+            **expected,
+            "outbox": {"published_seq": 0, "waiting": journal.state.last_seq},  # no broker ever acknowledged
+            "agent": {"running": False, "pid": None, "since": None},
+        }
+    )
     # what an operator reads off it
     assert view["last_seq"] == journal.state.last_seq
     assert view["estop"] is False
@@ -327,6 +335,18 @@ def test_status_json_is_the_live_state_while_the_agent_writes(cell: Cell) -> Non
     assert (items["o5"]["progress"], items["o5"]["units_done"]) == (100, 2)
     assert (items["o6"]["stage"], items["o6"]["progress"]) == ("FactoryAccepted", 0)
     assert all(isinstance(o2[key], float) for key in CLOCK_KEYS)  # measured up to now
+
+
+def test_status_shows_how_far_the_broker_has_acknowledged_the_outbox(cell: Cell) -> None:
+    """A broker refusing or away shows as events waiting, not as nothing."""
+    with EventLog(cell.path) as log_:
+        log_.save_cursor(OUTBOX_CURSOR, 12)
+    waiting = cell.last.last_seq - 12
+    as_json = cli("status", "--db", cell.path, "--json")
+    assert as_json.exit_code == 0, as_json.output
+    assert json_lines(as_json.stdout)[0]["outbox"] == {"published_seq": 12, "waiting": waiting}
+    as_text = cli("status", "--db", cell.path, env={"COLUMNS": "200"})
+    assert f"outbox published up to seq 12, {waiting} waiting" in as_text.stdout
 
 
 def test_status_table(cell: Cell) -> None:
@@ -467,6 +487,13 @@ def test_log_show_filters(cell: Cell) -> None:
     assert both == [e for e in stored if e["subject"] == "o5" and e["type"] == "UnitBuilt"]
     assert show(cell, "--type", "OrderCancelled") == []  # a type, none of it in this log
     assert show(cell, "--from", str(cell.last.last_seq + 1)) == []
+
+
+def test_log_show_an_empty_range_is_a_usage_error(cell: Cell) -> None:
+    done = agent("log", "show", "--db", cell.path, "--from", "10", "--to", "5")
+    assert done.returncode == 2
+    assert "--to 5 is before --from 10" in one_error_line(done.stderr)
+    assert done.stdout == ""
 
 
 def test_log_show_an_unknown_type_lists_the_types(cell: Cell) -> None:
@@ -774,16 +801,71 @@ def test_log_export_never_writes_onto_the_log_it_reads(cell: Cell) -> None:
 
 def test_log_export_overwrites_only_with_force(cell: Cell, tmp_path: Path) -> None:
     target = tmp_path / "export.jsonl"
-    target.write_text("yesterday's export\n")
+    assert agent("log", "export", "--db", cell.path, "--output", target).returncode == 0
+    yesterday = target.read_text()
     done = agent("log", "export", "--db", cell.path, "--output", target)
     assert done.returncode == 2
     assert f"{target} exists; use --force to replace it" in one_error_line(done.stderr)
-    assert target.read_text() == "yesterday's export\n"
+    assert target.read_text() == yesterday
 
+    target.write_text(yesterday.splitlines()[0] + "\n")  # an earlier, shorter export
     forced = agent("log", "export", "--db", cell.path, "--output", target, "--force")
     assert forced.returncode == 0, forced.stderr
     assert json_lines(target.read_text()) == stored_events(cell.path)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+
+    empty = tmp_path / "empty.jsonl"
+    empty.touch()
+    assert agent("log", "export", "--db", cell.path, "--output", empty, "--force").returncode == 0
+    assert json_lines(empty.read_text()) == stored_events(cell.path)
+
+
+def fingerprint(path: Path) -> tuple[int, int, bytes]:
+    """(inode, type and mode, content) of a file: the same only if nothing replaced or wrote it."""
+    found = path.lstat()
+    content = path.read_bytes() if stat.S_ISREG(found.st_mode) else b""
+    return found.st_ino, found.st_mode, content
+
+
+def test_log_export_force_replaces_nothing_but_an_earlier_export(cell: Cell, tmp_path: Path) -> None:
+    """Not another agent's log, its journal, a data folder's lock, a device, a fifo or a stranger's file."""
+    other_dir = tmp_path / "other"
+    with Journal.open(other_dir / "events.db", synchronous="normal") as journal:
+        run(journal, cmd.ConfigurePlant(STATIONS, PRODUCTS), FakeClock(T0))
+    other_log = other_dir / "events.db"
+    wal = tmp_path / "wal" / "events.db-wal"
+    wal.parent.mkdir()
+    shutil.copy(other_log, wal.parent / "events.db")
+    wal.touch()  # a checkpointed WAL is empty, yet SQLite's
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an export\n")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    targets = [other_log, wal, notes, fifo]
+    if os.geteuid() == 0:
+        device = tmp_path / "null"
+        os.mknod(device, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        targets.append(device)
+    with DataDirLock(other_dir):  # a running agent's lock
+        lock = other_dir / LOCK_NAME
+        targets.append(lock)
+        before = {target: fingerprint(target) for target in targets}
+        for target in targets:
+            for force in ((), ("--force",)):
+                done = agent("log", "export", "--db", cell.path, "--output", target, *force)
+                assert done.returncode == 2, (target, done.stderr)
+                assert "--force replaces only a file this command wrote" in one_error_line(done.stderr), target
+        assert {target: fingerprint(target) for target in targets} == before
+        assert holder(other_dir) is not None
+    assert_verifies(other_log, 1, 1)
+
+
+def test_log_export_to_a_folder_is_one_line(cell: Cell, tmp_path: Path) -> None:
+    for force in ((), ("--force",)):
+        done = agent("log", "export", "--db", cell.path, "--output", tmp_path, *force)
+        assert done.returncode == 2, done.stderr
+        assert f"{tmp_path} is a folder" in one_error_line(done.stderr)
+    assert tmp_path.is_dir()
 
 
 def test_log_export_never_follows_a_symlink(cell: Cell, tmp_path: Path) -> None:
@@ -802,9 +884,10 @@ def test_log_export_never_follows_a_symlink(cell: Cell, tmp_path: Path) -> None:
     assert refused.returncode == 2
     assert "is the log being read" in one_error_line(refused.stderr)
 
-    forced = agent("log", "export", "--db", cell.path, "--output", link, "--force")  # the link replaced, not followed
-    assert forced.returncode == 0, forced.stderr
-    assert not link.is_symlink()
+    forced = agent("log", "export", "--db", cell.path, "--output", link, "--force")  # neither followed nor replaced
+    assert forced.returncode == 2
+    assert "is a symlink" in one_error_line(forced.stderr)
+    assert link.is_symlink()
     assert elsewhere.read_text() == "not yours\n"
 
 
@@ -934,6 +1017,19 @@ def test_profile_list_names_the_config_it_used(tmp_path: Path) -> None:
     assert "rpi-2station" in done.stdout
 
 
+def test_profile_list_shows_whole_file_names_at_80_columns(tmp_path: Path) -> None:
+    folder = Path(__file__).resolve().parent.parent / "device_profiles"
+    config = tmp_path / "cell.yaml"
+    config.write_text(f"profile: {folder / 'simulated.yaml'}\n")
+    done = agent("profile", "list", "--config", config, env=subprocess_env(COLUMNS="80"))
+    assert done.returncode == 0, done.stderr
+    assert all(len(line) <= 80 for line in done.stdout.splitlines()[1:])  # the table, below the config line
+    assert f"Profiles in {folder}/" in done.stdout
+    for path in folder.glob("*.yaml"):
+        assert path.name in done.stdout
+    assert "…" not in done.stdout
+
+
 # -- errors ----------------------------------------------------------------------------------------------------------
 
 
@@ -967,6 +1063,41 @@ def test_an_invalid_config_names_the_key(tmp_path: Path, yaml_text: str, key: st
     assert key in line
     assert "bad.yaml" in line
     assert done.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (("frobnicate",), "No such command 'frobnicate'"),
+        (("order", "submit", "widget-a", "abc", "--warehouse", "WH1"), "Invalid value for 'qty'"),
+        (("order", "submit", "widget-a", "3"), "Missing option '--warehouse'"),
+        (("log", "replay", "--to", "abc"), "Invalid value for '--to'"),
+        (("log", "export", "--format", "csv"), "Invalid value for '--format'"),
+        (("log", "show", "--nope"), "No such option: --nope"),
+    ],
+    ids=["command", "argument", "missing-option", "option-value", "choice", "option"],
+)
+def test_a_usage_error_is_one_line_exit_2(args: tuple[str, ...], says: str) -> None:
+    done = agent(*args)
+    assert done.returncode == 2
+    line = one_error_line(done.stderr)
+    assert says in line
+    assert line.endswith("--help')")
+    assert done.stdout == ""
+
+
+def test_help_and_version_still_exit_as_before() -> None:
+    for args in (("--help",), ("log", "show", "--help"), ("order", "submit", "--help")):
+        done = agent(*args)
+        assert done.returncode == 0, args
+        assert "Usage:" in done.stdout
+        assert done.stderr == ""
+    version = agent("--version")
+    assert (version.returncode, version.stdout.strip()) == (0, f"edge-agent {__version__}")
+    bare = agent("log")  # a group without a command: its help
+    assert bare.returncode == 2
+    assert "Usage:" in bare.stdout
+    assert "show" in bare.stdout
 
 
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:

@@ -245,3 +245,39 @@ def test_status_says_whether_the_agent_runs(tmp_path: Path) -> None:
     assert stopped["as_of"] == last_ts
     as_text = edge_agent("status", "--config", config_path)
     assert as_text.stdout.splitlines()[0] == f"not running; state as of {last_ts}"
+
+
+def test_a_symlink_or_hard_link_to_the_running_agents_log_is_not_compacted(tmp_path: Path) -> None:
+    """The lock is the real folder's: a link elsewhere does not make a second, free lock."""
+    config_path = write_config(tmp_path)
+    db = tmp_path / "var" / "events.db"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    symlink = elsewhere / "events.db"
+    hard = tmp_path / "hard" / "events.db"
+    hard.parent.mkdir()
+
+    async def scenario() -> list[subprocess.CompletedProcess[str]]:
+        async with Agent(load_config(config_path)):
+            symlink.symlink_to(db)
+            before = db.read_bytes()
+            done = [
+                edge_agent("log", "compact", "--db", symlink, "--retention", "drop"),
+                edge_agent("status", "--db", symlink, "--json"),
+            ]
+            os.link(db, hard)
+            done.insert(1, edge_agent("log", "compact", "--db", hard, "--retention", "drop"))
+            assert db.read_bytes() == before
+            return done
+
+    through_symlink, through_hard_link, status = asyncio.run(scenario())
+    assert through_symlink.returncode == 2
+    assert one_error_line(through_symlink.stderr) == (
+        f"error: another edge-agent (pid {os.getpid()}) is running on {tmp_path / 'var'}, stop it first"
+    )
+    assert not (elsewhere / "lock").exists()
+    assert through_hard_link.returncode == 2
+    assert "has other hard links" in one_error_line(through_hard_link.stderr)
+    assert not (hard.parent / "lock").exists()
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["agent"]["running"] is True

@@ -106,6 +106,24 @@ def test_every_db_command_refuses_a_file_that_is_not_a_log_and_changes_nothing(t
         assert fingerprint(path) == before, f"{command} changed {path} or left files beside it"
 
 
+@pytest.mark.parametrize("keep", [100, 8192], ids=["header-only", "cut-short"])
+def test_every_db_command_names_a_damaged_log_in_one_line(tmp_path: Path, keep: int) -> None:
+    """A log cut short (a failed copy, a full disk): the file and SQLite's verdict, exit 1."""
+    whole = make_log(tmp_path / "whole.db", orders=20)
+    damaged = tmp_path / "data" / "events.db"
+    damaged.parent.mkdir()
+    damaged.write_bytes(whole.read_bytes()[:keep])
+    for command in COMMANDS:
+        result = edge_agent(tmp_path, *command, "--db", damaged)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 1, f"{command}: exit {result.returncode}\n{result.stderr}"
+        assert len(lines) == 1, f"{command}: {result.stderr}"
+        assert lines[0].startswith("error: "), lines[0]
+        assert str(damaged) in lines[0], lines[0]
+        assert "malformed" in lines[0], lines[0]
+        assert "DatabaseError" not in lines[0], lines[0]
+
+
 def agent_config(data_dir: Path, **log: str) -> Config:
     return Config(
         device_id="files-test",

@@ -597,6 +597,34 @@ def test_a_retried_finished_order_is_a_duplicate_nothing_logged_or_published_aga
     assert len(agent.rows(subject="retried")) == logged
 
 
+@pytest.mark.parametrize("broker", ["mosquitto"], indirect=True)
+def test_order_submit_wait_for_a_finished_order_answers_at_once_from_the_log(new_agent: AgentFactory) -> None:
+    """The device answers nothing to an order id it has taken; its log, readable here, does."""
+    agent = new_agent()
+    submit = ["order", "submit", "widget-a", "1", "--warehouse", "WH1", "--order-id", "H-22", "--wait"]
+    assert agent.cli(*submit, "--timeout", "60").returncode == 0
+    again = agent.cli(*submit, "--timeout", "30")
+    assert again.returncode == 0, again.stderr
+    assert "already finished: inventory INV00001 in WH1" in again.stdout
+
+    other_body = agent.cli(*submit[:3], "2", *submit[4:], "--timeout", "30")
+    assert other_body.returncode == 1, other_body.stdout
+    assert "order H-22 rejected: conflicting duplicate" in other_body.stderr.strip()
+    assert len(other_body.stderr.strip().splitlines()) == 1, other_body.stderr
+
+    topic = agent.topic
+    with agent.peer(topic.events) as watcher:
+        watcher.publish(ORDERS, order("gone", product_id="gadget-b", qty=100))
+        watcher.wait_for(event(topic, "StationAssigned", "gone"))
+        assert agent.cli("order", "cancel", "gone", "--wait", "--timeout", "30").returncode == 0
+    cancelled = agent.cli(
+        "order", "submit", "gadget-b", "100", "--warehouse", "WH1", "--order-id", "gone", "--wait", "--timeout", "30"
+    )
+    assert cancelled.returncode == 1, cancelled.stdout
+    assert "order gone was cancelled" in cancelled.stderr
+    assert len(cancelled.stderr.strip().splitlines()) == 1, cancelled.stderr
+
+
 @pytest.mark.parametrize("broker", ["amqtt"], indirect=True)
 def test_order_submit_with_a_malformed_order_id_is_a_usage_error(new_agent: AgentFactory) -> None:
     """A bad --order-id is a usage error (exit 2, one line naming it), found before publishing."""
@@ -632,6 +660,28 @@ def test_order_submit_wait_gives_up_after_its_timeout_in_one_line(new_agent: Age
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert "order lost did not reach the warehouse within 0.5 s" in lines[0]
+    # the device answers nothing to a repeated order id: where to look
+    assert "log show --subject lost" in lines[0]
+
+
+@pytest.mark.parametrize("broker", ["mosquitto"], indirect=True)  # a broker, and no agent behind it
+def test_a_device_that_is_not_a_device_id_is_a_usage_error_and_nothing_is_sent(new_agent: AgentFactory) -> None:
+    """Not a topic level (`a/b`, `#`, `+`), nor empty (which would send to the whole fleet)."""
+    agent = new_agent(start=False)
+    submit = ["order", "submit", "widget-a", "1", "--warehouse", "WH1"]
+    with agent.peer("#") as everything:
+        for device in ("a/b", "#", ""):
+            refused = agent.cli(*submit, "--device", device)
+            assert refused.returncode == 2, (device, refused.stderr)
+            assert "--device" in refused.stderr.strip()
+            assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+        refused = agent.cli("order", "cancel", "X", "--device", "+")
+        assert refused.returncode == 2, refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+        # a good one after them: once it is there, anything the refused ones sent would be too
+        assert agent.cli(*submit, "--device", "cell-7", "--order-id", "after").returncode == 0
+        everything.wait_for(on(f"{PREFIX}/cell-7/orders", order_id="after"))
+        assert [m.topic for m in everything.messages()] == [f"{PREFIX}/cell-7/orders"]
 
 
 @pytest.mark.parametrize("broker", ["mosquitto"], indirect=True)

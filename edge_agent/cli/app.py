@@ -10,6 +10,7 @@ from enum import StrEnum
 from typing import Annotated
 
 import typer
+from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer vendors click; no public name
 
 from edge_agent import __version__
 from edge_agent.cli import display
@@ -24,6 +25,7 @@ from edge_agent.domain.view import state_view
 from edge_agent.errors import EdgeAgentError
 from edge_agent.lock import holder
 from edge_agent.log.journal import replay
+from edge_agent.log.store import OUTBOX_CURSOR
 
 app = typer.Typer(
     name="edge-agent",
@@ -92,10 +94,13 @@ def status(config: ConfigOption = None, db: DbOption = None, as_json: JsonOption
     """Whether the agent runs; live work items, stations, lane, e-stop and log position (read-only)."""
     with open_log(config, db) as log_:
         state = replay(log_, verify=False)
+        published = log_.cursor(OUTBOX_CURSOR) or 0
         # After the log is read: a log that exists has a folder, and an agent that stopped
         # meanwhile is not reported running beside a state it no longer changes.
         running = holder(db_path(config, db).parent)
     view = state_view(state, SystemClock().now())
+    # What the broker has acknowledged: a broker refusing or unreachable shows as events waiting.
+    view["outbox"] = {"published_seq": published, "waiting": max(state.last_seq - published, 0)}
     view["agent"] = {
         "running": running is not None,
         "pid": running.pid if running else None,
@@ -119,9 +124,18 @@ def main() -> None:
     debug = "--debug" in sys.argv[1:]
     try:
         try:
-            app()
+            # Not standalone: usage errors come here, to be one line like every other error.
+            code = app(standalone_mode=False)
         except BaseExceptionGroup as group:  # from a TaskGroup: report the first real error
             raise _first_error(group) from group
+    except NoArgsIsHelpError as error:  # `edge-agent log`: the group's help, as ever
+        display.out.print(error.format_message(), markup=False, end="")
+        sys.exit(error.exit_code)
+    except UsageError as error:
+        display.err.print(f"error: {_usage_line(error)}", markup=False)
+        sys.exit(error.exit_code)
+    except typer.Abort:  # end of input at a prompt
+        sys.exit(1)
     except EdgeAgentError as error:
         if debug:
             traceback.print_exc()
@@ -139,3 +153,12 @@ def main() -> None:
             f"error: {type(error).__name__}: {display.printable(error)} (run with --debug for details)", markup=False
         )
         sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)  # typer.Exit(n) returns n when not standalone
+
+
+def _usage_line(error: UsageError) -> str:
+    """click's message on one line, with where to find the usage instead of the usage itself."""
+    message = " ".join(display.printable(error.format_message()).split())
+    if error.ctx is None:
+        return message
+    return f"{message} (see '{error.ctx.command_path} --help')"

@@ -166,6 +166,9 @@ def print_state(view: dict[str, Any]) -> None:
         f"[bold]log position[/] {view['last_seq']}   [bold]inventory issued[/] {view['inventory_seq']}   "
         f"[bold]e-stop[/] {'[red]ENGAGED[/]' if view['estop'] else 'released'}"
     )
+    if "outbox" in view:  # `status`: how far the broker has acknowledged the events
+        outbox = view["outbox"]
+        out.print(f"[bold]outbox[/] published up to seq {outbox['published_seq']}, {outbox['waiting']} waiting")
     stations = Table("station", "state", "order", title="Stations", title_justify="left", box=box.SIMPLE_HEAD)
     for station in view["stations"]:
         stations.add_row(plain(station["id"]), plain(station["state"]), plain(station["order_id"] or "-"))

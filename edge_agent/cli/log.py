@@ -8,6 +8,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, BinaryIO
 
+import orjson
 import typer
 
 from edge_agent.cli import display
@@ -17,7 +18,7 @@ from edge_agent.domain.events import EVENT_TYPES
 from edge_agent.domain.view import state_view
 from edge_agent.errors import ConfigError
 from edge_agent.files import write_atomically
-from edge_agent.lock import DataDirLock
+from edge_agent.lock import LOCK_NAME, DataDirLock
 from edge_agent.log.compact import Retention, row_json
 from edge_agent.log.compact import compact as compact_log
 from edge_agent.log.journal import replay as replay_log
@@ -62,6 +63,8 @@ def show(
 ) -> None:
     """Print events, one per line."""
     _known_type(type_)
+    if to_seq is not None and to_seq < from_seq:  # else an empty range, silently
+        raise ConfigError(f"--to {to_seq} is before --from {from_seq}", key="--to")
     with open_log(config, db) as log_:
         next_seq = from_seq
         while True:
@@ -159,7 +162,38 @@ def export(
         # Never onto the log (nor its WAL and shared-memory files), never over a file
         # without --force, never through a symlink, and complete or not there at all.
         guarded = tuple(log_.path.with_name(log_.path.name + tail) for tail in ("", "-wal", "-shm"))
-        write_atomically(output, write, force=force, protected=guarded)
+        write_atomically(output, write, force=force, protected=guarded, replaceable=_not_an_export)
+
+
+_SQLITE_COMPANIONS = ("-wal", "-shm", "-journal")
+_FIRST_LINE_MAX = 1 << 20
+
+
+def _not_an_export(path: Path) -> str | None:
+    """What the existing regular file `path` is, unless an earlier export (None: empty, or its
+    first line is an exported event). `--force` replaces only that: any other log, its WAL,
+    an agent's lock or a stranger's file is kept, whatever it is called."""
+    if path.name == LOCK_NAME:
+        return "a data folder's lock"
+    for tail in _SQLITE_COMPANIONS:
+        if path.name.endswith(tail) and path.with_name(path.name.removesuffix(tail)).exists():
+            return "the journal of an SQLite database"
+    try:
+        with path.open("rb") as stream:
+            first = stream.readline(_FIRST_LINE_MAX)
+    except OSError as error:
+        return f"unreadable ({error.strerror})"
+    if not first:
+        return None
+    if first.startswith(b"SQLite format 3\x00"):
+        return "an SQLite database"
+    try:
+        event = orjson.loads(first)
+    except orjson.JSONDecodeError:
+        return "not an export of a log"
+    if isinstance(event, dict) and "seq" in event and "hash" in event:
+        return None
+    return "not an export of a log"
 
 
 @log_app.command()
@@ -173,9 +207,12 @@ def compact(
     """Archive or drop the events before the newest snapshot, per log.retention."""
     chosen = retention or Retention(load_config(config).log.retention)
     with open_log(config, db) as log_:  # a missing or foreign file is refused before a lock is made beside it
-        folder = log_.path.parent
+        path = log_.path  # symlinks resolved: the lock below is the real folder's
+    if path.stat().st_nlink > 1:
+        # The lock guards one name only: under another name this file may be a running agent's log.
+        raise ConfigError(f"{path} has other hard links (it may be a running agent's log); compact a copy", key="--db")
     # The agent's own lock: one writer per log, so never while the agent runs.
-    with DataDirLock(folder, advice=", stop it first"), open_log(config, db, write=True) as log_:
+    with DataDirLock(path.parent, advice=", stop it first"), open_log(config, path, write=True) as log_:
         result = compact_log(log_, chosen, log_.path.parent / "archive")
     if result.up_to_seq is None:
         display.out.print(f"nothing to compact (retention {chosen}, or no snapshot past the log's start)")

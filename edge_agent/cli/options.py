@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
@@ -10,7 +13,7 @@ import typer
 
 from edge_agent.config import load_config
 from edge_agent.domain.moments import iso
-from edge_agent.errors import ConfigError
+from edge_agent.errors import ConfigError, LogError
 from edge_agent.log.store import EventLog
 
 ConfigOption = Annotated[
@@ -24,17 +27,31 @@ DbOption = Annotated[
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 
-def db_path(config: Path | None, db: Path | None) -> Path:
-    """The log file a command works on: `--db`, else the configured one."""
+def _given_db(config: Path | None, db: Path | None) -> Path:
     return db if db is not None else load_config(config).events_db
 
 
-def open_log(config: Path | None, db: Path | None, *, write: bool = False) -> EventLog:
-    """Open an existing log; never creates one (a typo must not make an empty log)."""
-    path = db_path(config, db)
-    if not path.is_file():
-        raise ConfigError(f"no log at {path}", key="--db")
-    return EventLog(path, readonly=not write)
+def db_path(config: Path | None, db: Path | None) -> Path:
+    """The log file a command works on: `--db`, else the configured one, with symlinks
+    resolved: the lock that guards it is the one beside the real file, not beside a link."""
+    return _given_db(config, db).resolve()
+
+
+@contextmanager
+def open_log(config: Path | None, db: Path | None, *, write: bool = False) -> Iterator[EventLog]:
+    """Open an existing log; never creates one (a typo must not make an empty log). A file
+    SQLite finds damaged while it is read is one line naming it (exit 1), not a traceback."""
+    given = _given_db(config, db)
+    if not given.is_file():
+        raise ConfigError(f"no log at {given}", key="--db")
+    path = given.resolve()
+    with EventLog(path, readonly=not write) as log_:
+        try:
+            yield log_
+        except sqlite3.DatabaseError as error:
+            # OperationalError (locked, I/O) is a subclass: only the base class says the file is bad.
+            damaged = " (the file is damaged)" if type(error) is sqlite3.DatabaseError else ""
+            raise LogError(f"cannot read the log {given}: {error}{damaged}") from error
 
 
 def parse_time(value: str, option: str) -> str:

@@ -3,6 +3,9 @@ configured broker, and follow what becomes of it."""
 
 from __future__ import annotations
 
+import os
+import re
+import sqlite3
 import time
 import uuid
 from collections.abc import Iterator
@@ -14,8 +17,12 @@ from pydantic import ValidationError
 
 from edge_agent.cli import display
 from edge_agent.cli.options import ConfigOption
-from edge_agent.config import load_config
+from edge_agent.config import Config, load_config
+from edge_agent.domain.commands import order_digest
+from edge_agent.domain.decide import CONFLICT_REASON
 from edge_agent.errors import ConfigError, EdgeAgentError
+from edge_agent.log.schema import CANCELLED, FAILED
+from edge_agent.log.store import EventLog
 from edge_agent.mqtt.client import Session, session
 from edge_agent.mqtt.inbound import CancelPayload, OrderPayload, describe
 from edge_agent.mqtt.topics import Topics
@@ -25,6 +32,26 @@ order_app = typer.Typer(help="Submit and cancel orders through the configured br
 
 class OrderNotCompleted(EdgeAgentError):
     """The order was rejected, failed or cancelled, or did not finish in time."""
+
+
+def _device_id_rule() -> re.Pattern[str]:
+    """The config's own rule for `device_id`: a `--device` is held to the same."""
+    for meta in Config.model_fields["device_id"].metadata:
+        if isinstance(pattern := getattr(meta, "pattern", None), str):
+            return re.compile(pattern)
+    raise AssertionError("device_id has no pattern")  # pragma: no cover
+
+
+_DEVICE_ID = _device_id_rule()
+
+
+def checked_device(device: str | None) -> str | None:
+    """`--device` as given, refused (exit 2) unless a device id: not a topic level such as
+    `a/b` or `#`, nor an empty one, which would send to other devices or to the fleet."""
+    if device is not None and not _DEVICE_ID.fullmatch(device):
+        shown = display.printable(device)
+        raise ConfigError(f"--device: {shown!r} is not a device id (1 to 64 of A-Z a-z 0-9 . _ : -)", key="--device")
+    return device
 
 
 def _milestone(event: dict[str, Any]) -> str | None:
@@ -59,6 +86,7 @@ def submit(
     config: ConfigOption = None,
 ) -> None:
     """Publish an order (QoS 1); with --wait, follow it. Exit 1 on rejection, failure or timeout."""
+    device = checked_device(device)
     settings = load_config(config)
     prefix = settings.mqtt.topic_prefix
     order_id = order_id or f"order-{uuid.uuid4().hex[:12]}"
@@ -68,12 +96,13 @@ def submit(
     except ValidationError as error:
         field = str(error.errors()[0]["loc"][0])
         raise ConfigError(describe(error), key=field) from error
-    topic = f"{prefix}/{device}/orders" if device else f"{prefix}/orders"
+    topic = f"{prefix}/{device}/orders" if device is not None else f"{prefix}/orders"
     follow = [f"{prefix}/{device or '+'}/events"] if wait else []
     with session(settings.mqtt, follow) as client:
         client.publish(topic, orjson.dumps(body), timeout_s=min(timeout, 30.0))
         display.out.print(f"submitted {order_id} to {topic}", markup=False)
-        if wait:
+        # A device answers nothing to an order id it has taken: if its log is here, ask it.
+        if wait and not _answered_by_the_log(settings, device, body):
             _follow(client, order_id, timeout)
 
 
@@ -87,10 +116,47 @@ def _received(client: Session, timeout: float) -> Iterator[tuple[str, Any]]:
         yield received
 
 
+def _answered_by_the_log(settings: Config, device: str | None, body: dict[str, Any]) -> bool:
+    """If the configured log (of the device the order went to) is readable here and already
+    records the order as finished (or under another body), say how it ended: True after
+    printing it (exit 0), else OrderNotCompleted. False: no such log here, or the order is
+    new or still live. Read-only, and a log that cannot be read is the same as none: the
+    device's messages still answer."""
+    order_id = body["order_id"]
+    path = settings.events_db
+    if device not in (None, settings.device_id) or not os.access(path, os.R_OK):
+        return False
+    try:
+        with EventLog(path, readonly=True) as log_:
+            record = log_.order_record(order_id)
+            ending = None
+            if record is not None and record.outcome_seq is not None:
+                ending = next(iter(log_.rows(record.outcome_seq, record.outcome_seq)), None)
+    except (EdgeAgentError, sqlite3.Error):
+        return False
+    if record is None:
+        return False
+    if record.digest != order_digest(**body):
+        raise OrderNotCompleted(f"order {order_id} rejected: {CONFLICT_REASON} (as the log {path} records)")
+    if record.outcome is None:
+        return False  # live: its next events come over MQTT
+    data = orjson.loads(ending.data) if ending is not None else {}
+    if record.outcome == FAILED:
+        reason = data.get("reason", "its reason compacted away")
+        raise OrderNotCompleted(f"order {order_id} failed: {reason} (already, as the log {path} records)")
+    if record.outcome == CANCELLED:
+        raise OrderNotCompleted(f"order {order_id} was cancelled (already, as the log {path} records)")
+    warehouse = data.get("warehouse", body["warehouse"])
+    display.out.print(f"already finished: inventory {record.outcome} in {warehouse}", markup=False)
+    return True
+
+
 def _follow(client: Session, order_id: str, timeout: float) -> None:
+    heard = False
     for _, event in _received(client, timeout):
         if not isinstance(event, dict) or event.get("subject") != order_id:
             continue
+        heard = True
         kind = event.get("type")
         if kind in ("OrderRejected", "OrderFailed"):
             raise OrderNotCompleted(f"order {order_id} {kind.removeprefix('Order').lower()}: {event['data']['reason']}")
@@ -101,7 +167,13 @@ def _follow(client: Session, order_id: str, timeout: float) -> None:
             display.out.print(line, markup=False)
         if kind == "InventoryIssued":
             return
-    raise OrderNotCompleted(f"order {order_id} did not reach the warehouse within {timeout:g} s")
+    advice = (
+        ""
+        if heard
+        else "; the device answers nothing to an order id it has already taken: check with "
+        f"`edge-agent status` or `edge-agent log show --subject {order_id}` on the device"
+    )
+    raise OrderNotCompleted(f"order {order_id} did not reach the warehouse within {timeout:g} s{advice}")
 
 
 @order_app.command()
@@ -115,12 +187,13 @@ def cancel(
     config: ConfigOption = None,
 ) -> None:
     """Ask a device to cancel an order (QoS 1); with --wait, exit 0 once it is cancelled, 1 if refused."""
+    device = checked_device(device)
     settings = load_config(config)
     try:  # the check the agent makes, before anything is sent
         CancelPayload.model_validate({"order_id": order_id})
     except ValidationError as error:
         raise ConfigError(describe(error), key="order_id") from error
-    device = device or settings.device_id
+    device = settings.device_id if device is None else device
     topics = Topics(settings.mqtt.topic_prefix, device)
     follow = [topics.events, topics.rejected] if wait else []
     with session(settings.mqtt, follow) as client:

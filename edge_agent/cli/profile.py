@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.table import Table
 from rich.text import Text
 
@@ -75,12 +76,24 @@ def list_(config: ConfigOption = None, as_json: JsonOption = False) -> None:
         display.print_json(rows)
         return
     display.out.print(Text(f"config: {used}; profile: {chosen}"))
-    table = Table("", "file", "name", "pins", "stations", "products / error")
-    for row in rows:
+    # File names whole and on one line (they are what a user types next); the folder once,
+    # in the title; the products and errors wrap to whatever width is left.
+    table = Table(
+        title=f"Profiles in {chosen.parent}/",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+    )
+    table.add_column("")
+    table.add_column("file", no_wrap=True, min_width=max(len(path.name) for path in paths))
+    for heading in ("name", "pins", "stations", "products / error"):
+        table.add_column(heading)
+    for row, path in zip(rows, paths, strict=True):
         detail = row["error"] or ", ".join(f"{p} (max {n})" for p, n in row["products"].items())  # type: ignore[attr-defined]
         table.add_row(
             "*" if row["configured"] else "",
-            str(row["file"]),
+            path.name,
             str(row["name"]),
             str(row.get("pin_factory", "-")),
             ", ".join(row.get("stations", [])),  # type: ignore[arg-type]

@@ -130,6 +130,15 @@ class Transaction:
         )
 
 
+@dataclass(frozen=True)
+class OrderRecord:
+    """An order's line in the idempotency record."""
+
+    digest: str  # of its body
+    outcome: str | None  # its inventory id, FAILED or CANCELLED; None while it is live
+    outcome_seq: int | None  # the event that ended it
+
+
 class EventLog:
     """One `events.db` file, opened for writing (the agent) or reading (the CLI)."""
 
@@ -376,6 +385,16 @@ class EventLog:
             raise LogError(f"cannot read the log: {error}") from error
         return known
 
+    def order_record(self, order_id: str) -> OrderRecord | None:
+        """What the idempotency record holds about `order_id` (None: never accepted)."""
+        try:
+            row = self._db.execute(
+                "SELECT digest, outcome, outcome_seq FROM orders WHERE order_id = ?", (order_id,)
+            ).fetchone()
+        except sqlite3.Error as error:
+            raise LogError(f"cannot read the log: {error}") from error
+        return None if row is None else OrderRecord(*row)
+
     def migrations(self) -> list[str]:
         return [name for (name,) in self._db.execute("SELECT name FROM schema_migrations ORDER BY name")]
 
@@ -485,6 +504,7 @@ __all__ = [
     "OUTBOX_CURSOR",
     "Base",
     "EventLog",
+    "OrderRecord",
     "Row",
     "Snapshot",
     "Synchronous",
