@@ -371,7 +371,7 @@ def test_status_reads_the_configured_log(cell: Cell, tmp_path: Path) -> None:
 
 
 HOSTILE_WAREHOUSE = "WH1\x1b]0;pwned\x07\x1b[2J"  # retitle the terminal, ring it, clear the screen
-HOSTILE_REASON = "jam\x9b31m at s1\x7f\nnext line"  # a C1 CSI, DEL and a newline
+HOSTILE_REASON = "jam\x9b31m at s1\x7f\nnext line\u2028\u202edesrever"  # C1 CSI, DEL, newlines, a bidi override
 
 
 @pytest.fixture
@@ -387,7 +387,8 @@ def hostile(tmp_path: Path) -> Path:
     return path
 
 
-CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]")  # every control character but the line feed
+# Every control character but the line feed, line separators and bidirectional controls.
+CONTROL = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
 
 
 @pytest.mark.parametrize(

@@ -26,8 +26,9 @@ out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
-# JSON escapes C0 itself; DEL and C1 (U+0080..U+009F, in UTF-8 0xC2 0x80..0x9F) it leaves raw.
-_JSON_RAW_CONTROL = re.compile(rb"\x7f|\xc2[\x80-\x9f]")
+# What JSON may carry raw but a terminal must not get: DEL, C1, line separators and
+# bidirectional controls (JSON escapes C0 itself).
+_JSON_UNPRINTABLE = re.compile("[\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
 
 
 def printable(value: object) -> str:
@@ -44,8 +45,12 @@ def plain(value: object) -> Text:
 
 
 def safe_json(line: bytes) -> bytes:
-    """JSON text with DEL and C1 characters as `\\u00XX` escapes: the same value, nothing raw."""
-    return _JSON_RAW_CONTROL.sub(lambda m: b"\\u%04x" % ord(m.group().decode()), line)
+    """JSON text with DEL, C1, line separators and bidirectional controls as `\\uXXXX`
+    escapes: the same value, nothing raw."""
+    if line.isascii() and b"\x7f" not in line:
+        return line  # nearly every line: nothing to look for
+    text = _JSON_UNPRINTABLE.sub(lambda m: f"\\u{ord(m.group()):04x}", line.decode())
+    return text.encode()
 
 
 def print_json(value: Any) -> None:
