@@ -79,7 +79,7 @@ SNAPSHOT_EVERY = 50  # many snapshots: most recoveries start from one, not from 
 KILL_WINDOW_S = 1.0  # a kill lands uniformly within this of the run's AgentStarted
 QUEUED_MAX = 3  # new orders published while a run starts (delivered as a burst when it connects)
 BURST_P, BURST_SIZES = 0.3, (4, 12)  # a run gets a burst this often, of this many new orders
-AIM_S = 0.04  # a burst goes out at most this long before the kill: some kills land in its ingest
+AIM_S = 0.015  # a burst goes out at most this long before the kill: some kills land in its ingest
 RETRY_P = 0.2  # how often the sender sends again an order it has sent before
 ONCE_PER_ORDER = ("OrderAccepted", "StationAssigned", "BuildComplete", "InventoryIssued", "TidiedUp")
 # Where the cell was when a kill landed; each must have been hit at least MIN_HITS times.
