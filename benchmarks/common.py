@@ -26,13 +26,15 @@ from typing import Any
 
 import yaml
 
+from edge_agent.mqtt.link import RECEIVE_MAXIMUM
+
 ROOT = Path(__file__).resolve().parent.parent
 PROFILE = ROOT / "device_profiles" / "simulated.yaml"
 PREFIX = "bench"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
-# The agent's MQTT 5 Receive Maximum (edge_agent/mqtt/link.py): the raw subscriber gets the same window.
-RECEIVE_WINDOW = 256
+# The agent's MQTT 5 Receive Maximum: the raw subscriber gets the same window.
+RECEIVE_WINDOW = RECEIVE_MAXIMUM
 
 
 class BenchError(RuntimeError):
