@@ -9,6 +9,7 @@ from edge_agent.domain import commands as cmd
 from edge_agent.domain.decide import admit, decide
 from edge_agent.domain.events import InventoryIssued, Recorded
 from edge_agent.log.journal import Journal
+from edge_agent.log.store import OUTBOX_CURSOR
 
 STATIONS = ("s1", "s2", "s3")
 PRODUCTS = (("widget-a", 100), ("gadget-b", 100))
@@ -44,8 +45,10 @@ def produce(journal: Journal, orders: int, *, qty: int = 2, clock: FakeClock | N
 
 
 def make_log(path: Path, orders: int = 10, *, snapshot_every: int = 10, qty: int = 2) -> Path:
-    """A closed log file at `path` holding `orders` complete lifecycles."""
+    """A closed log file at `path` holding `orders` complete lifecycles, every event of
+    them acknowledged by the broker (the outbox's cursor at the head)."""
     clock = FakeClock()
     with Journal.open(path, snapshot_every=snapshot_every, clock=clock) as journal:
         produce(journal, orders, qty=qty, clock=clock)
+        journal.log.save_cursor(OUTBOX_CURSOR, journal.state.last_seq)
     return path

@@ -20,13 +20,15 @@ import pytest
 import yaml
 
 from edge_agent.agent import Agent
+from edge_agent.clock import FakeClock
 from edge_agent.config import Config
 from edge_agent.errors import ConfigError
 from edge_agent.log.compact import Retention, compact
+from edge_agent.log.journal import Journal
 from edge_agent.log.store import APPLICATION_ID, OUTBOX_CURSOR, EventLog
 from tests.agents import running
 from tests.brokers import free_port
-from tests.plant import make_log
+from tests.plant import make_log, produce
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILE = ROOT / "device_profiles" / "simulated.yaml"
@@ -202,6 +204,19 @@ def test_compaction_never_removes_an_event_the_outbox_has_not_published(tmp_path
         assert result.up_to_seq <= 25
         assert list(log_.rows(26)) == unpublished
         assert log_.head().seq == head
+
+
+def test_compaction_removes_nothing_the_broker_never_acknowledged(tmp_path: Path) -> None:
+    """A cell that never reached its broker has published nothing: every event stays."""
+    path = tmp_path / "events.db"
+    with Journal.open(path, snapshot_every=10, clock=FakeClock()) as journal:
+        produce(journal, 10)
+    with EventLog(path) as log_:
+        assert log_.cursor(OUTBOX_CURSOR) is None and len(log_.snapshot_seqs()) > 3
+        everything = list(log_.rows())
+        result = compact(log_, Retention.drop, tmp_path / "archive")
+        assert (result.removed, result.up_to_seq) == (0, None)
+        assert list(log_.rows()) == everything
 
 
 def archived_rows(path: Path) -> list[dict[str, object]]:

@@ -19,7 +19,7 @@ from edge_agent.domain.view import state_view
 from edge_agent.errors import ConfigError
 from edge_agent.files import write_atomically
 from edge_agent.lock import LOCK_NAME, DataDirLock
-from edge_agent.log.compact import Retention, row_json
+from edge_agent.log.compact import Retention, published, row_json
 from edge_agent.log.compact import compact as compact_log
 from edge_agent.log.journal import replay as replay_log
 from edge_agent.log.store import Row
@@ -214,8 +214,12 @@ def compact(
     # The agent's own lock: one writer per log, so never while the agent runs.
     with DataDirLock(path.parent, advice=", stop it first"), open_log(config, path, write=True) as log_:
         result = compact_log(log_, chosen, log_.path.parent / "archive")
+        acknowledged = published(log_)
     if result.up_to_seq is None:
-        display.out.print(f"nothing to compact (retention {chosen}, or no snapshot past the log's start)")
+        display.out.print(
+            f"nothing to compact (retention {chosen}; the broker has acknowledged events up to seq {acknowledged}, "
+            "and no snapshot lies between the log's start and there)"
+        )
         return
     where = f" to {result.archive}" if result.archive else ""
     display.out.print(f"{chosen}: removed {result.removed} events up to seq {result.up_to_seq}{where}")

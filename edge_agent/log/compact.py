@@ -45,11 +45,17 @@ def row_json(row: Row, *, with_hash: bool = False) -> bytes:
     return orjson.dumps(record)
 
 
+def published(log_: EventLog) -> int:
+    """The last seq the broker has acknowledged (0: none)."""
+    return log_.cursor(OUTBOX_CURSOR) or 0
+
+
 def compact(log_: EventLog, retention: Retention, archive_dir: Path) -> Compaction:
     """Remove the events before the newest intact snapshot, per `retention`."""
     base = log_.base()
-    # Never remove what a consumer (the MQTT outbox) has not yet taken.
-    snapshot = log_.latest_snapshot(log_.cursor(OUTBOX_CURSOR))
+    # Never remove what the broker has not acknowledged: the log is the outbox. A log
+    # whose outbox never saved a cursor has had nothing acknowledged at all.
+    snapshot = log_.latest_snapshot(published(log_))
     if retention is Retention.keep or snapshot is None or snapshot.seq <= base.seq:
         return Compaction(retention, 0, None, None)
     archive = None
