@@ -50,6 +50,14 @@ def foreign_wal_db(path: Path) -> None:
     db.close()
 
 
+def labelled_db(path: Path) -> None:
+    """Another program's database that carries the log's label but none of its tables."""
+    foreign_db(path)
+    with sqlite3.connect(path) as db:
+        db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+    db.close()
+
+
 def random_bytes(path: Path) -> None:
     path.write_bytes(os.urandom(8192))
 
@@ -61,6 +69,7 @@ def empty(path: Path) -> None:
 NOT_LOGS: dict[str, Callable[[Path], None]] = {
     "foreign": foreign_db,
     "foreign-wal": foreign_wal_db,
+    "labelled": labelled_db,
     "random": random_bytes,
     "empty": empty,
 }
@@ -99,7 +108,7 @@ def test_every_db_command_refuses_a_file_that_is_not_a_log_and_changes_nothing(t
     NOT_LOGS[kind](path)
     before = fingerprint(path)
     # Every command on the database; a reader and a writer on the rest (the same open refuses them all).
-    for command in COMMANDS if kind == "foreign" else (COMMANDS[0], COMMANDS[-1]):
+    for command in COMMANDS if kind in ("foreign", "labelled") else (COMMANDS[0], COMMANDS[-1]):
         result = edge_agent(tmp_path, *command, "--db", path)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2, f"{command}: exit {result.returncode}\n{result.stderr}"

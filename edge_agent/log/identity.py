@@ -11,7 +11,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from edge_agent.errors import ConfigError
+from edge_agent.errors import ConfigError, LogError
 from edge_agent.log.schema import MIGRATIONS
 
 # `PRAGMA application_id` of every edge-agent log ("EAlg"): how a file says it is one.
@@ -44,9 +44,7 @@ def identify(path: Path) -> bool:
     if len(header) < _HEADER_BYTES or not header.startswith(_SQLITE_MAGIC):
         raise ConfigError(f"{path} is not an edge-agent log (not an SQLite database)")
     application_id = int.from_bytes(header[68:72], "big")
-    if application_id == APPLICATION_ID:
-        return True
-    if application_id != 0:
+    if application_id not in (0, APPLICATION_ID):
         raise ConfigError(f"{path} is not an edge-agent log (another application's database: id {application_id:#x})")
     try:
         # A database in WAL mode opened read-only gets a -wal and -shm file beside it: not
@@ -62,7 +60,11 @@ def identify(path: Path) -> bool:
         finally:
             db.close()
     except sqlite3.Error as error:
+        if application_id == APPLICATION_ID:  # labelled a log, but it cannot be read: a damaged one
+            raise LogError(f"cannot read the log {path}: {error} (the file is damaged)") from error
         raise ConfigError(f"{path} is not an edge-agent log ({error})") from error
+    # The label alone is not enough: a log is made whole under a temporary name, so an
+    # existing one always has its tables and its first migration recorded.
     if "events" not in tables or MIGRATIONS[0][0] not in recorded:
         raise ConfigError(f"{path} is not an edge-agent log (no events table or recorded migrations)")
-    return False
+    return application_id == APPLICATION_ID
