@@ -267,10 +267,11 @@ def test_a_symlink_or_hard_link_to_the_running_agents_log_is_not_compacted(tmp_p
             ]
             os.link(db, hard)
             done.insert(1, edge_agent("log", "compact", "--db", hard, "--retention", "drop"))
+            done.append(edge_agent("status", "--db", hard))  # would read it without its -wal
             assert db.read_bytes() == before
             return done
 
-    through_symlink, through_hard_link, status = asyncio.run(scenario())
+    through_symlink, through_hard_link, status, status_through_hard_link = asyncio.run(scenario())
     assert through_symlink.returncode == 2
     assert one_error_line(through_symlink.stderr) == (
         f"error: another edge-agent (pid {os.getpid()}) is running on {tmp_path / 'var'}, stop it first"
@@ -279,5 +280,8 @@ def test_a_symlink_or_hard_link_to_the_running_agents_log_is_not_compacted(tmp_p
     assert through_hard_link.returncode == 2
     assert "has other hard links" in one_error_line(through_hard_link.stderr)
     assert not (hard.parent / "lock").exists()
+    assert status_through_hard_link.returncode == 2
+    assert "has other hard links" in one_error_line(status_through_hard_link.stderr)
+    assert sorted(p.name for p in hard.parent.iterdir()) == ["events.db"]  # no -wal or -shm made beside it
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout)["agent"]["running"] is True

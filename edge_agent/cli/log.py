@@ -208,9 +208,6 @@ def compact(
     chosen = retention or Retention(load_config(config).log.retention)
     with open_log(config, db) as log_:  # a missing or foreign file is refused before a lock is made beside it
         path = log_.path  # symlinks resolved: the lock below is the real folder's
-    if path.stat().st_nlink > 1:
-        # The lock guards one name only: under another name this file may be a running agent's log.
-        raise ConfigError(f"{path} has other hard links (it may be a running agent's log); compact a copy", key="--db")
     # The agent's own lock: one writer per log, so never while the agent runs.
     with DataDirLock(path.parent, advice=", stop it first"), open_log(config, path, write=True) as log_:
         result = compact_log(log_, chosen, log_.path.parent / "archive")

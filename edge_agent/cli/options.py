@@ -45,6 +45,15 @@ def open_log(config: Path | None, db: Path | None, *, write: bool = False) -> It
     if not given.is_file():
         raise ConfigError(f"no log at {given}", key="--db")
     path = given.resolve()
+    if path.stat().st_nlink > 1:
+        # SQLite finds a log's -wal by the name it is opened under: under another name a
+        # running agent's latest events are not seen (and its lock, by the other name,
+        # guards nothing here).
+        raise ConfigError(
+            f"{given} has other hard links (it may be a running agent's log under another name); "
+            "open it by its own name, or read a copy (cp)",
+            key="--db",
+        )
     with EventLog(path, readonly=not write) as log_:
         try:
             yield log_
