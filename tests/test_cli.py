@@ -42,7 +42,7 @@ from edge_agent.domain.view import state_view
 from edge_agent.lock import LOCK_NAME, DataDirLock, holder
 from edge_agent.log.journal import Journal, replay
 from edge_agent.log.store import OUTBOX_CURSOR, Base, EventLog
-from tests.plant import PRODUCTS, STATIONS, run
+from tests.plant import PRODUCTS, STATIONS, make_log, run
 
 T0 = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
 PHASE_S = 10.0  # the fake clock moves this far between the phases of the cell's day
@@ -800,6 +800,19 @@ def test_log_export_never_writes_onto_the_log_it_reads(cell: Cell) -> None:
             assert "is the log being read" in one_error_line(done.stderr)
     assert cell.path.read_bytes() == before
     assert_verifies(cell.path, 1, cell.last.last_seq)
+
+
+def test_log_export_never_makes_a_file_sqlite_would_take_for_a_logs_journal(cell: Cell, tmp_path: Path) -> None:
+    """A new file named like another log's journal would be taken for a hot journal by every
+    reader of that log (a running agent's, say) and stop them all."""
+    other = make_log(tmp_path / "other" / "events.db", orders=2)
+    for tail in ("-journal", "-wal", "-shm"):
+        target = Path(f"{other}{tail}")
+        done = agent("log", "export", "--db", cell.path, "--output", target)
+        assert done.returncode == 2, (tail, done.stderr)
+        assert f"SQLite would read {target} as part of {other}" in one_error_line(done.stderr)
+        assert not target.exists()
+    assert agent("status", "--db", other).returncode == 0
 
 
 def test_log_export_overwrites_only_with_force(cell: Cell, tmp_path: Path) -> None:

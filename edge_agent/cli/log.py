@@ -162,11 +162,25 @@ def export(
         # Never onto the log (nor its WAL and shared-memory files), never over a file
         # without --force, never through a symlink, and complete or not there at all.
         guarded = tuple(log_.path.with_name(log_.path.name + tail) for tail in ("", "-wal", "-shm"))
+        database = _database_of(output)
+        if database is not None and not output.exists() and database.resolve() != log_.path:
+            # A new file there would be taken for that database's hot journal by every reader.
+            # (An existing one, and the log read, are refused below.)
+            raise ConfigError(f"--output: SQLite would read {output} as part of {database}; choose another name")
         write_atomically(output, write, force=force, protected=guarded, replaceable=_not_an_export)
 
 
 _SQLITE_COMPANIONS = ("-wal", "-shm", "-journal")
 _FIRST_LINE_MAX = 1 << 20
+
+
+def _database_of(path: Path) -> Path | None:
+    """The existing file whose -wal, -shm or -journal SQLite would take `path` for."""
+    for tail in _SQLITE_COMPANIONS:
+        database = path.with_name(path.name.removesuffix(tail))
+        if path.name.endswith(tail) and database.exists():
+            return database
+    return None
 
 
 def _not_an_export(path: Path) -> str | None:
@@ -175,9 +189,8 @@ def _not_an_export(path: Path) -> str | None:
     an agent's lock or a stranger's file is kept, whatever it is called."""
     if path.name == LOCK_NAME:
         return "a data folder's lock"
-    for tail in _SQLITE_COMPANIONS:
-        if path.name.endswith(tail) and path.with_name(path.name.removesuffix(tail)).exists():
-            return "the journal of an SQLite database"
+    if _database_of(path) is not None:
+        return "the journal of an SQLite database"
     try:
         with path.open("rb") as stream:
             first = stream.readline(_FIRST_LINE_MAX)
