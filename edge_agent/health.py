@@ -83,7 +83,7 @@ _END_OF_HEAD = re.compile(rb"\r?\n\r?\n")  # the blank line; http.server takes b
 _TOO_LARGE = b"HTTP/1.0 431 Request Header Fields Too Large\r\nContent-Length: 0\r\n\r\n"
 
 
-class _QuietHandler(WSGIRequestHandler):
+class _Handler(WSGIRequestHandler):
     """Serves one request from its head, already read, into a buffer that is sent after with a
     deadline: wsgiref's own writes would each wait the whole socket timeout afresh."""
 
@@ -139,7 +139,7 @@ class HealthServer:
     ) -> None:
         self._check = check
         self._metrics_app = make_wsgi_app(metrics.registry)
-        self._server = make_server(bind, port, self._app, server_class=_Server, handler_class=_QuietHandler)
+        self._server = make_server(bind, port, self._app, server_class=_Server, handler_class=_Handler)
         self.port = self._server.server_port
         self._slots = threading.BoundedSemaphore(max_clients)
         self._max_waiting = max_waiting
@@ -242,7 +242,7 @@ class HealthServer:
         try:
             address = connection.getpeername()
             try:
-                answer = _QuietHandler(head, connection, address, self._server).answer
+                answer = _Handler(head, connection, address, self._server).answer
                 # One send, so the timeout bounds the whole answer: a client that reads it
                 # slowly (or not at all) holds its thread this long, and no longer.
                 connection.settimeout(self._timeout_s)

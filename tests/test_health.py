@@ -207,7 +207,7 @@ def test_clients_trickling_their_headers_never_delay_healthz_and_are_cut_off_at_
         slow[0].settimeout(10)
         with contextlib.suppress(ConnectionResetError):  # a reset is a close too
             assert slow[0].recv(1) == b""
-        assert time.monotonic() - started < 4
+        assert time.monotonic() - started < 5  # 3 s from the accept; an idle cut-off never comes
     finally:
         stop.set()
         trickler.join()
