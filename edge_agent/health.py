@@ -4,16 +4,22 @@ A small WSGI app on wsgiref: two GET routes need no web framework, and threads
 keep a slow scraper off the control loop. It only reads: the state and the
 counters it is given are safe to read from here.
 
-No client delays another. A connection waits, threadless, until its request
-arrives (at most `timeout_s`; past `max_waiting` such sockets the oldest is
-closed, so a flood of idle ones never shuts a new client out), then is served on
-a daemon thread of its own with a socket timeout, at most `max_clients` at once
-(one more is closed at once rather than queued).
+No client delays another. A connection's request head (up to its blank line, at
+most `MAX_HEAD_BYTES`, else 431) is read without a thread, by the selector that
+accepts, and must be whole within `timeout_s` of the accept: a deadline, not an
+idle cut-off, so a client trickling a byte at a time is closed as surely as a
+silent one. Past `max_waiting` such sockets the oldest is closed, so a flood of
+them never shuts a new client out. Only then is it served on a daemon thread of
+its own, at most `max_clients` at once (one more is closed at once rather than
+queued), whose answer must be written within `timeout_s` too.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+import re
 import selectors
 import socket
 import threading
@@ -69,13 +75,43 @@ class _Live(Collector):
 
 
 MAX_CLIENTS = 16  # connections served at once, each on a thread
-MAX_WAITING = 64  # connections waiting for their request, each only a file descriptor
-TIMEOUT_S = 5.0  # for a request to arrive, and for each read or write of it
+MAX_WAITING = 64  # connections waiting for their request, each a file descriptor and its head so far
+MAX_HEAD_BYTES = 8192  # a request line and headers; GET /healthz or /metrics needs far less
+TIMEOUT_S = 5.0  # for a request head to arrive from the accept, and for the answer to be written
+
+_END_OF_HEAD = re.compile(rb"\r?\n\r?\n")  # the blank line; http.server takes bare LF lines too
+_TOO_LARGE = b"HTTP/1.0 431 Request Header Fields Too Large\r\nContent-Length: 0\r\n\r\n"
 
 
-class _QuietHandler(WSGIRequestHandler):
+class _Handler(WSGIRequestHandler):
+    """Serves one request from its head, already read, into a buffer that is sent after with a
+    deadline: wsgiref's own writes would each wait the whole socket timeout afresh."""
+
+    def __init__(self, head: bytes, connection: socket.socket, address: Any, server: WSGIServer) -> None:
+        self._head = head
+        self._written = io.BytesIO()
+        self.answer = b""
+        super().__init__(connection, address, server)  # serves the request
+
+    def setup(self) -> None:
+        self.rfile = io.BytesIO(self._head)
+        self.wfile = self._written
+
+    def finish(self) -> None:
+        self.answer = self._written.getvalue()
+        super().finish()
+
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("http: " + format, *args)
+
+
+@dataclass
+class _Waiting:
+    """A connection whose request head is still arriving."""
+
+    until: float  # the deadline, from the accept
+    head: bytearray = field(default_factory=bytearray)
+    refused: bool = False  # its head is over the bound: answered 431, the rest is thrown away
 
 
 class _Server(WSGIServer):
@@ -103,7 +139,7 @@ class HealthServer:
     ) -> None:
         self._check = check
         self._metrics_app = make_wsgi_app(metrics.registry)
-        self._server = make_server(bind, port, self._app, server_class=_Server, handler_class=_QuietHandler)
+        self._server = make_server(bind, port, self._app, server_class=_Server, handler_class=_Handler)
         self.port = self._server.server_port
         self._slots = threading.BoundedSemaphore(max_clients)
         self._max_waiting = max_waiting
@@ -125,8 +161,8 @@ class HealthServer:
         return [b"not found: try /healthz or /metrics\n"]
 
     def _accept(self) -> None:
-        """Accept connections and hand each to a thread once its request has arrived."""
-        waiting: dict[socket.socket, float] = {}  # connection -> when it is given up; oldest first
+        """Accept connections, read each one's request head, and hand it to a thread once whole."""
+        waiting: dict[socket.socket, _Waiting] = {}  # oldest first
         with selectors.DefaultSelector() as selector:
             selector.register(self._server.socket, selectors.EVENT_READ)
             while not self._stopping.is_set():
@@ -136,18 +172,23 @@ class HealthServer:
                     else:
                         connection = key.fileobj
                         assert isinstance(connection, socket.socket)
-                        selector.unregister(connection)
-                        del waiting[connection]
-                        self._serve(connection)
+                        head = self._read(connection, waiting[connection])
+                        if head is not None:
+                            selector.unregister(connection)
+                            del waiting[connection]
+                            if head:
+                                self._serve(connection, head)
+                            else:
+                                connection.close()
                 now = time.monotonic()
-                for connection in [c for c, until in waiting.items() if until <= now]:
+                for connection in [c for c, w in waiting.items() if w.until <= now]:
                     selector.unregister(connection)
                     del waiting[connection]
                     connection.close()
             for connection in waiting:
                 connection.close()
 
-    def _arrived(self, selector: selectors.BaseSelector, waiting: dict[socket.socket, float]) -> None:
+    def _arrived(self, selector: selectors.BaseSelector, waiting: dict[socket.socket, _Waiting]) -> None:
         try:
             connection, _ = self._server.socket.accept()
         except OSError:
@@ -157,25 +198,55 @@ class HealthServer:
             selector.unregister(oldest)
             del waiting[oldest]
             oldest.close()
-        waiting[connection] = time.monotonic() + self._timeout_s
+        connection.setblocking(False)
+        waiting[connection] = _Waiting(time.monotonic() + self._timeout_s)
         selector.register(connection, selectors.EVENT_READ)
 
-    def _serve(self, connection: socket.socket) -> None:
+    @staticmethod
+    def _read(connection: socket.socket, waiting: _Waiting) -> bytes | None:
+        """What has arrived: None while the head is incomplete, the head once whole, b"" for a
+        connection to close (gone)."""
+        try:
+            data = connection.recv(4096 if waiting.refused else MAX_HEAD_BYTES + 1 - len(waiting.head))
+        except BlockingIOError:
+            return None
+        except OSError:
+            return b""
+        if not data:
+            return b""  # gone before its request was whole
+        if waiting.refused:
+            return None  # read only so that closing does not reset the connection and lose the 431
+        waiting.head += data
+        end = _END_OF_HEAD.search(waiting.head)
+        if end is not None:
+            return bytes(waiting.head[: end.end()])  # a body, if any, is not read: no route takes one
+        if len(waiting.head) > MAX_HEAD_BYTES:
+            with contextlib.suppress(OSError):  # small enough for any empty socket buffer; else it is lost
+                connection.send(_TOO_LARGE)
+                connection.shutdown(socket.SHUT_WR)
+            waiting.refused = True  # kept until the client closes, or the deadline
+        return None
+
+    def _serve(self, connection: socket.socket, head: bytes) -> None:
         if not self._slots.acquire(blocking=False):
             connection.close()  # all threads busy: closed at once, not queued behind them
             return
         try:
-            threading.Thread(target=self._handle, args=(connection,), name="http-client", daemon=True).start()
+            thread = threading.Thread(target=self._handle, args=(connection, head), name="http-client", daemon=True)
+            thread.start()
         except RuntimeError:  # the process may start no more threads: this client, not the server, goes
             self._slots.release()
             connection.close()
 
-    def _handle(self, connection: socket.socket) -> None:
+    def _handle(self, connection: socket.socket, head: bytes) -> None:
         try:
-            connection.settimeout(self._timeout_s)  # a stuck client holds its own thread this long
             address = connection.getpeername()
             try:
-                self._server.finish_request(connection, address)
+                answer = _Handler(head, connection, address, self._server).answer
+                # One send, so the timeout bounds the whole answer: a client that reads it
+                # slowly (or not at all) holds its thread this long, and no longer.
+                connection.settimeout(self._timeout_s)
+                connection.sendall(answer)
             except Exception:
                 self._server.handle_error(connection, address)
             finally:

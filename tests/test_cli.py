@@ -1009,6 +1009,111 @@ def test_log_compact_keep_and_the_configured_retention(cell: Cell, tmp_path: Pat
     assert not (cell.path.parent / "archive").exists()
 
 
+# -- an archive as --db ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Archived:
+    path: Path  # the archive `log compact` wrote
+    events: list[dict[str, Any]]  # the events it holds, as `log export` writes them
+    text: list[str]  # `log show` of them, read from the log before it was compacted
+
+
+@pytest.fixture
+def archived(cell: Cell) -> Archived:
+    cut = newest_snapshot(cell.path)
+    events = stored_events(cell.path)[:cut]
+    text = cli("log", "show", "--db", cell.path, "--to", str(cut)).stdout.splitlines()
+    assert cli("log", "compact", "--db", cell.path, "--retention", "archive").exit_code == 0
+    (path,) = (cell.path.parent / "archive").iterdir()
+    return Archived(path, events, text)
+
+
+def write_archive(path: Path, events: list[dict[str, Any]]) -> None:
+    with gzip.open(path, "wb") as archive:
+        for event in events:
+            archive.write(json.dumps(event, separators=(",", ":")).encode() + b"\n")
+
+
+def test_log_show_reads_an_archive_as_it_reads_a_log(archived: Archived, tmp_path: Path) -> None:
+    def shown(path: Path, *args: str) -> list[dict[str, Any]]:
+        result = cli("log", "show", "--db", path, "--json", *args)
+        assert result.exit_code == 0, result.output
+        return [json.loads(line) for line in result.stdout.splitlines()]
+
+    events = [without_hash(e) for e in archived.events]
+    assert shown(archived.path) == events
+    assert shown(archived.path, "--from", "5", "--to", "9") == events[4:9]
+    assert shown(archived.path, "--type", "OrderAccepted") == [e for e in events if e["type"] == "OrderAccepted"]
+    assert shown(archived.path, "--subject", "o1") == [e for e in events if e["subject"] == "o1"]
+    assert cli("log", "show", "--db", archived.path).stdout.splitlines() == archived.text
+
+    renamed = tmp_path / "events-copy.db"  # known by what it holds, not by its name
+    shutil.copyfile(archived.path, renamed)
+    assert shown(renamed) == events
+
+
+def test_log_verify_checks_an_archive_within_itself(archived: Archived, tmp_path: Path) -> None:
+    result = cli("log", "verify", "--db", archived.path, "--json")
+    assert result.exit_code == 0, result.output
+    (verdict,) = json_lines(result.stdout)
+    last = archived.events[-1]["seq"]
+    assert (verdict["ok"], verdict["first_seq"], verdict["last_seq"], verdict["events"]) == (True, 1, last, last)
+    assert verdict["unchecked"] is None  # its first event chains to the log's start: checked too
+    text = cli("log", "verify", "--db", archived.path)
+    assert text.exit_code == 0
+    assert text.stdout.startswith(f"ok: archived events 1..{last}")
+
+    # An archive from later in a log: its first event's link to the one before cannot be checked, and it says so.
+    write_archive(tmp_path / "later.jsonl.gz", archived.events[5:])
+    later = cli("log", "verify", "--db", tmp_path / "later.jsonl.gz", "--json")
+    assert later.exit_code == 0, later.output
+    (verdict,) = json_lines(later.stdout)
+    assert (verdict["ok"], verdict["first_seq"], verdict["last_seq"], verdict["events"]) == (True, 6, last, last - 5)
+    assert "event 6's link to the event before it is not checked" in verdict["unchecked"]
+    later_text = cli("log", "verify", "--db", tmp_path / "later.jsonl.gz")
+    assert "event 6's link to the event before it is not checked" in flat(later_text.stdout)
+
+    edited = [dict(e) for e in archived.events]
+    edited[3]["subject"] = "o9"
+    write_archive(tmp_path / "edited.jsonl.gz", edited)
+    done = agent("log", "verify", "--db", tmp_path / "edited.jsonl.gz", "--json")
+    assert done.returncode == 1
+    assert "seq 4" in one_error_line(done.stderr)
+    assert json.loads(done.stdout)["fault"]["seq"] == 4
+
+    write_archive(tmp_path / "gap.jsonl.gz", archived.events[:5] + archived.events[6:])
+    done = agent("log", "verify", "--db", tmp_path / "gap.jsonl.gz")
+    assert done.returncode == 1
+    assert "seq 6: event missing" in one_error_line(done.stderr)
+
+
+def test_a_damaged_archive_is_one_line(archived: Archived, tmp_path: Path) -> None:
+    cut_short = tmp_path / "cut-short.jsonl.gz"
+    cut_short.write_bytes(archived.path.read_bytes()[:-40])  # a copy that stopped early
+    shown = agent("log", "show", "--db", cut_short)
+    assert shown.returncode == 1
+    assert "the file is damaged" in one_error_line(shown.stderr)
+    verified = agent("log", "verify", "--db", cut_short)
+    assert verified.returncode == 1
+    assert "the file is damaged" in one_error_line(verified.stderr)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [("status",), ("log", "replay"), ("log", "export"), ("log", "compact", "--retention", "drop")],
+    ids=" ".join,
+)
+def test_any_other_command_given_an_archive_says_what_reads_one(archived: Archived, command: tuple[str, ...]) -> None:
+    before = archived.path.read_bytes()
+    done = agent(*command, "--db", archived.path)
+    assert done.returncode == 2
+    assert "an archive holds events only; use log show or log verify" in one_error_line(done.stderr)
+    assert done.stdout == ""
+    assert archived.path.read_bytes() == before
+    assert sorted(p.name for p in archived.path.parent.iterdir()) == [archived.path.name]  # nothing made beside it
+
+
 # -- profile list ----------------------------------------------------------------------------------------------------
 
 

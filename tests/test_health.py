@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -175,4 +177,54 @@ def test_a_stuck_client_or_a_flood_of_idle_sockets_never_delays_healthz_or_metri
     finally:
         for connection in held:
             connection.close()
+        server.stop()
+
+
+def trickle(connections: list[socket.socket], stop: threading.Event) -> None:
+    """Send each connection one more header line every half second, never the blank line."""
+    while not stop.wait(0.5):  # the pace is the point: a client that is never idle for long
+        for connection in connections:
+            with contextlib.suppress(OSError):  # closed by the server: what one test waits for
+                connection.sendall(b"X: y\r\n")
+
+
+def test_clients_trickling_their_headers_never_delay_healthz_and_are_cut_off_at_the_deadline() -> None:
+    metrics = Metrics(lambda: {}, lambda: {}, lambda: {})
+    server = HealthServer("127.0.0.1", 0, lambda: [], metrics, max_clients=16, timeout_s=3)
+    server.start()
+    stop = threading.Event()
+    slow = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(40)]  # more than max_clients
+    trickler = threading.Thread(target=trickle, args=(slow, stop), daemon=True)
+    try:
+        for connection in slow:
+            connection.sendall(b"GET /healthz HTTP/1.1\r\n")
+        trickler.start()
+        for _ in range(3):  # while they trickle, and after several lines from each
+            assert quick_get(f"http://127.0.0.1:{server.port}/healthz") == 200
+
+        # Though never idle, each is closed once its head has not arrived within the deadline.
+        started = time.monotonic()
+        slow[0].settimeout(10)
+        with contextlib.suppress(ConnectionResetError):  # a reset is a close too
+            assert slow[0].recv(1) == b""
+        assert time.monotonic() - started < 5  # 3 s from the accept; an idle cut-off never comes
+    finally:
+        stop.set()
+        trickler.join()
+        for connection in slow:
+            connection.close()
+        server.stop()
+
+
+def test_a_request_head_over_its_bound_is_answered_431_and_closed() -> None:
+    server = HealthServer("127.0.0.1", 0, lambda: [], Metrics(lambda: {}, lambda: {}, lambda: {}))
+    server.start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as client:
+            client.sendall(b"GET /healthz HTTP/1.1\r\n" + b"X: " + b"y" * 9000 + b"\r\n")
+            answer = b""
+            while chunk := client.recv(4096):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.0 431 ")
+    finally:
         server.stop()

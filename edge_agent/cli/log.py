@@ -19,6 +19,7 @@ from edge_agent.domain.view import state_view
 from edge_agent.errors import ConfigError
 from edge_agent.files import write_atomically
 from edge_agent.lock import LOCK_NAME, DataDirLock
+from edge_agent.log import archive
 from edge_agent.log.compact import Retention, published, row_json
 from edge_agent.log.compact import compact as compact_log
 from edge_agent.log.journal import replay as replay_log
@@ -65,6 +66,16 @@ def show(
     _known_type(type_)
     if to_seq is not None and to_seq < from_seq:  # else an empty range, silently
         raise ConfigError(f"--to {to_seq} is before --from {from_seq}", key="--to")
+    if db is not None and archive.is_archive(db):
+        if follow:
+            raise ConfigError("--follow: an archive is never appended to", key="--follow")
+        for row in archive.rows(db):
+            if to_seq is not None and row.seq > to_seq:
+                break
+            if row.seq >= from_seq and type_ in (None, row.type) and subject in (None, row.subject):
+                _print_row(row, as_json)
+        sys.stdout.flush()
+        return
     with open_log(config, db) as log_:
         next_seq = from_seq
         while True:
@@ -112,6 +123,9 @@ def replay(
 @log_app.command()
 def verify(config: ConfigOption = None, db: DbOption = None, as_json: JsonOption = False) -> None:
     """Check seq continuity, the hash chain, and that every snapshot equals replay. Exit 1 on a fault."""
+    if db is not None and archive.is_archive(db):
+        _verify_archive(db, as_json)
+        return
     with open_log(config, db) as log_, display.progress("Verifying", log_.count()) as advance:
         verdict = verify_log(log_, progress=advance)
     fault = verdict.fault
@@ -130,6 +144,37 @@ def verify(config: ConfigOption = None, db: DbOption = None, as_json: JsonOption
         display.out.print(
             f"ok: events {verdict.first_seq}..{verdict.last_seq} ({verdict.events}) chained and contiguous; "
             f"{verdict.snapshots} snapshot(s) equal replay"
+        )
+    if fault is not None:
+        display.err.print(f"error: log verify failed at {display.printable(fault)}", markup=False)
+        raise typer.Exit(1)
+
+
+def _verify_archive(path: Path, as_json: bool) -> None:
+    verdict = archive.verify(path)
+    fault = verdict.fault
+    unchecked = (
+        None
+        if verdict.first_link_checked or verdict.first_seq is None
+        else f"event {verdict.first_seq}'s link to the event before it is not checked (that event is not here)"
+    )
+    if as_json:
+        display.print_json(
+            {
+                "ok": fault is None,
+                "first_seq": verdict.first_seq,
+                "last_seq": verdict.last_seq,
+                "events": verdict.events,
+                "snapshots": 0,
+                "unchecked": unchecked,
+                "fault": None if fault is None else {"seq": fault.seq, "reason": str(fault)},
+            }
+        )
+    elif fault is None:
+        display.out.print(
+            f"ok: archived events {verdict.first_seq}..{verdict.last_seq} ({verdict.events}) "
+            f"chained and contiguous{'' if unchecked is None else '; ' + unchecked}",
+            markup=False,
         )
     if fault is not None:
         display.err.print(f"error: log verify failed at {display.printable(fault)}", markup=False)

@@ -14,6 +14,7 @@ import typer
 from edge_agent.config import load_config
 from edge_agent.domain.moments import iso
 from edge_agent.errors import ConfigError, LogError
+from edge_agent.log import archive
 from edge_agent.log.store import EventLog
 
 ConfigOption = Annotated[
@@ -44,6 +45,8 @@ def open_log(config: Path | None, db: Path | None, *, write: bool = False) -> It
     given = _given_db(config, db)
     if not given.is_file():
         raise ConfigError(f"no log at {given}", key="--db")
+    if archive.is_archive(given):  # read by `log show` and `log verify` alone
+        raise ConfigError(f"{given}: {archive.ONLY_SHOW_OR_VERIFY}", key="--db")
     path = given.resolve()
     if path.stat().st_nlink > 1:
         # SQLite finds a log's -wal by the name it is opened under: under another name a
