@@ -214,6 +214,13 @@ def _resolved(model: BaseModel, root: Path) -> Any:
     return model.model_copy(update=update)
 
 
+def _yaml_problem(error: yaml.MarkedYAMLError) -> str:
+    """PyYAML's several-line report as one line: the problem and where it is."""
+    mark = error.problem_mark or error.context_mark
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + " ".join(part for part in (error.context, error.problem) if part)
+
+
 def load_config(path: Path | None) -> Config:
     """Read and validate the config; a ConfigError names the offending key."""
     found = find_config(path)
@@ -223,6 +230,8 @@ def load_config(path: Path | None) -> Config:
             text = found.read_text(encoding="utf-8")
             refuse_repeated_keys(found, yaml.compose(text, Loader=yaml.SafeLoader))
             values = yaml.safe_load(text) or {}
+        except yaml.MarkedYAMLError as error:
+            raise ConfigError(f"{found}: not valid YAML: {_yaml_problem(error)}") from error
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
             raise ConfigError(f"{found}: cannot read the config: {error}") from error
         if not isinstance(values, dict):

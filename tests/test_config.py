@@ -451,3 +451,17 @@ def test_a_float_key_in_the_file_refuses_nan_and_inf(tmp_path: Path, text: str, 
         load_config(write(tmp_path, text))
     assert caught.value.key == key
     assert "must be a finite number" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [("device_id: x\nspeed: [\n", "line 3, column 1"), ("device_id: x\n  speed: 3\n", "line 2, column 8")],
+)
+def test_a_file_that_is_not_yaml_is_one_line_saying_where(tmp_path: Path, text: str, where: str) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    message = str(raised.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path}: not valid YAML: {where}: ")
