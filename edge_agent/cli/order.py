@@ -170,8 +170,9 @@ def _follow(client: Session, order_id: str, timeout: float) -> None:
     advice = (
         ""
         if heard
-        else "; the device answers nothing to an order id it has already taken: check with "
-        f"`edge-agent status` or `edge-agent log show --subject {order_id}` on the device"
+        else "; nothing was heard of it: the device may be down or unreachable, or it took this order id "
+        f"before (a repeated id gets no answer); check with `edge-agent status` or "
+        f"`edge-agent log show --subject {order_id}` on the device"
     )
     raise OrderNotCompleted(f"order {order_id} did not reach the warehouse within {timeout:g} s{advice}")
 
