@@ -24,6 +24,7 @@ import math
 import re
 import time
 import tracemalloc
+import unicodedata
 import uuid
 from collections import Counter
 from collections.abc import Callable
@@ -170,6 +171,8 @@ def spec_verdict(payload: bytes, max_bytes: int = LIMIT) -> Verdict:
         return False
     if not (isinstance(warehouse, str) and 1 <= len(warehouse) <= 64) or CONTROL.search(warehouse):
         return False
+    if not any(not c.isspace() and unicodedata.category(c) != "Cf" for c in warehouse):
+        return False  # shows as nothing on any screen
     if type(priority) is not int:
         return False
     return True if abs(priority) <= 1_000_000 else None  # SPEC names no range; a bound is careful

@@ -77,6 +77,8 @@ def test_a_valid_order_becomes_a_submission_with_a_digest_of_its_body() -> None:
         (with_(order_id="has space"), None, "order_id: String should match pattern"),
         (with_(order_id="x" * 65), None, "order_id"),
         (with_(warehouse=""), "o-1", "warehouse"),
+        (with_(warehouse=" "), "o-1", "warehouse: must show a visible character"),
+        (with_(warehouse="\u00a0\u200b"), "o-1", "warehouse: must show a visible character"),
         (with_(priority="high"), "o-1", "priority"),
     ],
 )

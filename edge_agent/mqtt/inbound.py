@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from collections.abc import Mapping
 from typing import Annotated, Any, NamedTuple
 
@@ -52,6 +53,10 @@ def _no_control(value: str) -> str:
     problem = _unprintable(value)
     if problem is not None:
         raise PydanticCustomError("control_character", problem)
+    # Some character a person can see (not only spaces, NBSP or zero-width ones): a name
+    # that shows as nothing on every screen names nothing. Usually decided by the first.
+    if not any(not c.isspace() and unicodedata.category(c) != "Cf" for c in value):
+        raise PydanticCustomError("blank", "must show a visible character")
     return value
 
 

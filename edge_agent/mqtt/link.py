@@ -393,8 +393,10 @@ def tls_context(config: MqttConfig) -> ssl.SSLContext | None:
     else:
         try:
             context.load_verify_locations(cafile=str(tls.ca_file))
-        except (ssl.SSLError, OSError) as error:
-            raise _bad(tls, "ca_file", f"{tls.ca_file} holds no PEM certificate ({_tls_text(str(error))})") from error
+        except ssl.SSLError as error:
+            raise _bad(tls, "ca_file", f"{tls.ca_file} holds no PEM certificate") from error
+        except OSError as error:
+            raise _bad(tls, "ca_file", f"cannot read {tls.ca_file}: {error.strerror}") from error
     if tls.cert_file is None:
         if tls.key_file is not None:
             raise _bad(tls, "key_file", f"{tls.key_file} is set without mqtt.tls.cert_file, its certificate")
