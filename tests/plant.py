@@ -44,11 +44,12 @@ def produce(journal: Journal, orders: int, *, qty: int = 2, clock: FakeClock | N
                 run(journal, cmd.TidyUp(record.event.order_id), clock)
 
 
-def make_log(path: Path, orders: int = 10, *, snapshot_every: int = 10, qty: int = 2) -> Path:
-    """A closed log file at `path` holding `orders` complete lifecycles, every event of
-    them acknowledged by the broker (the outbox's cursor at the head)."""
+def make_log(path: Path, orders: int = 10, *, snapshot_every: int = 10, qty: int = 2, published: bool = True) -> Path:
+    """A closed log file at `path` holding `orders` complete lifecycles; `published`: every
+    event of them acknowledged by the broker (the outbox's cursor at the head), else none."""
     clock = FakeClock()
     with Journal.open(path, snapshot_every=snapshot_every, clock=clock) as journal:
         produce(journal, orders, qty=qty, clock=clock)
-        journal.log.save_cursor(OUTBOX_CURSOR, journal.state.last_seq)
+        if published:
+            journal.log.save_cursor(OUTBOX_CURSOR, journal.state.last_seq)
     return path

@@ -38,7 +38,7 @@ class Broker:
 
 @pytest.fixture
 def log_(tmp_path: Path) -> EventLog:
-    return EventLog(make_log(tmp_path / "events.db", orders=8))
+    return EventLog(make_log(tmp_path / "events.db", orders=8, published=False))
 
 
 def test_every_event_goes_out_in_seq_order_with_inventory_and_rejections_beside(log_: EventLog) -> None:
