@@ -16,7 +16,7 @@ from edge_agent.cli.options import ConfigOption, DbOption, JsonOption, open_log,
 from edge_agent.config import load_config
 from edge_agent.domain.events import EVENT_TYPES
 from edge_agent.domain.view import state_view
-from edge_agent.errors import ConfigError
+from edge_agent.errors import ConfigError, LogCorrupted
 from edge_agent.files import write_atomically
 from edge_agent.lock import LOCK_NAME, DataDirLock
 from edge_agent.log import archive
@@ -128,54 +128,49 @@ def verify(config: ConfigOption = None, db: DbOption = None, as_json: JsonOption
         return
     with open_log(config, db) as log_, display.progress("Verifying", log_.count()) as advance:
         verdict = verify_log(log_, progress=advance)
-    fault = verdict.fault
-    if as_json:
-        display.print_json(
-            {
-                "ok": fault is None,
-                "first_seq": verdict.first_seq,
-                "last_seq": verdict.last_seq,
-                "events": verdict.events,
-                "snapshots": verdict.snapshots,
-                "fault": None if fault is None else {"seq": fault.seq, "reason": str(fault)},
-            }
-        )
-    elif fault is None:
-        display.out.print(
-            f"ok: events {verdict.first_seq}..{verdict.last_seq} ({verdict.events}) chained and contiguous; "
-            f"{verdict.snapshots} snapshot(s) equal replay"
-        )
-    if fault is not None:
-        display.err.print(f"error: log verify failed at {display.printable(fault)}", markup=False)
-        raise typer.Exit(1)
+    _report(
+        as_json,
+        {
+            "first_seq": verdict.first_seq,
+            "last_seq": verdict.last_seq,
+            "events": verdict.events,
+            "snapshots": verdict.snapshots,
+        },
+        verdict.fault,
+        f"ok: events {verdict.first_seq}..{verdict.last_seq} ({verdict.events}) chained and contiguous; "
+        f"{verdict.snapshots} snapshot(s) equal replay",
+    )
 
 
 def _verify_archive(path: Path, as_json: bool) -> None:
     verdict = archive.verify(path)
-    fault = verdict.fault
     unchecked = (
         None
         if verdict.first_link_checked or verdict.first_seq is None
         else f"event {verdict.first_seq}'s link to the event before it is not checked (that event is not here)"
     )
+    _report(
+        as_json,
+        {
+            "first_seq": verdict.first_seq,
+            "last_seq": verdict.last_seq,
+            "events": verdict.events,
+            "snapshots": 0,
+            "unchecked": unchecked,
+        },
+        verdict.fault,
+        f"ok: archived events {verdict.first_seq}..{verdict.last_seq} ({verdict.events}) "
+        f"chained and contiguous{'' if unchecked is None else '; ' + unchecked}",
+    )
+
+
+def _report(as_json: bool, summary: dict[str, object], fault: LogCorrupted | None, ok_line: str) -> None:
+    """A verdict of `log verify`: JSON or a line; exit 1 naming the first bad seq."""
     if as_json:
-        display.print_json(
-            {
-                "ok": fault is None,
-                "first_seq": verdict.first_seq,
-                "last_seq": verdict.last_seq,
-                "events": verdict.events,
-                "snapshots": 0,
-                "unchecked": unchecked,
-                "fault": None if fault is None else {"seq": fault.seq, "reason": str(fault)},
-            }
-        )
+        reported = None if fault is None else {"seq": fault.seq, "reason": str(fault)}
+        display.print_json({"ok": fault is None, **summary, "fault": reported})
     elif fault is None:
-        display.out.print(
-            f"ok: archived events {verdict.first_seq}..{verdict.last_seq} ({verdict.events}) "
-            f"chained and contiguous{'' if unchecked is None else '; ' + unchecked}",
-            markup=False,
-        )
+        display.out.print(ok_line, markup=False)
     if fault is not None:
         display.err.print(f"error: log verify failed at {display.printable(fault)}", markup=False)
         raise typer.Exit(1)
