@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import heapq
 from datetime import datetime
+from typing import assert_never
 
 from edge_agent.domain import commands as cmd
 from edge_agent.domain import events as ev
@@ -95,6 +96,8 @@ def decide(state: State, command: cmd.Command, now: datetime) -> list[ev.Event]:
             return [] if state.estop else [ev.EstopEngaged()]
         case cmd.ReleaseEstop():
             return [ev.EstopReleased()] if state.estop else []
+        case _:  # mypy names here any command the cases above leave out
+            assert_never(command)
 
 
 def _require(state: State, order_id: str, stages: set[Stage] | frozenset[Stage], doing: str) -> WorkItem:
