@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,3 +31,13 @@ def children() -> Iterator[list[subprocess.Popen[str]]]:
         for stream in (proc.stdin, proc.stdout, proc.stderr):
             if stream is not None:
                 stream.close()
+
+
+@pytest.fixture
+def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run in `tmp_path` with no EDGE_AGENT_* variable: no ./config.yaml or setting of the
+    developer's leaks into a test of the CLI."""
+    monkeypatch.chdir(tmp_path)
+    for name in list(os.environ):
+        if name.startswith("EDGE_AGENT_"):
+            monkeypatch.delenv(name)

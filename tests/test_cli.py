@@ -123,13 +123,7 @@ def work_a_day(journal: Journal, clock: FakeClock) -> list[Checkpoint]:
     return checkpoints
 
 
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No ./config.yaml or EDGE_AGENT_* variable of the developer's leaks into a test."""
-    monkeypatch.chdir(tmp_path)
-    for name in list(os.environ):
-        if name.startswith("EDGE_AGENT_"):
-            monkeypatch.delenv(name)
+pytestmark = pytest.mark.usefixtures("isolated")  # no ./config.yaml or EDGE_AGENT_* of the developer's
 
 
 @pytest.fixture

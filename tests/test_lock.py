@@ -29,12 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PROFILE = ROOT / "device_profiles" / "simulated.yaml"
 
 
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)
-    for name in list(os.environ):
-        if name.startswith("EDGE_AGENT_"):
-            monkeypatch.delenv(name)
+pytestmark = pytest.mark.usefixtures("isolated")  # no ./config.yaml or EDGE_AGENT_* of the developer's
 
 
 def write_config(folder: Path, http: str = "{enabled: false}", mqtt: str = "") -> Path:
