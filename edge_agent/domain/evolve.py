@@ -11,7 +11,7 @@ from __future__ import annotations
 import gc
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, assert_never
 
 import msgspec
 from immutables import Map
@@ -144,10 +144,6 @@ def _rejected(d: _Draft, e: ev.OrderRejected, r: ev.Recorded) -> None:
     d.rejected += 1
 
 
-def _for_the_record(d: _Draft, e: ev.Event, r: ev.Recorded) -> None:
-    """Starts and stops are facts for the record; they change no state."""
-
-
 def _queued(d: _Draft, e: ev.OrderQueued, r: ev.Recorded) -> None:
     item = d.item(e.order_id)
     item["stage"] = Stage.FACTORY_READY
@@ -236,6 +232,10 @@ def _retry_scheduled(d: _Draft, e: ev.RetryScheduled, r: ev.Recorded) -> None:
     item["paused_until"] = e.resume_at
 
 
+def _for_the_record(d: _Draft, e: ev.AgentStarted | ev.AgentStopped, r: ev.Recorded) -> None:
+    """Starts and stops are facts for the record; they change no state."""
+
+
 def _estop_engaged(d: _Draft, e: ev.EstopEngaged, r: ev.Recorded) -> None:
     d.estop = True
     d.estop_since = r.ts
@@ -252,34 +252,64 @@ def _estop_released(d: _Draft, e: ev.EstopReleased, r: ev.Recorded) -> None:
     d.estop_since = None
 
 
-_APPLY: dict[type[Any], Callable[[_Draft, Any, ev.Recorded], None]] = {
-    ev.PlantConfigured: _plant_configured,
-    ev.OrderAccepted: _accepted,
-    ev.OrderRejected: _rejected,
-    ev.AgentStarted: _for_the_record,
-    ev.AgentStopped: _for_the_record,
-    ev.OrderQueued: _queued,
-    ev.StationAssigned: _assigned,
-    ev.UnitBuilt: _unit_built,
-    ev.BuildComplete: _build_complete,
-    ev.ShipmentStarted: _shipment_started,
-    ev.ShipmentArrived: _shipment_arrived,
-    ev.InventoryIssued: _inventory_issued,
-    ev.TidiedUp: _tidied_up,
-    ev.OrderFailed: _failed,
-    ev.OrderCancelled: _cancelled,
-    ev.StepCompleted: _step_completed,
-    ev.TimerArmed: _timer_armed,
-    ev.RetryScheduled: _retry_scheduled,
-    ev.EstopEngaged: _estop_engaged,
-    ev.EstopReleased: _estop_released,
-}
+_Handler = Callable[[_Draft, Any, ev.Recorded], None]
+
+
+def _handler(e: ev.Event) -> _Handler:
+    """The function that folds events of `e`'s type. A `match`, so that mypy names any
+    event type left unhandled; `fold` asks once per type and keeps the answer in
+    `_HANDLERS`, because a table lookup per event replays twice as fast as a match."""
+    match e:
+        case ev.PlantConfigured():
+            return _plant_configured
+        case ev.OrderAccepted():
+            return _accepted
+        case ev.OrderRejected():
+            return _rejected
+        case ev.OrderQueued():
+            return _queued
+        case ev.StationAssigned():
+            return _assigned
+        case ev.UnitBuilt():
+            return _unit_built
+        case ev.BuildComplete():
+            return _build_complete
+        case ev.ShipmentStarted():
+            return _shipment_started
+        case ev.ShipmentArrived():
+            return _shipment_arrived
+        case ev.InventoryIssued():
+            return _inventory_issued
+        case ev.TidiedUp():
+            return _tidied_up
+        case ev.OrderFailed():
+            return _failed
+        case ev.OrderCancelled():
+            return _cancelled
+        case ev.StepCompleted():
+            return _step_completed
+        case ev.TimerArmed():
+            return _timer_armed
+        case ev.RetryScheduled():
+            return _retry_scheduled
+        case ev.EstopEngaged():
+            return _estop_engaged
+        case ev.EstopReleased():
+            return _estop_released
+        case ev.AgentStarted() | ev.AgentStopped():
+            return _for_the_record
+        case _:
+            assert_never(e)
+
+
+_HANDLERS: dict[type[ev.Event], _Handler] = {}  # filled by `fold` as it meets each type
 
 
 def fold(state: State, records: Iterable[ev.Recorded]) -> State:
     """Apply recorded events, in seq order, to `state`."""
     draft = _Draft(state)
-    last = draft.last_seq  # kept in a local: this loop runs once per event of a replay
+    last = draft.last_seq  # kept in locals: this loop runs once per event of a replay
+    handlers = _HANDLERS
     record = None
     with _collector_paused():
         for record in records:
@@ -288,7 +318,11 @@ def fold(state: State, records: Iterable[ev.Recorded]) -> State:
                 raise InvalidEvent(record.seq, f"expected seq {last}")
             event = record.event
             try:
-                _APPLY[type(event)](draft, event, record)
+                handler = handlers[type(event)]
+            except KeyError:  # the first of its type
+                handler = handlers[type(event)] = _handler(event)
+            try:
+                handler(draft, event, record)
             except (KeyError, ValueError) as error:
                 raise InvalidEvent(last, f"{type(event).__name__} does not fit the state ({error!r})") from error
     if record is not None:
