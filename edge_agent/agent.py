@@ -17,10 +17,10 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
-from edge_agent import __version__
+from edge_agent import __version__, cell
 from edge_agent.clock import Clock, SystemClock
 from edge_agent.config import Config
-from edge_agent.devices.gpio import ESTOP, Devices, Edge, make_pin_factory
+from edge_agent.devices.gpio import Devices, Edge, make_pin_factory
 from edge_agent.devices.profile import Profile, load_profile
 from edge_agent.devices.simulator import Simulator
 from edge_agent.domain import commands as cmd
@@ -69,14 +69,19 @@ def plant_command(profile: Profile, speed: float) -> cmd.ConfigurePlant:
 
 
 def _edge_command(edge: Edge) -> cmd.Command | None:
-    if edge.name == ESTOP:
+    """What an input's edge asks of the workflow (None: nothing)."""
+    if edge.name == cell.ESTOP:
         return cmd.EngageEstop() if edge.active else cmd.ReleaseEstop()
     if not edge.active:
         return None
-    if edge.name == "lane.arrived":
+    if edge.name == cell.ARRIVED:
         return cmd.RecordArrival()
-    station, _, kind = edge.name.partition(".")
-    return cmd.RecordUnit(station) if kind == "unit_done" else cmd.RecordFault(station)
+    match cell.parse_station_input(edge.name):
+        case (station, cell.UNIT_DONE):
+            return cmd.RecordUnit(station)
+        case (station, cell.FAULT):
+            return cmd.RecordFault(station)
+    raise ValueError(f"no command for the input {edge.name!r}")  # Devices creates no other inputs
 
 
 class Agent:

@@ -11,14 +11,15 @@ PACKAGE = Path(__file__).resolve().parent.parent / "edge_agent"
 
 # What each layer may import from the project besides itself.
 ALLOWED = {
-    "domain": {"errors"},
+    "domain": {"errors", "cell"},
     "log": {"domain", "errors", "clock", "files"},
     "workflow": {"domain", "errors", "clock"},
-    "devices": {"errors", "config"},
+    "devices": {"errors", "config", "cell"},
     "mqtt": {"domain", "errors", "config"},
     "config": {"errors"},
     "files": {"errors"},
     "clock": set(),
+    "cell": set(),
     "errors": set(),
 }
 

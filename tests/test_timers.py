@@ -7,10 +7,11 @@ from datetime import timedelta
 
 import pytest
 
+from edge_agent.cell import CONVEYOR, STATUS_LED
 from edge_agent.domain import commands as cmd
 from edge_agent.domain import events as ev
 from edge_agent.domain.decide import decide
-from edge_agent.domain.outputs import CONVEYOR, STATUS_LED, desired_outputs
+from edge_agent.domain.outputs import desired_outputs
 from edge_agent.domain.state import Policy, Stage, State
 from edge_agent.errors import CommandRejected, InvalidEvent
 from tests.test_domain import PRODUCTS, STATIONS, T0, apply, submit

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from edge_agent.cli import display
 from edge_agent.cli.options import ConfigOption
 from edge_agent.config import Config, load_config
+from edge_agent.domain import events as ev
 from edge_agent.domain.commands import order_digest
 from edge_agent.domain.decide import CONFLICT_REASON
 from edge_agent.errors import ConfigError, EdgeAgentError
@@ -58,14 +59,14 @@ def _milestone(event: dict[str, Any]) -> str | None:
     """What a person wants to see of one of the order's events (None: not worth a line)."""
     data = event["data"]
     return {
-        "OrderAccepted": f"accepted by {event['device_id']}",
-        "OrderQueued": "waiting for a station",
-        "StationAssigned": f"building on {data.get('station')}",
-        "UnitBuilt": "unit built",
-        "BuildComplete": "built; waiting for the shipping lane",
-        "ShipmentStarted": "moving to the warehouse",
-        "RetryScheduled": f"retrying: {data.get('reason')}",
-        "InventoryIssued": f"inventory {data.get('inventory_id')} in {data.get('warehouse')}",
+        ev.OrderAccepted.__name__: f"accepted by {event['device_id']}",
+        ev.OrderQueued.__name__: "waiting for a station",
+        ev.StationAssigned.__name__: f"building on {data.get('station')}",
+        ev.UnitBuilt.__name__: "unit built",
+        ev.BuildComplete.__name__: "built; waiting for the shipping lane",
+        ev.ShipmentStarted.__name__: "moving to the warehouse",
+        ev.RetryScheduled.__name__: f"retrying: {data.get('reason')}",
+        ev.InventoryIssued.__name__: f"inventory {data.get('inventory_id')} in {data.get('warehouse')}",
     }.get(event["type"])
 
 
@@ -158,14 +159,14 @@ def _follow(client: Session, order_id: str, timeout: float) -> None:
             continue
         heard = True
         kind = event.get("type")
-        if kind in ("OrderRejected", "OrderFailed"):
+        if kind in (ev.OrderRejected.__name__, ev.OrderFailed.__name__):
             raise OrderNotCompleted(f"order {order_id} {kind.removeprefix('Order').lower()}: {event['data']['reason']}")
-        if kind == "OrderCancelled":
+        if kind == ev.OrderCancelled.__name__:
             raise OrderNotCompleted(f"order {order_id} was cancelled")
         line = _milestone(event)
         if line:
             display.out.print(line, markup=False)
-        if kind == "InventoryIssued":
+        if kind == ev.InventoryIssued.__name__:
             return
     advice = (
         ""
@@ -209,7 +210,7 @@ def _follow_cancel(client: Session, topics: Topics, order_id: str, timeout: floa
     for topic, body in _received(client, timeout):
         if not isinstance(body, dict) or order_id not in (body.get("subject"), body.get("order_id")):
             continue
-        if topic == topics.events and body.get("type") == "OrderCancelled":
+        if topic == topics.events and body.get("type") == ev.OrderCancelled.__name__:
             display.out.print(f"order {order_id} cancelled", markup=False)
             return
         reason = str(body.get("reason", ""))

@@ -22,19 +22,18 @@ from typing import Any
 from gpiozero import DigitalInputDevice, DigitalOutputDevice
 from gpiozero.pins.mock import MockFactory
 
+from edge_agent.cell import ARRIVED, CONVEYOR, ESTOP, FAULT, STATUS_LED, UNIT_DONE, run_output, station_input
 from edge_agent.devices.profile import InputPin, OutputPin, Profile
 from edge_agent.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-ESTOP = "estop"
 
 
 @dataclass(frozen=True, slots=True)
 class Edge:
     """An input became active (`active`) or inactive."""
 
-    name: str  # "s1.unit_done", "s1.fault", "lane.arrived", "estop"
+    name: str  # an input of `edge_agent.cell`
     active: bool
 
 
@@ -81,18 +80,18 @@ class Devices:
         # Outputs first, created off: nothing runs before the state says so.
         self.outputs: dict[str, Any] = {}
         for station in profile.stations:
-            self.outputs[f"{station.id}.run"] = self._output(station.run)
-        self.outputs["lane.conveyor"] = self._output(profile.lane.conveyor)
+            self.outputs[run_output(station.id)] = self._output(station.run)
+        self.outputs[CONVEYOR] = self._output(profile.lane.conveyor)
         if profile.status_led is not None:
-            self.outputs["status_led"] = self._output(profile.status_led)
+            self.outputs[STATUS_LED] = self._output(profile.status_led)
         self.inputs: dict[str, Any] = {}
         self._bounce: dict[str, float] = {}
         self._active_high: dict[str, bool | None] = {}
         for station in profile.stations:
-            self._input(f"{station.id}.unit_done", station.unit_done)
+            self._input(station_input(station.id, UNIT_DONE), station.unit_done)
             if station.fault is not None:
-                self._input(f"{station.id}.fault", station.fault)
-        self._input("lane.arrived", profile.lane.arrived)
+                self._input(station_input(station.id, FAULT), station.fault)
+        self._input(ARRIVED, profile.lane.arrived)
         self._input(ESTOP, profile.estop, both_edges=True)
 
     def _output(self, spec: OutputPin) -> Any:

@@ -17,6 +17,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from edge_agent.cell import ARRIVED, CONVEYOR, ESTOP, FAULT, STATUS_LED, UNIT_DONE, run_output, station_input
 from edge_agent.config import invalid
 from edge_agent.errors import ConfigError
 
@@ -112,13 +113,13 @@ class Profile(_Strict):
         """Every (device name, BCM pin) the profile uses."""
         used: list[tuple[str, int]] = []
         for s in self.stations:
-            used += [(f"{s.id}.run", s.run.pin), (f"{s.id}.unit_done", s.unit_done.pin)]
+            used += [(run_output(s.id), s.run.pin), (station_input(s.id, UNIT_DONE), s.unit_done.pin)]
             if s.fault is not None:
-                used.append((f"{s.id}.fault", s.fault.pin))
-        used += [("lane.conveyor", self.lane.conveyor.pin), ("lane.arrived", self.lane.arrived.pin)]
-        used.append(("estop", self.estop.pin))
+                used.append((station_input(s.id, FAULT), s.fault.pin))
+        used += [(CONVEYOR, self.lane.conveyor.pin), (ARRIVED, self.lane.arrived.pin)]
+        used.append((ESTOP, self.estop.pin))
         if self.status_led is not None:
-            used.append(("status_led", self.status_led.pin))
+            used.append((STATUS_LED, self.status_led.pin))
         return used
 
     def max_qty(self) -> dict[str, int]:

@@ -12,10 +12,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+from edge_agent.cell import ARRIVED, CONVEYOR, UNIT_DONE, run_output, station_input
 from edge_agent.devices.gpio import Devices
 from edge_agent.devices.profile import Profile
-
-CONVEYOR = "lane.conveyor"
 
 
 class Simulator:
@@ -57,13 +56,13 @@ class Simulator:
             tasks.create_task(self._lane(), name="simulator lane")
 
     async def _station(self, station_id: str) -> None:
-        output = f"{station_id}.run"
+        output = run_output(station_id)
         while True:
             await self._until_on(output)
             seconds = self._seconds_per_unit(station_id) / self._speed
             if await self._stays_on(output, seconds) and station_id not in self.jammed:
                 self.units_finished += 1
-                self._devices.pulse_input(f"{station_id}.unit_done")
+                self._devices.pulse_input(station_input(station_id, UNIT_DONE))
                 await asyncio.sleep(0)  # let the agent see the unit before the next one starts
 
     async def _lane(self) -> None:
@@ -76,7 +75,7 @@ class Simulator:
                 await self._until_stopped(CONVEYOR)  # fell off the belt: nothing arrives
                 continue
             self.batches_delivered += 1
-            self._devices.pulse_input("lane.arrived")
+            self._devices.pulse_input(ARRIVED)
             await asyncio.sleep(0)
 
     async def _until_on(self, output: str) -> None:

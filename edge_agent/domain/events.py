@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import msgspec
 
+from edge_agent.cell import ESTOP
 from edge_agent.domain.state import Frozen, Policy
 
 
@@ -163,7 +164,7 @@ class EstopEngaged(_Fact, frozen=True):
 
     @property
     def subject(self) -> str:
-        return "estop"
+        return ESTOP  # named after the input
 
 
 class EstopReleased(_Fact, frozen=True):
@@ -171,7 +172,7 @@ class EstopReleased(_Fact, frozen=True):
 
     @property
     def subject(self) -> str:
-        return "estop"
+        return ESTOP  # named after the input
 
 
 Event = (

@@ -7,14 +7,8 @@ output from the replayed state.
 
 from __future__ import annotations
 
+from edge_agent.cell import CONVEYOR, STATUS_LED, run_output
 from edge_agent.domain.state import State
-
-CONVEYOR = "lane.conveyor"
-STATUS_LED = "status_led"
-
-
-def run_output(station_id: str) -> str:
-    return f"{station_id}.run"
 
 
 def desired_outputs(state: State) -> dict[str, bool]:

@@ -11,6 +11,7 @@ from hashlib import sha256
 
 import orjson
 
+from edge_agent.domain import events as ev
 from edge_agent.domain.commands import order_digest
 
 # A migration is SQL, or a function for one that must read what is stored (a backfill).
@@ -20,7 +21,7 @@ Migration = str | Callable[[sqlite3.Connection], None]
 # records the inventory id itself).
 FAILED = "Failed"
 CANCELLED = "Cancelled"
-OUTCOME_EVENTS = ("InventoryIssued", "OrderFailed", "OrderCancelled")
+OUTCOME_EVENTS = (ev.InventoryIssued.__name__, ev.OrderFailed.__name__, ev.OrderCancelled.__name__)
 
 
 def _orders(db: sqlite3.Connection) -> None:
@@ -42,12 +43,12 @@ def _orders(db: sqlite3.Connection) -> None:
     for order_id, digest in _snapshot_orders(db):
         db.execute("INSERT INTO orders (order_id, digest, accepted_seq) VALUES (?, ?, 0)", (order_id, digest))
     rows = db.execute(
-        "SELECT seq, type, subject, data FROM events WHERE type IN ('OrderAccepted', ?, ?, ?) ORDER BY seq",
-        OUTCOME_EVENTS,
+        "SELECT seq, type, subject, data FROM events WHERE type IN (?, ?, ?, ?) ORDER BY seq",
+        (ev.OrderAccepted.__name__, *OUTCOME_EVENTS),
     )
     for seq, type_, subject, data in rows:
         fields = orjson.loads(data)
-        if type_ == "OrderAccepted":
+        if type_ == ev.OrderAccepted.__name__:
             # The digest from the body itself: demo orders were once given a digest of their
             # own, which would make the same order resent over MQTT a conflict.
             digest = order_digest(subject, fields["product_id"], fields["qty"], fields["warehouse"], fields["priority"])
@@ -64,9 +65,9 @@ def _orders(db: sqlite3.Connection) -> None:
 
 def outcome(type_: str, inventory_id: str | None) -> str:
     """How an order ended, as the idempotency record keeps it."""
-    if type_ == "InventoryIssued" and inventory_id is not None:
+    if type_ == ev.InventoryIssued.__name__ and inventory_id is not None:
         return inventory_id
-    return FAILED if type_ == "OrderFailed" else CANCELLED
+    return FAILED if type_ == ev.OrderFailed.__name__ else CANCELLED
 
 
 def _snapshot_orders(db: sqlite3.Connection) -> Iterator[tuple[str, str]]:

@@ -23,6 +23,7 @@ from typing import NamedTuple, Protocol
 
 import orjson
 
+from edge_agent.domain import events as ev
 from edge_agent.errors import LogError
 from edge_agent.mqtt.link import backoff_s
 from edge_agent.mqtt.topics import Topics
@@ -96,7 +97,7 @@ def messages(row: Row, device_id: str, topics: Topics) -> list[tuple[str, bytes]
             ),
         )
     ]
-    if row.type == "InventoryIssued":
+    if row.type == ev.InventoryIssued.__name__:
         record = {
             "inventory_id": data["inventory_id"],
             "order_id": data["order_id"],
@@ -107,7 +108,7 @@ def messages(row: Row, device_id: str, topics: Topics) -> list[tuple[str, bytes]
             "completed_at": row.ts,
         }
         out.append((topics.inventory, orjson.dumps(record)))
-    elif row.type == "OrderRejected":
+    elif row.type == ev.OrderRejected.__name__:
         # The event's seq: a rejection is delivered at least once, like the event itself, so
         # a consumer deduplicates it by (device_id, seq) here too.
         rejection = {"order_id": data["order_id"], "reason": data["reason"], "received_at": row.ts, "seq": row.seq}
