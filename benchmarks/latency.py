@@ -39,7 +39,7 @@ from benchmarks.common import PROFILE, BenchError, disk_folder, percentile, prin
 from edge_agent.agent import Agent
 from edge_agent.config import Config, HttpConfig
 from edge_agent.domain import commands as cmd
-from edge_agent.domain.state import State
+from edge_agent.log.journal import Commit
 
 SAMPLES = 2000
 WARM_UP = 20  # edges not counted: first use of every code path and of the file
@@ -138,8 +138,9 @@ async def _latencies(folder: Path, samples: int) -> tuple[list[float], list[floa
     )
     pending: list[_Edge | None] = [None]
 
-    def committed(state: State) -> None:
+    def committed(commit: Commit) -> None:
         now = time.perf_counter()
+        state = commit.state
         edge = pending[0]
         if edge is None or edge.done.is_set():
             return
@@ -156,7 +157,7 @@ async def _latencies(folder: Path, samples: int) -> tuple[list[float], list[floa
                 order = cmd.SubmitOrder(f"latency-{n:05d}", "widget-a", QTY, "WH1", 0, f"widget-a|{QTY}|WH1|0|{n}")
                 await agent.submit(order)
             await agent.wait_until(lambda state: all(s.order_id for s in state.stations))
-            agent.journal.subscribe(committed)
+            agent.add_observer(committed)
             raw = _RawCell(folder)
             try:
                 return await asyncio.to_thread(_drive, agent, raw, samples, pending)

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,14 +28,15 @@ from edge_agent.domain.outputs import desired_outputs
 from edge_agent.domain.state import Policy, State
 from edge_agent.errors import LogError
 from edge_agent.lock import DataDirLock
-from edge_agent.log.journal import Journal
+from edge_agent.log.journal import Commit, CommitObserver, Journal
+from edge_agent.log.store import Row
+from edge_agent.storage import StorageGuard
 from edge_agent.workflow.engine import Workflow
 
 log = logging.getLogger(__name__)
 
 
 ORDER_BATCH = 256  # orders decided and committed in one transaction at most
-FAULT_RETRY_S = 1.0  # how often a storage fault is checked again
 
 
 @dataclass
@@ -94,8 +94,10 @@ class Agent:
         clock: Clock | None = None,
         profile: Profile | None = None,
         lock: DataDirLock | None = None,
+        storage: StorageGuard | None = None,
     ) -> None:
-        """`lock`: the data folder's lock, held by the caller; without one the agent takes it."""
+        """`lock`: the data folder's lock, held by the caller; without one the agent takes it.
+        `storage`: how the disk is watched (by default, as the config says)."""
         self.config = config
         self._lock = lock
         self.profile = profile or load_profile(config.profile)
@@ -105,8 +107,8 @@ class Agent:
         self._wake = asyncio.Event()
         self._committed_event = asyncio.Event()  # set (and replaced) at every commit
         self._driving = False  # outputs follow the state only while running
-        self.fault: str | None = None  # why the log cannot be written now (None: it can)
-        self.on_fault: Callable[[str | None], None] | None = None  # told when `fault` changes
+        self.storage = storage or StorageGuard(config.data_dir, config.limits.min_free_mb)
+        self.storage.add_observer(self._storage_changed)
         self._stack = AsyncExitStack()
         self.devices: Devices
         self.journal: Journal
@@ -139,7 +141,7 @@ class Agent:
         self._stack.callback(self.journal.close)
         self.workflow = Workflow(self.journal, self.clock, max_open_items=self.config.limits.max_open_items)
         self.workflow.check()
-        self.journal.subscribe(self._committed)
+        self.journal.add_observer(self._committed)
         self.workflow.execute(cmd.RecordStart(__version__, self.profile.name))
         self.workflow.execute(plant_command(self.profile, self.config.speed))
         # The e-stop input as it is now, whatever the log last said.
@@ -166,9 +168,43 @@ class Agent:
             await self._stack.aclose()
         log.info("stopped: outputs off, log closed")
 
+    # -- reading (a LogReader) ---------------------------------------------------
+
     @property
     def state(self) -> State:
         return self.journal.state
+
+    @property
+    def fault(self) -> str | None:
+        """Why the log cannot be written now (None: it can)."""
+        return self.storage.fault
+
+    def rows(
+        self, from_seq: int = 1, to_seq: int | None = None, *, subject: str | None = None, limit: int | None = None
+    ) -> Iterator[Row]:
+        return self.journal.log.rows(from_seq, to_seq, subject=subject, limit=limit)
+
+    def cursor(self, name: str) -> int | None:
+        return self.journal.log.cursor(name)
+
+    def save_cursor(self, name: str, seq: int) -> None:
+        self.journal.log.save_cursor(name, seq)
+
+    def add_observer(self, observer: CommitObserver) -> None:
+        self.journal.add_observer(observer)
+
+    def remove_observer(self, observer: CommitObserver) -> None:
+        self.journal.remove_observer(observer)
+
+    async def next_commit(self) -> State:
+        await self._committed_event.wait()
+        return self.state
+
+    async def wait_until(self, condition: Callable[[State], bool]) -> State:
+        """Wait for a committed state that satisfies `condition`."""
+        while not condition(self.state):
+            await self._committed_event.wait()
+        return self.state
 
     # -- running ---------------------------------------------------------------
 
@@ -182,21 +218,17 @@ class Agent:
                 tasks.create_task(self.simulator.run(), name="simulator")
 
     async def _control(self) -> None:
-        """The single writer: inputs and requests in, decisions committed, work advanced.
-
-        When the log cannot be written (an I/O error, a full disk) or free space is below
-        `limits.min_free_mb`, nothing can happen that the log would not know of: every
-        output goes off, no order is taken (so none is acknowledged and the broker keeps
-        them), and every FAULT_RETRY_S the agent checks again, resuming by itself."""
+        """The single writer: inputs and requests in, decisions committed, work advanced;
+        in a storage fault (see `edge_agent.storage`), only tries of the disk."""
         while True:
-            if self.fault is not None:  # not `_step`: it could wait for input that never comes
-                await asyncio.sleep(FAULT_RETRY_S)
-                self._probe_storage()
+            if self.storage.fault is not None:  # not `_step`: it could wait for input that never comes
+                await asyncio.sleep(self.storage.retry_s)
+                self.storage.probe(self._prove_writable)
                 continue
             try:
                 await self._step()
             except LogError as error:
-                self._enter_fault(str(error))
+                self.storage.failed(str(error))
 
     async def _step(self) -> None:
         self.workflow.advance()
@@ -213,44 +245,18 @@ class Agent:
             except TimeoutError:
                 self._handle(_Request(cmd.Tick(self.workflow.due())))
 
-    def _enter_fault(self, reason: str) -> None:
-        if self.fault is None:
-            log.error("cannot write the event log, outputs off and no orders taken until it can: %s", reason)
-        changed = self.fault != reason
-        self.fault = reason
-        self._driving = False
-        self.devices.all_off()
-        if changed and self.on_fault is not None:
-            self.on_fault(reason)
+    def _prove_writable(self) -> None:
+        self.workflow.execute(cmd.RearmTimers())  # a real commit; the outputs were off meanwhile
+        self.journal.log.probe_write()
 
-    def _probe_storage(self) -> None:
-        """In a fault: is there room again, and does a write succeed? Then resume."""
-        low = self._low_space()
-        if low is not None:
-            self._enter_fault(low)
+    def _storage_changed(self, fault: str | None) -> None:
+        """Outputs off in a storage fault; on again, from the state, once it is over."""
+        self._driving = fault is None
+        if fault is not None:
+            self.devices.all_off()
             return
-        try:
-            self.workflow.execute(cmd.RearmTimers())  # a real commit; the outputs were off meanwhile
-            self.journal.log.probe_write()
-        except LogError as error:
-            self._enter_fault(str(error))
-            return
-        log.warning("the event log is writable again: resuming")
-        self.fault = None
-        if self.on_fault is not None:
-            self.on_fault(None)
-        self._driving = True
         self.devices.apply(desired_outputs(self.state))
         self._wake.set()
-
-    def _low_space(self) -> str | None:
-        free_mb = shutil.disk_usage(self.config.data_dir).free / 1e6
-        floor = self.config.limits.min_free_mb
-        return (
-            f"{free_mb:.0f} MB free on {self.config.data_dir}, below the floor of {floor} MB"
-            if free_mb < floor
-            else None
-        )
 
     def _handle(self, request: _Request) -> None:
         if request.reply is not None and request.reply.done():
@@ -276,9 +282,7 @@ class Agent:
         """Decide waiting orders as one group commit, then acknowledge each. Nothing waits
         here for room in the cell: the log is the queue, and past `limits.max_open_items`
         an order is rejected, so the sender knows and the broker holds nothing for us."""
-        low = self._low_space()
-        if low is not None:
-            raise LogError(low)
+        self.storage.check_space()
         batch = [self._orders.popleft() for _ in range(min(len(self._orders), ORDER_BATCH))]
         try:
             records = self.workflow.execute_batch([offer.command for offer in batch])
@@ -291,9 +295,9 @@ class Agent:
         for offer in batch:
             offer.committed(by_subject.get(offer.command.order_id or "", []))
 
-    def _committed(self, state: State) -> None:
+    def _committed(self, commit: Commit) -> None:
         if self._driving:
-            self.devices.apply(desired_outputs(state))
+            self.devices.apply(desired_outputs(commit.state))
         # Wake every waiter on the event they hold, and give later waiters a fresh one:
         # one attribute swap per commit, no task.
         self._committed_event.set()
@@ -333,23 +337,3 @@ class Agent:
 
     async def cancel(self, order_id: str) -> list[Recorded]:
         return await self.request(cmd.CancelOrder(order_id))
-
-    async def wait_until(self, condition: Callable[[State], bool]) -> State:
-        """Wait for a committed state that satisfies `condition`."""
-        while not condition(self.state):
-            await self._committed_event.wait()
-        return self.state
-
-
-def demo_orders(count: int, profile: Profile) -> list[cmd.SubmitOrder]:
-    """`count` small orders over the profile's products; the same ids every time, so a
-    restart does not order them again."""
-    products = [p.product_id for p in profile.products]
-    orders = []
-    for n in range(1, count + 1):
-        order_id = f"demo-{n:04d}"
-        product = products[n % len(products)]
-        qty, priority = 1 + n % 3, n % 2
-        digest = cmd.order_digest(order_id, product, qty, "WH1", priority)  # as if it came over MQTT
-        orders.append(cmd.SubmitOrder(order_id, product, qty, "WH1", priority, digest))
-    return orders

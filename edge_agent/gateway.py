@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import orjson
@@ -24,7 +24,7 @@ from edge_agent.domain.moments import iso
 from edge_agent.domain.state import Stage
 from edge_agent.domain.view import state_view
 from edge_agent.errors import CommandRejected
-from edge_agent.log.store import OUTBOX_CURSOR, EventLog, Row
+from edge_agent.log.store import OUTBOX_CURSOR
 from edge_agent.mqtt.inbound import CancelRefused, cancel_command, order_command
 from edge_agent.mqtt.link import Inbound, Link
 from edge_agent.mqtt.outbox import Outbox
@@ -64,22 +64,6 @@ class _Handoff:
                 log.exception("error handling %s from the broker", getattr(call, "__name__", call))
 
 
-class _LogSource:
-    """The outbox's view of the event log."""
-
-    def __init__(self, log_: EventLog) -> None:
-        self._log = log_
-
-    def rows_from(self, seq: int, limit: int) -> Sequence[Row]:
-        return list(self._log.rows(seq, limit=limit))
-
-    def load_cursor(self) -> int:
-        return self._log.cursor(OUTBOX_CURSOR) or 0
-
-    def save_cursor(self, seq: int) -> None:
-        self._log.save_cursor(OUTBOX_CURSOR, seq)
-
-
 class Gateway:
     def __init__(self, agent: Agent, config: Config) -> None:
         self._agent = agent
@@ -100,15 +84,16 @@ class Gateway:
             on_published=lambda mid, refusal: handoff(self._published, (mid, refusal)),
         )
         self.outbox = Outbox(
-            _LogSource(agent.journal.log),
+            agent,
             self.link.publish,
             self.topics,
             config.device_id,
+            cursor=OUTBOX_CURSOR,
             schedule=self._loop.call_later,
         )
-        self.outbox.listeners.append(lambda refusal: self._publish_status())
-        agent.journal.subscribe(lambda state: self.outbox.pump())
-        agent.on_fault = lambda fault: self._publish_status()
+        self.outbox.add_observer(lambda refusal: self._publish_status())
+        agent.add_observer(lambda commit: self.outbox.pump())
+        agent.storage.add_observer(lambda fault: self._publish_status())
 
     async def run(self) -> None:
         """Connect and serve until cancelled; then say `offline` and disconnect."""

@@ -14,8 +14,9 @@ from collections import Counter
 from contextlib import AsyncExitStack
 from pathlib import Path
 
-from edge_agent.agent import Agent, demo_orders
+from edge_agent.agent import Agent
 from edge_agent.config import Config, changed_keys, check_files, load_config
+from edge_agent.demo import demo_orders
 from edge_agent.devices.profile import load_profile
 from edge_agent.domain.state import Stage
 from edge_agent.errors import ConfigError
@@ -121,7 +122,7 @@ MQTT_DOWN_BUDGET_S = 60.0  # past this, a lost broker connection makes the agent
 def problems(agent: Agent, gateway: Gateway) -> list[str]:
     """Why the agent is not healthy (empty: it is)."""
     found = []
-    fault = agent.fault or agent.journal.failure
+    fault = agent.fault
     if fault is not None:
         found.append(f"the event log is not writable, no orders taken: {fault}")
     refusal = gateway.link.refusal
@@ -163,7 +164,7 @@ def metrics(agent: Agent, gateway: Gateway) -> Metrics:
         return {str(stage): counts[str(stage)] for stage in Stage}
 
     result = Metrics(counters, gauges, stages)
-    agent.journal.commit_observer = result.commit_seconds.observe
+    agent.add_observer(lambda commit: result.commit_seconds.observe(commit.seconds))
     return result
 
 

@@ -34,6 +34,7 @@ from edge_agent.agent import Agent
 from edge_agent.config import Config
 from edge_agent.domain import commands as cmd
 from edge_agent.domain.state import State
+from edge_agent.log.journal import Commit
 from edge_agent.log.store import Row
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,9 +85,9 @@ class Reporter:
         # Every output switch, with the log position the agent had reached then.
         self.switches: list[tuple[str, bool, int]] = []
 
-    def committed(self, state: State) -> None:
-        rows = list(self._agent.journal.log.rows(self._seen + 1, state.last_seq))
-        self._seen = state.last_seq
+    def committed(self, commit: Commit) -> None:
+        rows = list(self._agent.rows(self._seen + 1, commit.state.last_seq))
+        self._seen = commit.state.last_seq
         print("commit", rows[0].seq, rows[-1].seq, *(token(row) for row in rows), flush=True)
         if self._lockstep and not sys.stdin.readline():
             self._lockstep = False  # the test has gone: run free
@@ -117,7 +118,7 @@ async def main(data_dir: Path, speed: float, lockstep: bool, out: Path | None) -
         print("ready", started_seq, ",".join(on) or "-", flush=True)
 
         reporter = Reporter(agent, lockstep)
-        agent.journal.subscribe(reporter.committed)
+        agent.add_observer(reporter.committed)
         agent.devices.watch(reporter.switched)
         running = asyncio.create_task(agent.run(), name="agent")
         for submitted in ORDERS:

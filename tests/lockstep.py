@@ -17,7 +17,7 @@ from edge_agent.agent import Agent
 from edge_agent.domain import commands as cmd
 from edge_agent.domain.events import Recorded
 from edge_agent.domain.outputs import desired_outputs
-from edge_agent.gateway import _LogSource
+from edge_agent.log.store import OUTBOX_CURSOR
 from edge_agent.mqtt.outbox import Outbox
 from edge_agent.mqtt.topics import Topics
 from tests.io_faults import Disk
@@ -60,16 +60,15 @@ class Witness:
         self._mid = 0
         self._loop = asyncio.get_running_loop()
         agent.devices.watch(self._output_changed)
-        agent.journal.subscribe(lambda state: self.changes.notify())
-        self._told = agent.on_fault  # the gateway's, if there is one: it is told as before
-        agent.on_fault = self._fault_changed
+        agent.add_observer(lambda commit: self.changes.notify())
+        agent.storage.add_observer(self._fault_changed)
         if disk is not None:
             disk.on_refused = self.changes.notify
         self.outbox: Outbox | None = None
         if outbox:
             self.topics = Topics(agent.config.mqtt.topic_prefix, agent.config.device_id)
-            self.outbox = Outbox(_LogSource(agent.journal.log), self._publish, self.topics, agent.config.device_id)
-            agent.journal.subscribe(lambda state: self._pump())
+            self.outbox = Outbox(agent, self._publish, self.topics, agent.config.device_id, cursor=OUTBOX_CURSOR)
+            agent.add_observer(lambda commit: self._pump())
             self.outbox.connected()
 
     def close(self) -> None:
@@ -143,8 +142,6 @@ class Witness:
 
     def _fault_changed(self, fault: str | None) -> None:
         self.faults.append(fault)
-        if self._told is not None:
-            self._told(fault)
         self.changes.notify()
 
 

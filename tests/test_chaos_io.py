@@ -38,7 +38,6 @@ from typing import Any
 import orjson
 import pytest
 
-import edge_agent.agent as agent_module
 import edge_agent.gateway as gateway_module
 from edge_agent.agent import Agent
 from edge_agent.config import Config, MqttConfig
@@ -52,6 +51,7 @@ from edge_agent.log.store import OUTBOX_CURSOR, EventLog, Row
 from edge_agent.log.verify import verify
 from edge_agent.mqtt.inbound import order_command
 from edge_agent.mqtt.topics import Topics
+from edge_agent.storage import StorageGuard
 from tests.agents import running
 from tests.brokers import Mosquitto, free_port, mosquitto
 from tests.io_faults import Disk, faulty_disk
@@ -93,6 +93,11 @@ def make_config(data_dir: Path) -> Config:
     )
 
 
+def quick_retries(config: Config) -> StorageGuard:
+    """The disk tried again every RETRY_S, not every second."""
+    return StorageGuard(config.data_dir, config.limits.min_free_mb, retry_s=RETRY_S)
+
+
 def offered_orders() -> list[cmd.SubmitOrder | cmd.RejectOrder]:
     products = dict(load_profile(PROFILE).max_qty().items())
     return [order_command(orjson.dumps(payload), products, 65536) for payload in ORDER_PAYLOADS]
@@ -121,7 +126,7 @@ async def first_life(config: Config, disk: Disk, run: Run) -> None:
     orders = offered_orders()
     with faulty_disk(disk, config.events_db):
         try:
-            async with Agent(config) as agent:
+            async with Agent(config, storage=quick_retries(config)) as agent:
                 with witnessing(agent, disk) as witness:
                     run.witnesses.append(witness)
                     for order in orders:
@@ -175,7 +180,7 @@ async def second_life(config: Config, run: Run) -> None:
     """A restart on the healed disk; every order is offered again (the broker redelivering
     the unacknowledged, a sender retrying the rest): each finishes exactly once."""
     orders = offered_orders()
-    async with Agent(config) as agent:
+    async with Agent(config, storage=quick_retries(config)) as agent:
         witness = Witness(agent, None)
         run.witnesses.append(witness)
         try:
@@ -240,11 +245,6 @@ def run_with_fault_at(data_dir: Path, fail_at: int | None, run: Run | None = Non
     return run
 
 
-@pytest.fixture
-def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(agent_module, "FAULT_RETRY_S", RETRY_S)
-
-
 @contextmanager
 def quiet_logs() -> Iterator[None]:
     """The agent logs every fault; over N runs that is noise, not information."""
@@ -258,7 +258,6 @@ def quiet_logs() -> Iterator[None]:
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("quick_retries")
 def test_a_disk_failing_at_any_write_corrupts_nothing_leaks_no_effect_and_work_resumes(tmp_path: Path) -> None:
     """For every k in 1..N: the disk fails from the k-th write of the run until healed.
     A fault at start-up stops the start (LogError); one at shutdown fails the shutdown
@@ -298,7 +297,6 @@ def one_order_done(agent: Agent) -> bool:
     return agent.state.inventory_seq == 1 and not agent.state.work_items
 
 
-@pytest.mark.usefixtures("quick_retries")
 def test_a_broken_disk_is_tried_again_and_work_resumes_even_with_no_order_waiting(tmp_path: Path) -> None:
     """The storage-fault mode keeps trying the disk every FAULT_RETRY_S and resumes by
     itself once it works, also when nothing else is going on (no order waiting, outputs off
@@ -308,7 +306,7 @@ def test_a_broken_disk_is_tried_again_and_work_resumes_even_with_no_order_waitin
 
     async def scenario() -> Witness:
         with faulty_disk(disk, config.events_db):
-            async with Agent(config) as agent:
+            async with Agent(config, storage=quick_retries(config)) as agent:
                 with witnessing(agent, disk) as witness:
                     witness.offer(offered_orders()[0])
                     async with running(agent) as witness.task:
@@ -347,7 +345,7 @@ def test_a_workflow_step_whose_commit_failed_is_taken_up_again_once_the_disk_wor
                         if item is not None and item.stage is Stage.INVENTORY_AVAILABLE and disk.fail_at is None:
                             disk.break_now()  # the next write: the workflow completing the item's step
 
-                    agent.journal.subscribe(break_after_arrival)
+                    agent.add_observer(lambda commit: break_after_arrival(commit.state))
                     witness.offer(offered_orders()[1])
                     async with running(agent) as witness.task, machine_running(agent, witness.changes):
                         await witness.until(lambda: agent.fault is not None, "the storage-fault mode")
@@ -402,7 +400,6 @@ def refused_events(disk: Disk) -> list[tuple[str, str]]:
     return [(row[2], row[3]) for row in disk.refused_rows]  # (seq, ts, type, subject, data, hash)
 
 
-@pytest.mark.usefixtures("quick_retries")
 @pytest.mark.parametrize("sensor", ["unit_done", "arrived"])
 def test_a_sensor_edge_whose_commit_fails_is_recorded_once_the_disk_works(tmp_path: Path, sensor: str) -> None:
     """A real sensor fires once: a station's unit-done input as the unit leaves it, the
@@ -418,7 +415,7 @@ def test_a_sensor_edge_whose_commit_fails_is_recorded_once_the_disk_works(tmp_pa
 
     async def scenario() -> Witness:
         with faulty_disk(disk, config.events_db):
-            async with Agent(config) as agent:
+            async with Agent(config, storage=quick_retries(config)) as agent:
                 with witnessing(agent, disk) as witness:
                     hands_off(agent)
                     witness.offer(offered_orders()[1])
@@ -465,7 +462,6 @@ def test_a_sensor_edge_whose_commit_fails_is_recorded_once_the_disk_works(tmp_pa
         assert kinds[kind, order_id] == 1, f"{kind} logged {kinds[kind, order_id]} times for {order_id}"
 
 
-@pytest.mark.usefixtures("quick_retries")
 @pytest.mark.parametrize("caller", ["waits", "gives-up"])
 def test_a_cancel_whose_commit_fails_is_answered_once_the_disk_works(tmp_path: Path, caller: str) -> None:
     """`await agent.cancel(order_id)` (in-process, or the gateway's cancel command) whose
@@ -480,7 +476,7 @@ def test_a_cancel_whose_commit_fails_is_answered_once_the_disk_works(tmp_path: P
 
     async def scenario() -> tuple[Witness, str]:
         with faulty_disk(disk, config.events_db):
-            async with Agent(config) as agent:
+            async with Agent(config, storage=quick_retries(config)) as agent:
                 with witnessing(agent, disk) as witness:
                     hands_off(agent)
                     for order in offered_orders()[:4]:  # three stations: one order waits for one
@@ -624,7 +620,7 @@ async def cell(config: Config, broker: Mosquitto, disk: Disk) -> AsyncIterator[C
         peer(broker.port, "5", f"factory/{config.device_id}/#", name="back-office") as back_office,
         faulty_disk(disk, config.events_db),
     ):
-        async with Agent(config) as agent:
+        async with Agent(config, storage=quick_retries(config)) as agent:
             gateway = Gateway(agent, config)
             # The gateway's outbox publishes for real.
             with witnessing(agent, disk, outbox=False) as witness:
@@ -666,7 +662,6 @@ def good_order(order_id: str) -> dict[str, object]:
     return {"order_id": order_id, "product_id": "widget-a", "qty": 1, "warehouse": "WH1"}
 
 
-@pytest.mark.usefixtures("quick_retries")
 def test_over_mqtt_an_order_met_by_a_broken_disk_is_acknowledged_only_once_it_is_logged(
     tmp_path: Path, chatty_mosquitto: Mosquitto, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -715,7 +710,6 @@ def test_over_mqtt_an_order_met_by_a_broken_disk_is_acknowledged_only_once_it_is
     check_mqtt_log(config, ["before", "during"], inventory)
 
 
-@pytest.mark.usefixtures("quick_retries")
 def test_over_mqtt_a_broken_disk_does_not_stop_the_gateway(tmp_path: Path, chatty_mosquitto: Mosquitto) -> None:
     """The gateway saves the outbox cursor every CURSOR_SAVE_S: while the disk is broken
     that write fails too, and the gateway must go on (telemetry, the status saying why, the

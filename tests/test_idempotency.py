@@ -13,9 +13,10 @@ from pathlib import Path
 import orjson
 
 from edge_agent import service
-from edge_agent.agent import Agent, demo_orders
+from edge_agent.agent import Agent
 from edge_agent.clock import FakeClock
 from edge_agent.config import Config
+from edge_agent.demo import demo_orders
 from edge_agent.domain import commands as cmd
 from edge_agent.domain import events as ev
 from edge_agent.gateway import Gateway

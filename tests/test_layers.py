@@ -20,6 +20,8 @@ ALLOWED = {
     "files": {"errors"},
     "clock": set(),
     "cell": set(),
+    "storage": {"errors"},
+    "demo": {"devices", "domain"},
     "errors": set(),
 }
 

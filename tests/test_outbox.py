@@ -8,7 +8,6 @@ from pathlib import Path
 import orjson
 import pytest
 
-from edge_agent.gateway import _LogSource
 from edge_agent.log.store import OUTBOX_CURSOR, EventLog
 from edge_agent.mqtt.outbox import WINDOW, Outbox
 from edge_agent.mqtt.topics import Topics
@@ -43,7 +42,7 @@ def log_(tmp_path: Path) -> EventLog:
 
 def test_every_event_goes_out_in_seq_order_with_inventory_and_rejections_beside(log_: EventLog) -> None:
     broker = Broker()
-    outbox = Outbox(_LogSource(log_), broker.publish, TOPICS, "cell-9")
+    outbox = Outbox(log_, broker.publish, TOPICS, "cell-9", cursor=OUTBOX_CURSOR)
     outbox.connected()
     head = log_.head().seq
     while outbox.acked < head:
@@ -73,7 +72,7 @@ def test_every_event_goes_out_in_seq_order_with_inventory_and_rejections_beside(
 
 def test_the_cursor_moves_only_over_a_contiguous_acknowledged_prefix_and_is_kept(log_: EventLog) -> None:
     broker = Broker()
-    outbox = Outbox(_LogSource(log_), broker.publish, TOPICS, "cell-9")
+    outbox = Outbox(log_, broker.publish, TOPICS, "cell-9", cursor=OUTBOX_CURSOR)
     outbox.connected()
     assert len(set(broker.seqs())) == WINDOW  # no more in flight than the window
     by_seq = {int(str(m["seq"])): mid for mid, t, m in broker.sent if t == TOPICS.events}
@@ -84,13 +83,13 @@ def test_the_cursor_moves_only_over_a_contiguous_acknowledged_prefix_and_is_kept
     assert outbox.acked == 3
     outbox.save()
     assert log_.cursor(OUTBOX_CURSOR) == 3
-    restarted = Outbox(_LogSource(log_), Broker().publish, TOPICS, "cell-9")
+    restarted = Outbox(log_, Broker().publish, TOPICS, "cell-9", cursor=OUTBOX_CURSOR)
     assert restarted.acked == 3
 
 
 def test_after_a_reconnect_everything_unacknowledged_is_sent_again_in_order(log_: EventLog) -> None:
     broker = Broker()
-    outbox = Outbox(_LogSource(log_), broker.publish, TOPICS, "cell-9")
+    outbox = Outbox(log_, broker.publish, TOPICS, "cell-9", cursor=OUTBOX_CURSOR)
     outbox.connected()
     for mid, topic, message in list(broker.sent):
         if topic == TOPICS.events and int(str(message["seq"])) <= 10:
@@ -109,7 +108,7 @@ def test_after_a_reconnect_everything_unacknowledged_is_sent_again_in_order(log_
 
 def test_a_publish_that_fails_stops_the_pump_until_the_next_connection(log_: EventLog) -> None:
     broker = Broker()
-    outbox = Outbox(_LogSource(log_), broker.publish, TOPICS, "cell-9")
+    outbox = Outbox(log_, broker.publish, TOPICS, "cell-9", cursor=OUTBOX_CURSOR)
     broker.online = False
     outbox.connected()
     assert broker.sent == []
@@ -141,9 +140,9 @@ def test_a_refused_message_is_not_a_delivery_and_is_sent_again_with_backoff(
     log_: EventLog, caplog: pytest.LogCaptureFixture
 ) -> None:
     broker, timers = Broker(), Timers()
-    outbox = Outbox(_LogSource(log_), broker.publish, TOPICS, "cell-9", schedule=timers.schedule)
+    outbox = Outbox(log_, broker.publish, TOPICS, "cell-9", cursor=OUTBOX_CURSOR, schedule=timers.schedule)
     told: list[str | None] = []
-    outbox.listeners.append(told.append)
+    outbox.add_observer(told.append)
     outbox.connected()
     first = broker.sent[0][0]
     outbox.published(first, "Not authorized (0x87)")

@@ -18,6 +18,7 @@ from edge_agent.config import Config
 from edge_agent.domain import commands as cmd
 from edge_agent.domain.events import Recorded
 from edge_agent.domain.state import Stage
+from edge_agent.storage import StorageGuard
 from tests.agents import running
 from tests.brokers import free_port
 
@@ -90,17 +91,19 @@ def test_an_io_error_stops_orders_and_outputs_until_the_log_is_writable_again(tm
 
 
 def test_free_space_below_the_floor_stops_orders_until_there_is_room(tmp_path: Path) -> None:
-    huge = 10**12  # MB: more than any disk has free
+    room_mb = [0.0]  # the disk as full as it gets
+    config = make_config(tmp_path, min_free_mb=100)
+    storage = StorageGuard(tmp_path, config.limits.min_free_mb, free_mb=lambda folder: room_mb[0])
 
     async def scenario() -> None:
-        async with Agent(make_config(tmp_path, min_free_mb=huge)) as agent:
+        async with Agent(config, storage=storage) as agent:
             acks = Acks()
             async with running(agent):
                 acks.offer(agent, "waits")
                 await until(agent, lambda: agent.fault is not None)
                 assert "below the floor" in (agent.fault or "")
                 assert acks.acked == []
-                agent.config = make_config(tmp_path, min_free_mb=0)  # room again
+                room_mb[0] = 150.0  # room again
                 await until(agent, lambda: acks.acked == ["waits"])
                 assert agent.fault is None
                 await agent.wait_until(lambda s: s.inventory_seq == 1)

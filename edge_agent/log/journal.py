@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from edge_agent.clock import Clock
@@ -25,6 +26,18 @@ log = logging.getLogger(__name__)
 _FOLD_BATCH = 10_000
 
 Progress = Callable[[int], None]  # called with the number of events just folded
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    """What one committed transaction did: told to every commit observer."""
+
+    records: Sequence[Recorded]  # the events, in seq order
+    state: State  # the state they lead to
+    seconds: float  # how long the transaction took
+
+
+CommitObserver = Callable[[Commit], None]
 
 
 def checked(rows: Iterable[Row], prev_seq: int, prev_hash: str) -> Iterable[Row]:
@@ -88,13 +101,16 @@ class Journal:
         self._state = state
         self._snapshot_every = snapshot_every
         self._snapshot_seq = max([log_.base().seq, *log_.snapshot_seqs()])
-        self._listeners: list[Callable[[State], None]] = []
-        self.commit_observer: Callable[[float], None] | None = None  # seconds per commit
-        self.failure: str | None = None  # why the last commit failed, until one succeeds
+        self._observers: list[CommitObserver] = []
 
-    def subscribe(self, listener: Callable[[State], None]) -> None:
-        """Call `listener(state)` after every commit (outputs, the outbox, waiters)."""
-        self._listeners.append(listener)
+    def add_observer(self, observer: CommitObserver) -> None:
+        """Call `observer(commit)` after every commit, in the order they were added
+        (outputs, the outbox, waiters, metrics). It runs on the writer's thread, before
+        `append` returns: it must be quick and must not raise."""
+        self._observers.append(observer)
+
+    def remove_observer(self, observer: CommitObserver) -> None:
+        self._observers.remove(observer)
 
     @classmethod
     def open(
@@ -128,19 +144,13 @@ class Journal:
         if not events:
             return []
         started = time.perf_counter()
-        try:
-            with self.log.transaction() as tx:
-                records = tx.append(events)
-                state = fold(self._state, records)
-                snapshot = self._snapshot_due(state)
-                if snapshot:
-                    tx.save_snapshot(state)
-        except LogError as error:
-            self.failure = str(error)
-            raise
-        self.failure = None
-        if self.commit_observer is not None:
-            self.commit_observer(time.perf_counter() - started)
+        with self.log.transaction() as tx:
+            records = tx.append(events)
+            state = fold(self._state, records)
+            snapshot = self._snapshot_due(state)
+            if snapshot:
+                tx.save_snapshot(state)
+        seconds = time.perf_counter() - started
         if snapshot:
             self._snapshot_seq = state.last_seq
         self._state = state
@@ -149,8 +159,9 @@ class Journal:
                 line = describe(record.event)
                 if line is not None:
                     log.info("%s", line)
-        for listener in self._listeners:
-            listener(state)
+        commit = Commit(records, state, seconds)
+        for observer in tuple(self._observers):  # one may remove itself
+            observer(commit)
         return records
 
     def _snapshot_due(self, state: State) -> bool:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 from typing import NamedTuple, Protocol
 
 import orjson
@@ -53,18 +53,19 @@ class Row(Protocol):
 
 
 class Source(Protocol):
-    """What the outbox reads and where it keeps its cursor (the event log)."""
+    """What the outbox reads and where it keeps its cursor: the event log, or a
+    running agent's view of it."""
 
-    def rows_from(self, seq: int, limit: int) -> Sequence[Row]: ...
+    def rows(self, from_seq: int = 1, to_seq: int | None = None, *, limit: int | None = None) -> Iterable[Row]: ...
 
-    def load_cursor(self) -> int: ...
+    def cursor(self, name: str) -> int | None: ...
 
-    def save_cursor(self, seq: int) -> None: ...
+    def save_cursor(self, name: str, seq: int) -> None: ...
 
 
 Publish = Callable[[str, bytes], int | None]  # (topic, payload) -> mid, or None when offline
 Schedule = Callable[[float, Callable[[], None]], object]  # run a callable after so many seconds
-Listener = Callable[[str | None], object]  # told the refusal when one starts, None when it ends
+RefusalObserver = Callable[[str | None], object]  # told the refusal when one starts, None when it ends
 
 
 class _Sent(NamedTuple):
@@ -126,27 +127,37 @@ class Outbox:
         topics: Topics,
         device_id: str,
         *,
+        cursor: str,
         schedule: Schedule = _call_later,
         rng: random.Random | None = None,
     ) -> None:
+        """`cursor`: the name under which the source keeps how far the broker has acknowledged."""
         self._source = source
+        self._cursor = cursor
         self._publish = publish
         self._topics = topics
         self._device_id = device_id
         self._schedule = schedule
         self._rng = rng or random.Random()
-        self.acked = source.load_cursor()  # every event up to here is acknowledged by the broker
+        self.acked = source.cursor(cursor) or 0  # every event up to here is acknowledged by the broker
         self._saved = self.acked
         self._next = self.acked + 1
         self._online = False
         self._unacked: dict[int, int] = {}  # seq -> messages of it not yet acknowledged
         self._mids: dict[int, _Sent] = {}  # mid -> the message
         self.refusal: str | None = None  # why the broker refuses a message now (None: it does not)
-        self.listeners: list[Listener] = []
+        self._observers: list[RefusalObserver] = []
         self._refused_upto = 0  # the latest event with a refused message in this episode
         self._attempt = 0  # retries in this episode, for the backoff
         self._retry: list[_Sent] = []  # refused messages waiting for their retry
         self._retry_scheduled = False
+
+    def add_observer(self, observer: RefusalObserver) -> None:
+        """Tell `observer` when the broker starts refusing a message (why) and when it stops (None)."""
+        self._observers.append(observer)
+
+    def remove_observer(self, observer: RefusalObserver) -> None:
+        self._observers.remove(observer)
 
     def connected(self) -> None:
         """(Re)connected: send again everything not acknowledged, in order."""
@@ -163,7 +174,7 @@ class Outbox:
     def pump(self) -> None:
         """Publish committed events, in seq order, while fewer than WINDOW are in flight."""
         while self._online and len(self._unacked) < WINDOW:
-            rows = self._source.rows_from(self._next, WINDOW - len(self._unacked))
+            rows = list(self._source.rows(self._next, limit=WINDOW - len(self._unacked)))
             if not rows:
                 return
             for row in rows:
@@ -206,8 +217,8 @@ class Outbox:
         if self.refusal is None:  # one line per episode, not one per retry
             self.refusal = f"the broker refuses messages on {message.topic}: {refusal}"
             log.error("%s; not delivered: the outbox stays before event %d and retries", self.refusal, message.seq)
-            for listener in self.listeners:
-                listener(self.refusal)
+            for observer in tuple(self._observers):
+                observer(self.refusal)
         self._retry.append(message)
         if not self._retry_scheduled:
             self._retry_scheduled = True
@@ -226,14 +237,14 @@ class Outbox:
         log.warning("the broker takes every message again; delivered up to event %d", self.acked)
         self.refusal = None
         self._refused_upto = self._attempt = 0
-        for listener in self.listeners:
-            listener(None)
+        for observer in tuple(self._observers):
+            observer(None)
 
     def save(self) -> None:
         """Persist the cursor (called now and then, and on stop)."""
         if self.acked != self._saved:
             try:
-                self._source.save_cursor(self.acked)
+                self._source.save_cursor(self._cursor, self.acked)
             except LogError as error:
                 # Only a bookmark: unsaved, a restart sends a few events again (at least
                 # once, as the contract says). The agent deals with the storage fault itself.
