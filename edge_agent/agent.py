@@ -63,6 +63,7 @@ def plant_command(profile: Profile, speed: float) -> cmd.ConfigurePlant:
         retries=t.retries,
         backoff_s=t.backoff_s / scale,
         backoff_max_s=t.backoff_max_s / scale,
+        fault_retried=tuple(s.id for s in profile.stations if s.on_fault == "retry"),
     )
     products = tuple(sorted(profile.max_qty().items()))
     return cmd.ConfigurePlant(tuple(s.id for s in profile.stations), products, policy)

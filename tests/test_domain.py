@@ -17,7 +17,7 @@ from edge_agent.domain import events as ev
 from edge_agent.domain.codec import event_from_json, events_to_json, state_from_dict, state_to_dict
 from edge_agent.domain.decide import admit, decide
 from edge_agent.domain.evolve import evolve, fold
-from edge_agent.domain.state import Stage, State
+from edge_agent.domain.state import Policy, Stage, State
 from edge_agent.domain.view import state_view
 from edge_agent.errors import CommandRejected, InvalidEvent
 from edge_agent.log.journal import Journal
@@ -282,3 +282,15 @@ def test_a_restart_from_snapshot_and_tail_equals_full_replay(
             full_replay = fold(State(), restarted.log.read())  # every event from seq 1, no snapshot
             assert restarted.state == full_replay == live
             assert restarted.state.last_seq == len(records)
+
+
+def test_an_older_logs_policy_with_on_fault_still_reads_as_retrying_no_fault() -> None:
+    """Before a station's `on_fault`, the policy held a cell-wide `on_fault`, always "fail"."""
+    old = '{"stations":["s1"],"products":[["w",3]],"policy":{"unit_timeout_s":30.0,"transit_timeout_s":60.0,"retries":2,"backoff_s":1.0,"backoff_max_s":30.0,"on_fault":"fail"}}'  # noqa: E501
+    event = event_from_json("PlantConfigured", old)
+    assert isinstance(event, ev.PlantConfigured)
+    assert event.policy == Policy(unit_timeout_s=30.0, transit_timeout_s=60.0, retries=2, fault_retried=())
+    snapshot = state_to_dict(State(policy=event.policy))
+    snapshot["policy"] = {**snapshot["policy"], "on_fault": "fail"}
+    del snapshot["policy"]["fault_retried"]
+    assert state_from_dict(snapshot).policy == event.policy

@@ -22,6 +22,7 @@ from typing import Any, Literal, TypeVar
 import pytest
 
 from edge_agent.agent import Agent
+from edge_agent.cell import FAULT, station_input
 from edge_agent.config import Config, LogConfig
 from edge_agent.devices.gpio import Devices
 from edge_agent.devices.simulator import Simulator
@@ -711,3 +712,34 @@ def test_a_restart_resumes_every_item_at_its_step_and_completes_it_exactly_once(
 def stopped_records(config: Config) -> list[ev.Recorded]:
     with EventLog(config.events_db, readonly=True) as log:
         return list(log.read())
+
+
+# -- a station's fault input ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("on_fault", ["fail", "retry"])
+def test_a_fault_pulse_fails_the_build_or_retries_it_as_the_profile_says(tmp_path: Path, on_fault: str) -> None:
+    profile = tmp_path / "profile.yaml"
+    text = PROFILE.read_text(encoding="utf-8")
+    profile.write_text(text.replace("fault: {pin: 22}", f"fault: {{pin: 22}}\n    on_fault: {on_fault}"), "utf-8")
+    config = make_config(tmp_path, speed=50.0).model_copy(update={"profile": profile})
+
+    async def scenario() -> None:
+        async with plant(config) as p:
+            p.simulator.jammed.add("s1")  # no unit comes before the fault
+            await p.submit_all([order("f1")])
+            await p.until(lambda s: s.work_items["f1"].station == "s1")
+            p.agent.devices.pulse_input(station_input("s1", FAULT))
+            await p.until(lambda s: (item := s.work_items.get("f1")) is None or item.attempt == 1)
+            p.simulator.jammed.discard("s1")
+            await p.until(lambda s: "f1" not in s.work_items)
+            records = p.records()
+
+        reason = "station s1 reported a fault"
+        if on_fault == "fail":
+            assert [r.reason for r in events_of(records, ev.OrderFailed)] == [reason]
+        else:
+            assert [(r.attempt, r.reason) for r in events_of(records, ev.RetryScheduled)] == [(1, reason)]
+            assert_completed_once(records, ["f1"], {"f1": 1})
+
+    run(scenario)

@@ -127,7 +127,7 @@ def test_a_fault_fails_the_build_or_retries_it_per_policy() -> None:
     cell = Cell()
     cell.building()
     assert cell.do(cmd.RecordFault("s1")) == [ev.OrderFailed("o1", "station s1 reported a fault")]
-    retrying = Cell(Policy(on_fault="retry"))
+    retrying = Cell(Policy(fault_retried=("s1",)))
     retrying.building()
     (retry,) = retrying.do(cmd.RecordFault("s1"))
     assert isinstance(retry, ev.RetryScheduled)

@@ -59,6 +59,7 @@ class Station(_Strict):
     run: OutputPin
     unit_done: InputPin
     fault: InputPin | None = None
+    on_fault: Literal["fail", "retry"] = "fail"  # what a pulse on `fault` does to the item being built
     build: dict[str, BuildHint] = Field(default_factory=dict)  # per product
 
 

@@ -83,7 +83,7 @@ def state_from_dict(data: dict[str, Any]) -> State:
         estop_since=data["estop_since"],
         stations=tuple(Station(sid, oid) for sid, oid in data["stations"]),
         products=Map(data["products"]),
-        policy=Policy(**data["policy"]),
+        policy=msgspec.convert(data["policy"], Policy),  # an older `on_fault` key is ignored
         lane=Lane(data["lane"]["order_id"], tuple(data["lane"]["queue"])),
         work_items=Map(items),
         accepted=_accepted(data),

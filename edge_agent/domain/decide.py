@@ -181,7 +181,7 @@ def _record_fault(state: State, station_id: str, at: str) -> list[ev.Event]:
     if item is None:
         return []
     reason = f"station {station_id} reported a fault"
-    if state.policy.on_fault == "retry":
+    if station_id in state.policy.fault_retried:
         return _retry_or_fail(state, item, reason, at)
     return [ev.OrderFailed(item.order_id, reason)]
 

@@ -55,7 +55,10 @@ class Policy(Frozen, frozen=True):
     retries: int = 2
     backoff_s: float = 1.0
     backoff_max_s: float = 30.0
-    on_fault: str = "fail"  # "fail" or "retry"
+    # Stations whose `fault` input is retried like a timeout (with backoff, up to
+    # `retries`) instead of failing the item at once. (A log from before this field
+    # holds `on_fault: "fail"` instead, which meant the same as none listed here.)
+    fault_retried: tuple[str, ...] = ()
 
     def backoff(self, attempt: int) -> float:
         """Seconds to wait before attempt number `attempt` (1, 2, ...): doubling, capped."""
