@@ -1,4 +1,4 @@
-"""The agent's configuration: a pydantic model of `config.yaml` (SPEC §8).
+"""The agent's configuration: a pydantic model of `config.yaml` (the README's "Configuration" lists every key).
 
 The file is read once, then `EDGE_AGENT_<KEY>` / `EDGE_AGENT_<SECTION>__<KEY>`
 environment variables override it. This is the only module that reads them; a

@@ -1,5 +1,5 @@
 """The agent's MQTT face: orders and commands in, acknowledged only after commit;
-events, inventory and rejections out, from the log (SPEC §5).
+events, inventory and rejections out, from the log (the README's "MQTT contract").
 
 Wires the `mqtt` package to a running `Agent`. paho's callbacks arrive on
 paho's thread and are handed to the event loop at once; everything else runs on

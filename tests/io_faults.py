@@ -21,7 +21,7 @@ ROLLBACK is not one: in WAL mode it only drops the uncommitted frames and writes
 nothing, so a failing disk cannot stop it. A fault that first meets BEGIN
 IMMEDIATE is "database is locked" (another writer holds the lock); one that first
 meets any other write is "database or disk is full" or "disk I/O error" (by the
-write's number): the three storage faults of SPEC §10, one kind per incident.
+write's number): the three storage faults the contract names, one kind per incident.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Chaos: Mosquitto SIGKILLed and restarted every few seconds while 300 orders go
-through it (SPEC §5, §10: "broker down / network flapping: keeps producing; reconnects;
+through it ("broker down / network flapping: keeps producing; reconnects;
 nothing lost or duplicated in the work; outbox drains after").
 
 The broker is up for a random 1-3 s, killed with SIGKILL, down for a random 0-0.5 s,
@@ -12,7 +12,7 @@ message. Either way Mosquitto acknowledges a publish before it has saved it, so 
 kill can make it forget an order it acknowledged, an outcome the agent published, a
 queued message. No device can help that: the sender has to.
 
-The sender does what SPEC §5 leaves a publisher to do. It publishes each order at
+The sender does what the contract leaves a publisher to do. It publishes each order at
 QoS 1 and sends it again whenever no PUBACK came within RESEND_S (the rig's Peer). It
 watches the device's inventory, orders/rejected and events topics for the order's
 outcome (an inventory record, a rejection, an OrderFailed), and sends the order again,
@@ -20,7 +20,7 @@ the same body under the same order_id, whenever it has seen no outcome for
 OUTCOME_WAIT_S since it last sent it: the broker may have lost the order, or the
 outcome. That is safe because the order_id is the idempotency key: a resent order makes
 no second work item and changes nothing. The device does not publish a finished order's
-outcome again (SPEC §10: a duplicate is acknowledged, nothing re-published), so before
+outcome again (the contract: a duplicate is acknowledged, nothing re-published), so before
 it sends again the sender reads the outcomes the broker may have lost from the device's
 log, as an operator would with `edge-agent log show`. The sender consumes outcomes
 deduplicated by order_id (an inventory record may come more than once, always with the

@@ -1,5 +1,5 @@
 """Chaos: a flood of orders through a Mosquitto configured as a new install would be
-(SPEC §10: "more than `limits.max_open_items` live orders: new orders rejected with
+("more than `limits.max_open_items` live orders: new orders rejected with
 `queue full: N open`, never held unacknowledged, never dropped silently").
 
 20,000 orders are published as fast as `mosquitto_pub` can send them at QoS 1 to a

@@ -1,10 +1,10 @@
-"""Fuzzed inbound payloads: every one is an order or a rejection (SPEC §10), decided in
+"""Fuzzed inbound payloads: every one is an order or a rejection, decided in
 bounded time and memory, never an exception; through the parser, through the agent's
 offer path (a rejection is logged as OrderRejected) and through a real broker.
 
-Whether a payload is a valid order is judged here independently, from SPEC §3, by
+Whether a payload is a valid order is judged here independently, from the MQTT contract, by
 `spec_verdict` (the standard library's JSON parser and plain checks), and compared
-with what `order_command` decides. Where SPEC leaves the outcome open (duplicate keys,
+with what `order_command` decides. Where the contract leaves the outcome open (duplicate keys,
 a byte order mark, lone surrogates, priorities beyond what a careful limit allows) the
 verdict is "either".
 
@@ -54,11 +54,11 @@ pytestmark = pytest.mark.chaos
 ROOT = Path(__file__).resolve().parent.parent
 PROFILE = ROOT / "device_profiles" / "simulated.yaml"
 PRODUCTS = dict(load_profile(PROFILE).max_qty().items())
-LIMIT = 65536  # limits.max_payload_bytes, the default (SPEC §8)
+LIMIT = 65536  # limits.max_payload_bytes, the default
 FIELDS = ("order_id", "product_id", "qty", "warehouse", "priority")
 REQUIRED = frozenset(FIELDS[:4])
 ORDER_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
-# Rejected in a string (SPEC §10): C0, DEL and C1; the line and paragraph separators and
+# Rejected in a string: C0, DEL and C1; the line and paragraph separators and
 # the bidirectional controls, which break or reorder a line wherever the string is shown.
 NOT_IN_STRINGS = "\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069"
 CONTROL = re.compile(f"[{NOT_IN_STRINGS}]")
@@ -78,13 +78,13 @@ FUZZ = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
-# -- what SPEC says a payload is ---------------------------------------------------------------
+# -- what the contract says a payload is ---------------------------------------------------------------
 
-Verdict = bool | None  # True: a valid order; False: to be rejected; None: SPEC leaves it open
+Verdict = bool | None  # True: a valid order; False: to be rejected; None: the contract leaves it open
 
 
 class _Open(Exception):
-    """The payload is one SPEC does not decide."""
+    """The payload is one the contract does not decide."""
 
 
 def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -98,7 +98,7 @@ def _no_constants(name: str) -> Any:
 
 
 def spec_json(payload: bytes, max_bytes: int, *, limits_open: bool = False) -> Any:
-    """The JSON value SPEC sees in the payload; ValueError if it is not one, _Open if open.
+    """The JSON value the contract sees in the payload; ValueError if it is not one, _Open if open.
     `limits_open`: a number beyond a double's range or nesting deeper than this parser
     takes is open too (RFC 8259 §9 lets a parser set such limits), where it matters
     whether the rest of the payload can be read."""
@@ -152,7 +152,7 @@ def _has_surrogate(value: Any) -> bool:
 
 
 def spec_verdict(payload: bytes, max_bytes: int = LIMIT) -> Verdict:
-    """Is the payload a valid order by SPEC §3?"""
+    """Is the payload a valid order by the MQTT contract?"""
     try:
         value = spec_json(payload, max_bytes)
     except _Open:
@@ -175,12 +175,12 @@ def spec_verdict(payload: bytes, max_bytes: int = LIMIT) -> Verdict:
         return False  # shows as nothing on any screen
     if type(priority) is not int:
         return False
-    return True if abs(priority) <= 1_000_000 else None  # SPEC names no range; a bound is careful
+    return True if abs(priority) <= 1_000_000 else None  # the contract names no range; a bound is careful
 
 
 def readable_id(payload: bytes, max_bytes: int = LIMIT) -> str | bool | None:
     """The order id a rejection should name: the payload's, when it is a well-formed one
-    (SPEC §5: "order_id (if readable)"); False when SPEC leaves it open."""
+    (the contract: "order_id (if readable)"); False when the contract leaves it open."""
     try:
         value = spec_json(payload, max_bytes, limits_open=True)
     except _Open:
@@ -226,7 +226,7 @@ odd_text = st.sampled_from(
         "x" * 65,
     ]
 )
-warehouses = st.text(  # nothing SPEC rejects in a string
+warehouses = st.text(  # nothing the contract rejects in a string
     st.characters(
         exclude_categories=("Cc", "Cs"),
         exclude_characters="\u061c\u200e\u200f\u2028\u2029\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069",
@@ -361,7 +361,7 @@ def bounded(decide: Callable[[], T], size: int) -> T:
 
 
 def check_order(payload: bytes, max_bytes: int = LIMIT) -> cmd.SubmitOrder | cmd.RejectOrder:
-    """The decision on one payload, checked against SPEC."""
+    """The decision on one payload, checked against the contract."""
     result = bounded(lambda: order_command(payload, PRODUCTS, max_bytes), len(payload))
     assert isinstance(result, cmd.SubmitOrder | cmd.RejectOrder)
     verdict = spec_verdict(payload, max_bytes)

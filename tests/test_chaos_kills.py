@@ -1,5 +1,5 @@
 """Chaos: the agent SIGKILLed over and over while orders stream in over a real Mosquitto
-(SPEC §4, §5, §10: "kill -9 at any moment: every accepted order resumes and reaches a
+(the promise: "kill -9 at any moment: every accepted order resumes and reaches a
 terminal stage exactly once; no inventory id repeats or is skipped").
 
 One agent (tests/mqtt_agent_process.py: `serve(config)` on the simulated profile) is

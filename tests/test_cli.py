@@ -1,4 +1,4 @@
-"""The `edge-agent` command line (SPEC §7, §8) on real SQLite logs.
+"""The `edge-agent` command line on real SQLite logs.
 
 Quick output checks run the typer app in-process; exit codes, stderr and the
 console script's error handling run `python -m edge_agent` in a subprocess.

@@ -142,6 +142,21 @@ def test_profile_check_exits_2_with_one_line_and_0_when_valid(tmp_path: Path) ->
     assert '"stations":["s1","s2","s3"]' in good.stdout
 
 
+def test_profile_check_without_a_file_checks_the_configs_profile(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(PROFILE.replace("unit_done: {pin: 6}", "unit_done: {pin: 5}"), encoding="utf-8")
+    config = tmp_path / "config.yaml"
+    config.write_text(f"profile: {bad.name}\n", encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, "-m", "edge_agent", "profile", "check", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "pin 5 is used more than once" in done.stderr
+
+
 def test_profile_list_marks_the_configured_profile(tmp_path: Path) -> None:
     config = tmp_path / "config.yaml"
     config.write_text(f"profile: {SIMULATED}\n", encoding="utf-8")

@@ -1,6 +1,6 @@
-"""Orders are idempotent through the log's indexed record of every order id (SPEC §4,
-§10): a duplicate adds nothing, a conflict is rejected, past `limits.max_open_items` an
-order is rejected as queue full, and the snapshots follow the live items, not the history."""
+"""Orders are idempotent through the log's indexed record of every order id: a duplicate
+adds nothing, a conflict is rejected, past `limits.max_open_items` an order is rejected as
+queue full, and the snapshots follow the live items, not the history."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The log's file (SPEC §4): it says it is an edge-agent log and anything else is refused
+"""The log's file: it says it is an edge-agent log and anything else is refused
 unchanged; it and its folder and archives are private; compaction keeps what the outbox
 has not published and archives whole or not at all; the running agent's durability is the
 configured one."""

@@ -1,4 +1,4 @@
-"""A broker that says no (SPEC §10): a Mosquitto ACL that refuses the agent's messages on
+"""A broker that says no: a Mosquitto ACL that refuses the agent's messages on
 a topic, and a broker that refuses the agent's credentials.
 
 Under MQTT 5 Mosquitto answers a refused QoS 1 publish with PUBACK reason 0x87 (Not

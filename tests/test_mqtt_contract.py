@@ -1,4 +1,4 @@
-"""The MQTT contract (SPEC §5) and the bad-input table (SPEC §10), end to end.
+"""The MQTT contract and the bad-input table of the README, end to end.
 
 `edge-agent run` is a real child process with a config file; the back office is
 a paho peer (tests/mqtt_peer.py), the `edge-agent order submit` CLI, or the
@@ -74,7 +74,7 @@ def broker(request: pytest.FixtureRequest) -> Broker:
 
 
 class Topic:
-    """The device's topics, spelled out from SPEC §5 (not from the code under test)."""
+    """The device's topics, spelled out from the README's contract (not from the code under test)."""
 
     def __init__(self, device_id: str) -> None:
         own = f"{PREFIX}/{device_id}"
@@ -228,7 +228,7 @@ def assert_iso(value: object) -> None:
     assert datetime.fromisoformat(value).tzinfo is not None, f"{value} has no time zone"
 
 
-# -- 1. bad input (SPEC §10) -------------------------------------------------------------
+# -- 1. bad input -------------------------------------------------------------
 
 
 def _with(**changes: object) -> bytes:

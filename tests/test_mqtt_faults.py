@@ -1,4 +1,4 @@
-"""MQTT faults on a real Mosquitto (SPEC §5, §10): the agent killed between receipt
+"""MQTT faults on a real Mosquitto: the agent killed between receipt
 and commit or between commit and PUBACK, the broker killed and restarted during
 a burst of orders, a fleet sharing one order queue, a broker that wants TLS and
 a password, and a TLS link kept busy.

@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 import traceback
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated
 
@@ -46,14 +47,23 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+@dataclass
+class RootOptions:
+    """The options given before the command, for the command and for `main`'s error report."""
+
+    debug: bool = False
+
+
 @app.callback()
 def _root(
+    ctx: typer.Context,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logging.")] = False,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
     """Durable, event-sourced controller for a small factory cell."""
+    ctx.ensure_object(RootOptions).debug = debug
 
 
 class LogLevel(StrEnum):
@@ -65,6 +75,7 @@ class LogLevel(StrEnum):
 
 @app.command()
 def run(
+    ctx: typer.Context,
     config: ConfigOption = None,
     demo: Annotated[int, typer.Option("--demo", min=0, help="Submit this many demo orders in-process at start.")] = 0,
     log_level: Annotated[
@@ -75,7 +86,7 @@ def run(
     from edge_agent.service import run_agent  # the CLI's other commands need none of the runtime
 
     settings = load_config(config)
-    level = "debug" if "--debug" in sys.argv else (log_level or settings.log_level)
+    level = "debug" if ctx.ensure_object(RootOptions).debug else (log_level or settings.log_level)
     setup_logging(level)
     run_agent(settings, demo, config)
 
@@ -121,11 +132,11 @@ def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
 
 def main() -> None:
     """The console script: errors become one line on stderr and an exit code."""
-    debug = "--debug" in sys.argv[1:]
+    options = RootOptions()
     try:
         try:
             # Not standalone: usage errors come here, to be one line like every other error.
-            code = app(standalone_mode=False)
+            code = app(standalone_mode=False, obj=options)
         except BaseExceptionGroup as group:  # from a TaskGroup: report the first real error
             raise _first_error(group) from group
     except NoArgsIsHelpError as error:  # `edge-agent log`: the group's help, as ever
@@ -137,7 +148,7 @@ def main() -> None:
     except typer.Abort:  # end of input at a prompt
         sys.exit(1)
     except EdgeAgentError as error:
-        if debug:
+        if options.debug:
             traceback.print_exc()
         display.err.print(f"error: {display.printable(error)}", markup=False)
         sys.exit(error.exit_code)
@@ -147,7 +158,7 @@ def main() -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
     except Exception as error:  # a bug or an environment fault: still one line, unless --debug
-        if debug:
+        if options.debug:
             traceback.print_exc()
         display.err.print(
             f"error: {type(error).__name__}: {display.printable(error)} (run with --debug for details)", markup=False

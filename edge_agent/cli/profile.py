@@ -31,11 +31,16 @@ def _summary(profile: Profile) -> dict[str, object]:
 
 @profile_app.command()
 def check(
-    file: Annotated[Path, typer.Argument(help="The profile to check.")],
+    file: Annotated[
+        Path | None,
+        typer.Argument(help="The profile to check \\[default: the config's profile].", show_default=False),
+    ] = None,
     config: ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Validate a profile: pins used twice, unknown keys, bad products. Exit 2 on an error."""
+    if file is None:
+        file = load_config(config).profile
     profile = load_profile(file)
     if as_json:
         display.print_json(_summary(profile))

@@ -15,7 +15,7 @@ from immutables import Map
 
 
 class Stage(StrEnum):
-    """Stages of a work item (the seed's workflow)."""
+    """Stages of a work item, in the order an item passes them (or ends in Failed or Cancelled)."""
 
     NEW = "New"
     FACTORY_READY = "FactoryReady"

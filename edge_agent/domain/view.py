@@ -1,5 +1,5 @@
 """The state as users see it: the JSON of `status --json`, `log replay --json`
-and the retained MQTT `state` topic (SPEC §8)."""
+and the retained MQTT `state` topic (the README's "MQTT contract")."""
 
 from __future__ import annotations
 

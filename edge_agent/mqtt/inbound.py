@@ -64,7 +64,7 @@ Text = Annotated[str, AfterValidator(_no_control)]
 
 
 class OrderPayload(BaseModel):
-    """The JSON body of an order (SPEC §3)."""
+    """The JSON body of an order, as the README's "MQTT contract" gives it."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 

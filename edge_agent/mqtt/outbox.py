@@ -81,7 +81,8 @@ def _call_later(delay_s: float, call: Callable[[], None]) -> object:
 
 
 def messages(row: Row, device_id: str, topics: Topics) -> list[tuple[str, bytes]]:
-    """The messages one event becomes (SPEC §5)."""
+    """The messages one event becomes: always its `events` message, and for an inventory
+    record or a rejection also the message on that topic."""
     data = orjson.loads(row.data)
     out = [
         (

@@ -1,4 +1,4 @@
-"""The MQTT topics of one device (SPEC §5)."""
+"""The MQTT topics of one device (the README's "MQTT contract")."""
 
 from __future__ import annotations
 

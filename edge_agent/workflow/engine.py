@@ -2,8 +2,12 @@
 
 Synchronous on purpose: the agent's event loop calls `execute` for each input
 and request, then `advance` until nothing is left to do, and sleeps until
-`next_wake`. Every decision goes through `decide` and is committed before it
-has any effect.
+`next_wake`. Every decision is a pure function of the state and its input, and
+is committed before it has any effect. Three kinds are made: a command's, by
+`decide`; a new order's, by `admit`, which also needs what this engine reads
+for it (the log's idempotency record and the open-item limit); and a workflow
+step's completion, by that step's own `done` test (`steps.py`), which emits
+`StepCompleted` (and, at the last step, `TidiedUp`) here.
 """
 
 from __future__ import annotations

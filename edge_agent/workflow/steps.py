@@ -1,4 +1,4 @@
-"""The durable workflow of one work item, step by step (the seed's processor).
+"""The durable workflow of one work item, step by step.
 
     validate -> send_to_factory -> wait_factory_complete -> move_to_warehouse
              -> publish_inventory -> tidy_up
