@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.brokers import Mosquitto, mosquitto
+from tests.support.brokers import Mosquitto, mosquitto
 
 
 @pytest.fixture

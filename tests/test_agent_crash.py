@@ -1,6 +1,6 @@
 """The whole agent killed with SIGKILL at chosen points of an order's life, then restarted.
 
-A child process (tests/agent_process.py) runs the Agent on the simulated
+A child process (tests/support/crash_agent.py) runs the Agent on the simulated
 profile, submits the same nine orders every time and prints every commit as it
 happens. For each kill point the test starts it on a fresh data dir, reads its
 lines until the point is reached and kills it at once; then starts it again on
@@ -40,8 +40,8 @@ from edge_agent.log.journal import Journal
 from edge_agent.log.store import EventLog
 from edge_agent.log.verify import verify
 from edge_agent.workflow.steps import STEP_NAMES
-from tests.agent_process import ORDERS, SNAPSHOT_EVERY
-from tests.crash_writer import canonical
+from tests.support.crash_agent import ORDERS, SNAPSHOT_EVERY
+from tests.support.crash_writer import canonical
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEED = 20  # timeouts scale too: a unit may take 0.5 s, a transit 0.75 s before a retry
@@ -139,10 +139,10 @@ SCENARIOS = {
 
 
 class Child:
-    """One run of tests/agent_process.py."""
+    """One run of tests/support/crash_agent.py."""
 
     def __init__(self, data_dir: Path, stderr: TextIO, *, lockstep: bool, out: Path | None = None) -> None:
-        args = [sys.executable, "-m", "tests.agent_process", str(data_dir), "--speed", str(SPEED)]
+        args = [sys.executable, "-m", "tests.support.crash_agent", str(data_dir), "--speed", str(SPEED)]
         args += ["--lockstep"] if lockstep else []
         args += ["--out", str(out)] if out else []
         env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}

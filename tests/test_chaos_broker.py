@@ -46,8 +46,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.brokers import mosquitto
-from tests.mqtt_rig import (
+from tests.support.brokers import mosquitto
+from tests.support.mqtt_rig import (
     PREFIX,
     Agents,
     Peer,

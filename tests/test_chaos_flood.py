@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 
 from edge_agent.domain.state import inventory_id
-from tests.brokers import mosquitto
-from tests.mqtt_rig import (
+from tests.support.brokers import mosquitto
+from tests.support.mqtt_rig import (
     Agents,
     Peer,
     agent_config,

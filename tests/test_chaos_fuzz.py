@@ -45,9 +45,9 @@ from edge_agent.log.store import EventLog
 from edge_agent.log.verify import verify
 from edge_agent.mqtt.inbound import CancelRefused, cancel_command, order_command
 from edge_agent.mqtt.topics import Topics
-from tests.agents import running
-from tests.brokers import Mosquitto, free_port
-from tests.mqtt_peer import Message, on, peer
+from tests.support.agents import running
+from tests.support.brokers import Mosquitto, free_port
+from tests.support.peer import Message, on, peer
 
 pytestmark = pytest.mark.chaos
 

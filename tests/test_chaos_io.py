@@ -1,6 +1,6 @@
 """I/O faults at every write of a short run: nothing corrupted, no effect leaks, work resumes.
 
-The fault is injected at the sqlite3 boundary (tests/io_faults.py): the agent's
+The fault is injected at the sqlite3 boundary (tests/support/io_faults.py): the agent's
 log connection is a real SQLite connection whose write statements can be
 refused, from the k-th on, with the errors SQLite gives for a full disk, an I/O
 error or a lock held elsewhere, until the test heals the disk. A counting run
@@ -10,7 +10,7 @@ write k, for every k in 1..N.
 
 The run is deterministic so that "the k-th write" is the same statement every
 time: the plant is the agent's simulated profile on gpiozero's MockFactory, but
-the machine behind the pins is played in lock step (tests/lockstep.py): it
+the machine behind the pins is played in lock step (tests/support/lockstep.py): it
 pulses an input only while the agent is idle, one at a time, so the commits
 come in the same order in every run; the profile's timeouts (speed 1) are far
 longer than the run, so no timer fires.
@@ -52,11 +52,11 @@ from edge_agent.log.store import OUTBOX_CURSOR, EventLog, Row
 from edge_agent.log.verify import verify
 from edge_agent.mqtt.inbound import order_command
 from edge_agent.mqtt.topics import Topics
-from tests.agents import running
-from tests.brokers import Mosquitto, free_port, mosquitto
-from tests.io_faults import Disk, faulty_disk
-from tests.lockstep import Witness, machine_running, witnessing
-from tests.mqtt_peer import Message, Peer, Predicate, on, peer
+from tests.support.agents import running
+from tests.support.brokers import Mosquitto, free_port, mosquitto
+from tests.support.io_faults import Disk, faulty_disk
+from tests.support.lockstep import Witness, machine_running, witnessing
+from tests.support.peer import Message, Peer, Predicate, on, peer
 
 pytestmark = pytest.mark.chaos
 

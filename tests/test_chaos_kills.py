@@ -2,7 +2,7 @@
 (SPEC §4, §5, §10: "kill -9 at any moment: every accepted order resumes and reaches a
 terminal stage exactly once; no inventory id repeats or is skipped").
 
-One agent (tests/mqtt_agent_process.py: `serve(config)` on the simulated profile) is
+One agent (tests/support/mqtt_agent.py: `serve(config)` on the simulated profile) is
 started on the same data dir again and again, and killed from here with a real SIGKILL
 each time, at a moment drawn from a seeded random.Random (printed; CHAOS_SEED=... runs
 it again): uniformly within KILL_WINDOW_S of the run's AgentStarted, so it lands in
@@ -47,11 +47,11 @@ from edge_agent.domain.view import state_view
 from edge_agent.log.journal import replay
 from edge_agent.log.store import EventLog, Row
 from edge_agent.log.verify import verify
-from tests.brokers import Mosquitto
-from tests.crash_writer import canonical
-from tests.mqtt_rig import (
+from tests.support import ROOT
+from tests.support.brokers import Mosquitto
+from tests.support.crash_writer import canonical
+from tests.support.mqtt_rig import (
     PREFIX,
-    ROOT,
     AgentProcess,
     Agents,
     Peer,

@@ -42,7 +42,7 @@ from edge_agent.domain.view import state_view
 from edge_agent.lock import LOCK_NAME, DataDirLock, holder
 from edge_agent.log.journal import Journal, replay
 from edge_agent.log.store import OUTBOX_CURSOR, Base, EventLog
-from tests.plant import PRODUCTS, STATIONS, make_log, run
+from tests.support.plant import PRODUCTS, STATIONS, make_log, run
 
 T0 = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
 PHASE_S = 10.0  # the fake clock moves this far between the phases of the cell's day

@@ -22,8 +22,8 @@ from edge_agent.domain import commands as cmd
 from edge_agent.domain import events as ev
 from edge_agent.gateway import Gateway
 from edge_agent.health import HealthServer, Metrics
-from tests.agents import running
-from tests.brokers import free_port
+from tests.support.agents import running
+from tests.support.brokers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

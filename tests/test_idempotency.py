@@ -26,9 +26,9 @@ from edge_agent.log.store import APPLICATION_ID, OUTBOX_CURSOR, EventLog
 from edge_agent.log.verify import verify
 from edge_agent.mqtt.inbound import order_command
 from edge_agent.workflow.engine import Workflow
-from tests.agents import running
-from tests.brokers import free_port
-from tests.plant import PRODUCTS, STATIONS
+from tests.support.agents import running
+from tests.support.brokers import free_port
+from tests.support.plant import PRODUCTS, STATIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.brokers import free_port
+from tests.support.brokers import free_port
 from tests.test_run import wait_for_log
 
 ROOT = Path(__file__).resolve().parent.parent

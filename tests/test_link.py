@@ -22,7 +22,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from edge_agent.config import MqttConfig
 from edge_agent.mqtt.link import Inbound, Link, _Client, _ReadAhead
 from edge_agent.mqtt.topics import Topics
-from tests.brokers import Mosquitto
+from tests.support.brokers import Mosquitto
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from edge_agent.agent import Agent
 from edge_agent.config import load_config
 from edge_agent.lock import DataDirLocked
 from edge_agent.log.store import EventLog
-from tests.brokers import free_port
+from tests.support.brokers import free_port
 from tests.test_run import wait_for_log
 
 ROOT = Path(__file__).resolve().parent.parent

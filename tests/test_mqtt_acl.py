@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from tests.brokers import free_port, mosquitto
-from tests.mqtt_rig import (
+from tests.support.brokers import free_port, mosquitto
+from tests.support.mqtt_rig import (
     PREFIX,
     AgentProcess,
     Agents,

@@ -1,7 +1,7 @@
 """The MQTT contract (SPEC §5) and the bad-input table (SPEC §10), end to end.
 
 `edge-agent run` is a real child process with a config file; the back office is
-a paho peer (tests/mqtt_peer.py), the `edge-agent order submit` CLI, or the
+a paho peer (tests/support/peer.py), the `edge-agent order submit` CLI, or the
 Mosquitto command-line clients. Each test runs against both brokers where that
 makes sense: the embedded amqtt broker that the agent hosts itself (MQTT 3.1.1),
 and a real Mosquitto (MQTT 5).
@@ -28,8 +28,8 @@ import yaml
 
 from edge_agent import __version__
 from edge_agent.log.store import EventLog, Row
-from tests.brokers import Mosquitto, free_port, wait_for_port
-from tests.mqtt_peer import WAIT_S, Message, Peer, on, peer
+from tests.support.brokers import Mosquitto, free_port, wait_for_port
+from tests.support.peer import WAIT_S, Message, Peer, on, peer
 
 pytestmark = pytest.mark.slow
 

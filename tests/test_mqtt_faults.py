@@ -3,7 +3,7 @@ and commit or between commit and PUBACK, the broker killed and restarted during
 a burst of orders, a fleet sharing one order queue, a broker that wants TLS and
 a password, and a TLS link kept busy.
 
-The agent runs in a child process (tests/mqtt_rig.py starts tests/mqtt_agent_process.py:
+The agent runs in a child process (tests/support/mqtt_rig.py starts tests/support/mqtt_agent.py:
 `serve(config)` with, for the crash modes, a SIGKILL patched in at the chosen point).
 Its log is read read-only from here; the broker side is watched with paho clients of
 the test's own. Waits are on MQTT messages or on the log's contents, with timeouts;
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.brokers import Mosquitto, free_port, mosquitto
-from tests.mqtt_rig import (
+from tests.support.brokers import Mosquitto, free_port, mosquitto
+from tests.support.mqtt_rig import (
     PREFIX,
     AgentProcess,
     Agents,

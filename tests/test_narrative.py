@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from edge_agent.cli import app
 from edge_agent.domain import commands as cmd
 from edge_agent.log.journal import Journal
-from tests.plant import produce, run
+from tests.support.plant import produce, run
 
 JOURNAL_LOGGER = "edge_agent.log.journal"
 

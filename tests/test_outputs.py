@@ -14,7 +14,7 @@ from edge_agent.domain.outputs import desired_outputs
 from edge_agent.domain.state import Stage
 from edge_agent.log.journal import replay
 from edge_agent.log.store import EventLog
-from tests.agents import running
+from tests.support.agents import running
 
 PROFILE = Path(__file__).resolve().parent.parent / "device_profiles" / "simulated.yaml"
 WAIT_S = 10.0

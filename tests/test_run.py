@@ -13,7 +13,7 @@ import pytest
 
 from edge_agent.errors import ConfigError
 from edge_agent.log.store import EventLog
-from tests.brokers import free_port
+from tests.support.brokers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

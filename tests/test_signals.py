@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 from queue import Empty, Queue
 
-from tests.brokers import free_port
+from tests.support.brokers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -18,8 +18,8 @@ from edge_agent.config import Config
 from edge_agent.domain import commands as cmd
 from edge_agent.domain.events import Recorded
 from edge_agent.domain.state import Stage
-from tests.agents import running
-from tests.brokers import free_port
+from tests.support.agents import running
+from tests.support.brokers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from edge_agent.sdnotify import Notifier
-from tests.brokers import free_port
+from tests.support.brokers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "edge-agent.service"

@@ -2,7 +2,7 @@
 in a child process on a real broker, its log read read-only from the test, and paho
 clients of the test's own on the broker side.
 
-The agent runs tests/mqtt_agent_process.py (`serve(config)`, its inbound messages and
+The agent runs tests/support/mqtt_agent.py (`serve(config)`, its inbound messages and
 acknowledgements reported on stdout). Waits are on MQTT messages or on the log's
 contents, with timeouts; where another process writes a file, the file is polled.
 """
@@ -35,9 +35,8 @@ from paho.mqtt.reasoncodes import ReasonCode
 from edge_agent.domain.state import inventory_id
 from edge_agent.log.store import OUTBOX_CURSOR, EventLog, Row
 from edge_agent.log.verify import verify
+from tests.support import PROFILE, ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
-PROFILE = ROOT / "device_profiles" / "simulated.yaml"
 SPEED = 50
 PREFIX = "factory"
 RESEND_S = 2.0  # a publisher sends an order again when no PUBACK came within this
@@ -84,7 +83,7 @@ def events_db(config: Path) -> Path:
 
 
 class AgentProcess:
-    """One run of tests/mqtt_agent_process.py; stdout (its JSON reports) and stderr (its
+    """One run of tests/support/mqtt_agent.py; stdout (its JSON reports) and stderr (its
     log) go to files beside the config."""
 
     def __init__(self, config: Path, name: str, crash: Sequence[str]) -> None:
@@ -92,7 +91,7 @@ class AgentProcess:
         self.out = config.parent / f"{name}.out"
         self.err = config.parent / f"{name}.err"
         env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
-        command = [sys.executable, "-m", "tests.mqtt_agent_process", str(config), *crash]
+        command = [sys.executable, "-m", "tests.support.mqtt_agent", str(config), *crash]
         with self.out.open("wb") as out, self.err.open("wb") as err:
             self.proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=err)
 

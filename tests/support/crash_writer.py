@@ -1,6 +1,6 @@
 """A writer for the crash test: appends real order lifecycles until it is killed.
 
-Run as `python -m tests.crash_writer PATH SEED` from the project root. It opens
+Run as `python -m tests.support.crash_writer PATH SEED` from the project root. It opens
 the journal at PATH (synchronous=full, a snapshot every few events), prints
 `ready SEQ DIGEST` with the state it recovered, then drives the cell forever,
 printing `FIRST LAST` (flushed) after every append has committed. A line on
@@ -21,7 +21,7 @@ from edge_agent.domain import commands as cmd
 from edge_agent.domain.codec import state_to_dict
 from edge_agent.domain.state import CANCELLABLE_STAGES, FINISHED_STAGES, Stage, State
 from edge_agent.log.journal import Journal
-from tests.plant import PRODUCTS, STATIONS, run
+from tests.support.plant import PRODUCTS, STATIONS, run
 
 SNAPSHOT_EVERY = 25
 LIVE_ORDERS = 6  # work items kept alive (new orders top the cell up to this)

@@ -1,6 +1,6 @@
 """The whole agent in a child process, for the agent crash test.
 
-Run as `python -m tests.agent_process DATA_DIR [--speed S] [--lockstep] [--out FILE]`
+Run as `python -m tests.support.crash_agent DATA_DIR [--speed S] [--lockstep] [--out FILE]`
 from the project root. It runs the Agent on the simulated profile with its log
 in DATA_DIR and submits the same orders every time (same ids, same digests, so
 a restarted process submitting them again is a no-op), then:
@@ -35,9 +35,8 @@ from edge_agent.config import Config
 from edge_agent.domain import commands as cmd
 from edge_agent.domain.state import State
 from edge_agent.log.store import Row
+from tests.support import PROFILE
 
-ROOT = Path(__file__).resolve().parent.parent
-PROFILE = ROOT / "device_profiles" / "simulated.yaml"
 DEVICE_ID = "crash-cell"
 SNAPSHOT_EVERY = 10  # the smallest the config allows: recovery goes through snapshots
 
@@ -139,7 +138,7 @@ async def main(data_dir: Path, speed: float, lockstep: bool, out: Path | None) -
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m tests.agent_process")
+    parser = argparse.ArgumentParser(prog="python -m tests.support.crash_agent")
     parser.add_argument("data_dir", type=Path)
     parser.add_argument("--speed", type=float, default=20.0)
     parser.add_argument("--lockstep", action="store_true")
