@@ -1,9 +1,10 @@
 """What the benchmarks share: a Mosquitto broker, the agent as a child process, a
 folder on a real disk, readings from /proc, and percentiles.
 
-The tests have their own broker helper (tests/brokers.py); it depends on pytest
-(it skips or fails a test when Mosquitto is missing), so the benchmarks keep
-theirs here and fail with a plain error instead.
+Paths and ports come from tests/support, as the tests' do. The tests' broker helper
+(tests/support/brokers.py) depends on pytest (it skips or fails a test when Mosquitto
+is missing) and keeps a persistent broker, so the benchmarks start theirs here and
+fail with a plain error instead.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import getpass
 import math
 import os
 import shutil
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -27,9 +27,9 @@ from typing import Any
 import yaml
 
 from edge_agent.mqtt.link import RECEIVE_MAXIMUM
+from tests.support import PROFILE, ROOT
+from tests.support.ports import free_port, wait_for_port
 
-ROOT = Path(__file__).resolve().parent.parent
-PROFILE = ROOT / "device_profiles" / "simulated.yaml"
 PREFIX = "bench"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
@@ -39,22 +39,6 @@ RECEIVE_WINDOW = RECEIVE_MAXIMUM
 
 class BenchError(RuntimeError):
     """A benchmark could not be run (a missing tool, a child that died, a time-out)."""
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def wait_for_port(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.02)  # another process: nothing to wait on but the port itself
-    raise BenchError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
 
 
 def tool(name: str) -> str:

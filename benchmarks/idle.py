@@ -34,12 +34,12 @@ from benchmarks.common import (
     agent_config,
     agent_process,
     disk_folder,
-    free_port,
     mosquitto,
     print_figures,
     proc_cpu_s,
     proc_rss_mb,
 )
+from tests.support.ports import free_port
 
 SECONDS = 60.0
 SETTLE_S = 3.0  # start-up (log recovery, first telemetry) is not idling yet

@@ -35,11 +35,12 @@ from typing import Any
 from gpiozero import DigitalInputDevice
 from gpiozero.pins.mock import MockFactory
 
-from benchmarks.common import PROFILE, BenchError, disk_folder, percentile, print_figures
+from benchmarks.common import BenchError, disk_folder, percentile, print_figures
 from edge_agent.agent import Agent
 from edge_agent.config import Config, HttpConfig
 from edge_agent.domain import commands as cmd
 from edge_agent.domain.state import State
+from tests.support import PROFILE
 
 SAMPLES = 2000
 WARM_UP = 20  # edges not counted: first use of every code path and of the file

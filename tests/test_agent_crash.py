@@ -40,10 +40,10 @@ from edge_agent.log.journal import Journal
 from edge_agent.log.store import EventLog
 from edge_agent.log.verify import verify
 from edge_agent.workflow.steps import STEP_NAMES
+from tests.support import ROOT
 from tests.support.crash_agent import ORDERS, SNAPSHOT_EVERY
 from tests.support.crash_writer import canonical
 
-ROOT = Path(__file__).resolve().parent.parent
 SPEED = 20  # timeouts scale too: a unit may take 0.5 s, a transit 0.75 s before a retry
 # Events that every order has exactly once, however often the agent was killed.
 ONCE_PER_ORDER = (

@@ -45,14 +45,14 @@ from edge_agent.log.store import EventLog
 from edge_agent.log.verify import verify
 from edge_agent.mqtt.inbound import CancelRefused, cancel_command, order_command
 from edge_agent.mqtt.topics import Topics
+from tests.support import PROFILE
 from tests.support.agents import running
-from tests.support.brokers import Mosquitto, free_port
+from tests.support.brokers import Mosquitto
 from tests.support.peer import Message, on, peer
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.chaos
 
-ROOT = Path(__file__).resolve().parent.parent
-PROFILE = ROOT / "device_profiles" / "simulated.yaml"
 PRODUCTS = dict(load_profile(PROFILE).max_qty().items())
 LIMIT = 65536  # limits.max_payload_bytes, the default (SPEC §8)
 FIELDS = ("order_id", "product_id", "qty", "warehouse", "priority")

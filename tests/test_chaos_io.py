@@ -52,21 +52,20 @@ from edge_agent.log.store import OUTBOX_CURSOR, EventLog, Row
 from edge_agent.log.verify import verify
 from edge_agent.mqtt.inbound import order_command
 from edge_agent.mqtt.topics import Topics
+from tests.support import PROFILE, WAIT_S
 from tests.support.agents import running
-from tests.support.brokers import Mosquitto, free_port, mosquitto
+from tests.support.brokers import Mosquitto, mosquitto
 from tests.support.io_faults import Disk, faulty_disk
 from tests.support.lockstep import Witness, machine_running, witnessing
 from tests.support.peer import Message, Peer, Predicate, on, peer
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.chaos
 
-ROOT = Path(__file__).resolve().parent.parent
-PROFILE = ROOT / "device_profiles" / "simulated.yaml"
 DEVICE = "chaos-io"
 # The agent checks a broken disk again every FAULT_RETRY_S (1 s); shortened so that the
 # N runs fit in the time budget. What happens on each retry is unchanged.
 RETRY_S = 0.01
-WAIT_S = 10.0  # generous: a loaded 2-core machine; a passing run takes a fraction of this
 RECOVER_S = 3.0  # after a fault: a run's whole workload takes ~0.1 s, so this is generous too
 MAX_FAILURES = 5  # runs of the sweep that may fail before it stops: enough to see the pattern
 ORDER_PAYLOADS = (  # as they come from MQTT: four orders (one waits, the cell has 3 stations)...

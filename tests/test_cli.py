@@ -42,11 +42,11 @@ from edge_agent.domain.view import state_view
 from edge_agent.lock import LOCK_NAME, DataDirLock, holder
 from edge_agent.log.journal import Journal, replay
 from edge_agent.log.store import OUTBOX_CURSOR, Base, EventLog
+from tests.support import PROFILE, WAIT_S
 from tests.support.plant import PRODUCTS, STATIONS, make_log, run
 
 T0 = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
 PHASE_S = 10.0  # the fake clock moves this far between the phases of the cell's day
-WAIT_S = 15.0  # the longest any test waits for a subprocess to print something
 
 STATE_KEYS = {"last_seq", "estop", "inventory_seq", "stations", "lane", "work_items"}
 ITEM_KEYS = {"order_id", "product_id", "qty", "warehouse", "stage", "station", "progress", "units_done", "reason"}
@@ -1123,24 +1123,22 @@ def test_profile_list_without_a_config_says_which_config_it_used(tmp_path: Path)
 
 
 def test_profile_list_names_the_config_it_used(tmp_path: Path) -> None:
-    root = Path(__file__).resolve().parent.parent
     config = tmp_path / "cell.yaml"
-    config.write_text(f"profile: {root / 'device_profiles' / 'simulated.yaml'}\n")
+    config.write_text(f"profile: {PROFILE}\n")
     done = agent("profile", "list", "--config", config, env=subprocess_env(COLUMNS="200"))
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines()[0] == f"config: {config}; profile: {root / 'device_profiles' / 'simulated.yaml'}"
+    assert done.stdout.splitlines()[0] == f"config: {config}; profile: {PROFILE}"
     assert "rpi-2station" in done.stdout
 
 
 def test_profile_list_shows_whole_file_names_at_80_columns(tmp_path: Path) -> None:
-    folder = Path(__file__).resolve().parent.parent / "device_profiles"
     config = tmp_path / "cell.yaml"
-    config.write_text(f"profile: {folder / 'simulated.yaml'}\n")
+    config.write_text(f"profile: {PROFILE}\n")
     done = agent("profile", "list", "--config", config, env=subprocess_env(COLUMNS="80"))
     assert done.returncode == 0, done.stderr
     assert all(len(line) <= 80 for line in done.stdout.splitlines()[1:])  # the table, below the config line
-    assert f"Profiles in {folder}/" in done.stdout
-    for path in folder.glob("*.yaml"):
+    assert f"Profiles in {PROFILE.parent}/" in done.stdout
+    for path in PROFILE.parent.glob("*.yaml"):
         assert path.name in done.stdout
     assert "…" not in done.stdout
 

@@ -15,10 +15,10 @@ from edge_agent.agent import Agent
 from edge_agent.config import Config
 from edge_agent.domain import commands as cmd
 from edge_agent.domain.state import Stage, State
+from tests.support import ROOT
 from tests.support.agents import running
-from tests.support.brokers import free_port
+from tests.support.ports import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
 SPEED = 50.0
 UNIT_TIMEOUT_S = 10 / SPEED  # simulated.yaml's unit_timeout_s at this speed
 HOUR = timedelta(hours=1)

@@ -19,10 +19,10 @@ import pytest
 from edge_agent.clock import FakeClock
 from edge_agent.log.journal import Journal, checked
 from edge_agent.log.store import GENESIS_HASH, EventLog
+from tests.support import ROOT
 from tests.support.agents import next_line
 from tests.support.plant import produce
 
-ROOT = Path(__file__).resolve().parent.parent
 ROUNDS = 30  # the writer's rounds in the follow test: ~100 events each
 HELD_LOG_EVENTS = 6000  # more than `EventLog.rows` fetches at once (5000), so the held cursor is mid-read
 

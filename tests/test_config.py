@@ -13,9 +13,8 @@ import pytest
 from edge_agent.config import Config, check_files, load_config
 from edge_agent.errors import ConfigError
 from edge_agent.mqtt.link import tls_context
+from tests.support import ROOT
 from tests.test_mqtt_faults import make_pki
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True)

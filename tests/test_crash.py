@@ -29,10 +29,10 @@ from edge_agent.domain.state import State
 from edge_agent.log.journal import Journal
 from edge_agent.log.store import EventLog, Row
 from edge_agent.log.verify import verify
+from tests.support import ROOT
 from tests.support.agents import next_line
 from tests.support.crash_writer import SNAPSHOT_EVERY, digest
 
-ROOT = Path(__file__).resolve().parent.parent
 KILLS = 60
 MAX_ACKS = 40  # commits acknowledged before a kill: 0..MAX_ACKS, at random
 

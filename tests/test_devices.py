@@ -17,8 +17,8 @@ from edge_agent.devices.gpio import Devices, Edge
 from edge_agent.devices.profile import Profile, load_profile
 from edge_agent.devices.simulator import Simulator
 from edge_agent.errors import ConfigError
+from tests.support import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 SIMULATED = ROOT / "device_profiles" / "simulated.yaml"
 
 

@@ -22,10 +22,9 @@ from edge_agent.domain import commands as cmd
 from edge_agent.domain import events as ev
 from edge_agent.gateway import Gateway
 from edge_agent.health import HealthServer, Metrics
+from tests.support import ROOT
 from tests.support.agents import running
-from tests.support.brokers import free_port
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support.ports import free_port
 
 
 def get(url: str) -> tuple[int, bytes]:

@@ -26,11 +26,10 @@ from edge_agent.log.store import APPLICATION_ID, OUTBOX_CURSOR, EventLog
 from edge_agent.log.verify import verify
 from edge_agent.mqtt.inbound import order_command
 from edge_agent.workflow.engine import Workflow
+from tests.support import ROOT
 from tests.support.agents import running
-from tests.support.brokers import free_port
 from tests.support.plant import PRODUCTS, STATIONS
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support.ports import free_port
 
 
 def order(order_id: str, qty: int = 1) -> cmd.SubmitOrder:

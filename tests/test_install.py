@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.brokers import free_port
+from tests.support import ROOT
+from tests.support.ports import free_port
 from tests.test_run import wait_for_log
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow

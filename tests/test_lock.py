@@ -22,12 +22,9 @@ from edge_agent.agent import Agent
 from edge_agent.config import load_config
 from edge_agent.lock import DataDirLocked
 from edge_agent.log.store import EventLog
-from tests.support.brokers import free_port
+from tests.support import PROFILE
+from tests.support.ports import free_port
 from tests.test_run import wait_for_log
-
-ROOT = Path(__file__).resolve().parent.parent
-PROFILE = ROOT / "device_profiles" / "simulated.yaml"
-
 
 pytestmark = pytest.mark.usefixtures("isolated")  # no ./config.yaml or EDGE_AGENT_* of the developer's
 

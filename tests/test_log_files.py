@@ -26,12 +26,10 @@ from edge_agent.errors import ConfigError
 from edge_agent.log.compact import Retention, compact
 from edge_agent.log.journal import Journal
 from edge_agent.log.store import APPLICATION_ID, OUTBOX_CURSOR, EventLog
+from tests.support import PROFILE
 from tests.support.agents import running
-from tests.support.brokers import free_port
 from tests.support.plant import make_log, produce
-
-ROOT = Path(__file__).resolve().parent.parent
-PROFILE = ROOT / "device_profiles" / "simulated.yaml"
+from tests.support.ports import free_port
 
 
 def foreign_db(path: Path) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.brokers import free_port, mosquitto
+from tests.support.brokers import mosquitto
 from tests.support.mqtt_rig import (
     PREFIX,
     AgentProcess,
@@ -38,6 +38,7 @@ from tests.support.mqtt_rig import (
     status_topic,
     unique,
 )
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.slow
 

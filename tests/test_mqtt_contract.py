@@ -28,13 +28,13 @@ import yaml
 
 from edge_agent import __version__
 from edge_agent.log.store import EventLog, Row
-from tests.support.brokers import Mosquitto, free_port, wait_for_port
-from tests.support.peer import WAIT_S, Message, Peer, on, peer
+from tests.support import PROFILE, ROOT, WAIT_S
+from tests.support.brokers import Mosquitto
+from tests.support.peer import Message, Peer, on, peer
+from tests.support.ports import free_port, wait_for_port
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
-PROFILE = ROOT / "device_profiles" / "simulated.yaml"
 PREFIX = "factory"
 ORDERS = f"{PREFIX}/orders"
 MAX_PAYLOAD = 16384  # room for a nesting deeper than JSON parsers allow, still small enough to exceed

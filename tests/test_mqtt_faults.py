@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.brokers import Mosquitto, free_port, mosquitto
+from tests.support.brokers import Mosquitto, mosquitto
 from tests.support.mqtt_rig import (
     PREFIX,
     AgentProcess,
@@ -47,6 +47,7 @@ from tests.support.mqtt_rig import (
     subjects,
     unique,
 )
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.slow
 

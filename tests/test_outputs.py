@@ -14,10 +14,8 @@ from edge_agent.domain.outputs import desired_outputs
 from edge_agent.domain.state import Stage
 from edge_agent.log.journal import replay
 from edge_agent.log.store import EventLog
+from tests.support import PROFILE, WAIT_S
 from tests.support.agents import running
-
-PROFILE = Path(__file__).resolve().parent.parent / "device_profiles" / "simulated.yaml"
-WAIT_S = 10.0
 
 
 def make_config(tmp_path: Path, speed: float) -> Config:

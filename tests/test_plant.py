@@ -35,8 +35,8 @@ from edge_agent.log.journal import Journal, replay
 from edge_agent.log.store import EventLog
 from edge_agent.workflow.engine import WorkflowMismatch
 from edge_agent.workflow.steps import STEP_NAMES
+from tests.support import PROFILE
 
-PROFILE = Path(__file__).resolve().parent.parent / "device_profiles" / "simulated.yaml"
 # The simulated profile's figures, in simulated seconds (divided by `speed` at run time).
 SECONDS_PER_UNIT = 1.0  # widget-a everywhere; gadget-b takes 1.5 on s1
 TRANSIT_S = 3.0

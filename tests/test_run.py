@@ -13,9 +13,8 @@ import pytest
 
 from edge_agent.errors import ConfigError
 from edge_agent.log.store import EventLog
-from tests.support.brokers import free_port
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support import ROOT
+from tests.support.ports import free_port
 
 
 def wait_for_log(

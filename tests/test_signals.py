@@ -11,9 +11,8 @@ import threading
 from pathlib import Path
 from queue import Empty, Queue
 
-from tests.support.brokers import free_port
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support import ROOT
+from tests.support.ports import free_port
 
 
 def write_config(path: Path, level: str, telemetry_s: float, port: int, speed: float = 1.0) -> None:

@@ -18,10 +18,9 @@ from edge_agent.config import Config
 from edge_agent.domain import commands as cmd
 from edge_agent.domain.events import Recorded
 from edge_agent.domain.state import Stage
+from tests.support import ROOT
 from tests.support.agents import running
-from tests.support.brokers import free_port
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support.ports import free_port
 
 
 def make_config(data_dir: Path, **limits: int) -> Config:

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from edge_agent.sdnotify import Notifier
-from tests.support.brokers import free_port
+from tests.support import ROOT
+from tests.support.ports import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "edge-agent.service"
 
 

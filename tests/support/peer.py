@@ -20,7 +20,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-WAIT_S = 20.0  # generous: a loaded 2-core CI machine; a passing test never waits this long
+from tests.support import WAIT_S
 
 
 @dataclass(frozen=True, slots=True)
