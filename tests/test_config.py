@@ -14,7 +14,7 @@ from edge_agent.config import Config, check_files, load_config
 from edge_agent.errors import ConfigError
 from edge_agent.mqtt.link import tls_context
 from tests.support import ROOT
-from tests.test_mqtt_faults import make_pki
+from tests.support.pki import make_pki
 
 
 @pytest.fixture(autouse=True)
