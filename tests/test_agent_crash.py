@@ -188,30 +188,18 @@ class Child:
         text = Path(self.stderr.name).read_text(encoding="utf-8")
         pytest.fail(f"{message}\n--- its stderr ---\n{text[-4000:]}")
 
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        for stream in (self.proc.stdin, self.proc.stdout):
-            if stream is not None:
-                stream.close()
-
 
 @pytest.fixture
-def children(tmp_path: Path) -> Iterator[Callable[..., Child]]:
-    """Starts agent processes; none outlives the test."""
-    started: list[Child] = []
-    stderr = (tmp_path / "agent-stderr.txt").open("a", encoding="utf-8")
+def crash_agents(tmp_path: Path, children: list[subprocess.Popen[str]]) -> Iterator[Callable[..., Child]]:
+    """Starts crash agent processes (`start(data_dir, lockstep=...)`); `children` ends them."""
+    with (tmp_path / "agent-stderr.txt").open("a", encoding="utf-8") as stderr:
 
-    def start(data_dir: Path, *, lockstep: bool, out: Path | None = None) -> Child:
-        child = Child(data_dir, stderr, lockstep=lockstep, out=out)
-        started.append(child)
-        return child
+        def start(data_dir: Path, *, lockstep: bool, out: Path | None = None) -> Child:
+            child = Child(data_dir, stderr, lockstep=lockstep, out=out)
+            children.append(child.proc)
+            return child
 
-    yield start
-    for child in started:
-        child.close()
-    stderr.close()
+        yield start
 
 
 # -- the log ---------------------------------------------------------------------
@@ -328,7 +316,7 @@ def run_until_killed(child: Child, kill: Kill, head: int, events_db: Path) -> tu
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_agent_killed_resumes_every_order_exactly_once(
-    tmp_path: Path, scenario: str, children: Callable[..., Child]
+    tmp_path: Path, scenario: str, crash_agents: Callable[..., Child]
 ) -> None:
     """Three kills around one point of an order's life, then a run to the end: the log
     holds every order exactly once and the last run's outputs came on only after recovery."""
@@ -336,11 +324,11 @@ def test_agent_killed_resumes_every_order_exactly_once(
     events_db = data_dir / "events.db"
     head = 0
     for kill in SCENARIOS[scenario]:
-        head, order_id = run_until_killed(children(data_dir, lockstep=kill.lockstep), kill, head, events_db)
+        head, order_id = run_until_killed(crash_agents(data_dir, lockstep=kill.lockstep), kill, head, events_db)
         print(f"{scenario}: killed {'exactly' if kill.lockstep else 'soon'} after {kill.point.name} of {order_id}")
 
     out = tmp_path / "outputs.json"
-    last = children(data_dir, lockstep=False, out=out)
+    last = crash_agents(data_dir, lockstep=False, out=out)
     assert last.ready() > head
     while not last.line().startswith("done"):
         pass
