@@ -28,6 +28,7 @@ import yaml
 
 from edge_agent.mqtt.link import RECEIVE_MAXIMUM
 from tests.support import PROFILE, ROOT
+from tests.support.orders import PRODUCT_IDS, order, order_payload
 from tests.support.ports import free_port, wait_for_port
 
 PREFIX = "bench"
@@ -195,13 +196,8 @@ def publish_lines(port: int, topic: str, lines: Sequence[bytes]) -> subprocess.P
 
 def order_lines(count: int, tag: str, qty: int = 1) -> list[bytes]:
     """`count` distinct valid orders, one JSON object a line (as mosquitto_pub -l sends them)."""
-    products = ("widget-a", "gadget-b")
     return [
-        (
-            f'{{"order_id":"{tag}-{n:06d}","product_id":"{products[n % 2]}",'
-            f'"qty":{qty},"warehouse":"WH1","priority":{n % 3}}}'
-        ).encode()
-        for n in range(count)
+        order_payload(order(f"{tag}-{n:06d}", qty, product=PRODUCT_IDS[n % 2], priority=n % 3)) for n in range(count)
     ]
 
 

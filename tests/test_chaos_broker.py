@@ -58,12 +58,12 @@ from tests.support.mqtt_rig import (
     check_intact,
     events_db,
     eventually,
-    order,
     orders_topic,
     read_log,
     status_topic,
     unique,
 )
+from tests.support.orders import PRODUCT_IDS, order, order_payload
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 
@@ -133,7 +133,7 @@ class Sender:
             self.finished.set()
 
     def _send(self, out: Peer, order_id: str) -> None:
-        out.publish(self._orders, order(order_id, self._number[order_id]))
+        out.publish(self._orders, order_payload(order(order_id, product=PRODUCT_IDS[self._number[order_id] % 2])))
         self.sends[order_id] += 1
         self._last_sent[order_id] = time.monotonic()
 

@@ -57,6 +57,7 @@ from tests.support.agents import running
 from tests.support.brokers import Mosquitto, mosquitto
 from tests.support.io_faults import Disk, faulty_disk
 from tests.support.lockstep import Witness, machine_running, witnessing
+from tests.support.orders import order, order_body
 from tests.support.peer import Message, Peer, Predicate, on, peer
 from tests.support.ports import free_port
 
@@ -661,10 +662,6 @@ def check_mqtt_log(config: Config, orders: Sequence[str], inventory: Sequence[Me
     assert sorted(records.values()) == sorted(orders)
 
 
-def good_order(order_id: str) -> dict[str, object]:
-    return {"order_id": order_id, "product_id": "widget-a", "qty": 1, "warehouse": "WH1"}
-
-
 @pytest.mark.usefixtures("quick_retries")
 def test_over_mqtt_an_order_met_by_a_broken_disk_is_acknowledged_only_once_it_is_logged(
     tmp_path: Path, chatty_mosquitto: Mosquitto, monkeypatch: pytest.MonkeyPatch
@@ -683,7 +680,7 @@ def test_over_mqtt_an_order_met_by_a_broken_disk_is_acknowledged_only_once_it_is
     async def scenario() -> list[Message]:
         async with cell(config, chatty_mosquitto, disk) as c:
             await c.received(on(c.topics.status, state="online"))
-            await c.publish(c.topics.device_orders, good_order("before"))
+            await c.publish(c.topics.device_orders, order_body(order("before")))
             await c.received(on(c.topics.inventory, order_id="before"))
             await broker_log.until(lambda: len(broker_log.sent()) == 1, "the first order sent to the agent")
             first_mid = broker_log.sent()[0]
@@ -691,7 +688,7 @@ def test_over_mqtt_an_order_met_by_a_broken_disk_is_acknowledged_only_once_it_is
 
             disk.break_now()
             mark = c.peer.mark()
-            await c.publish(c.topics.device_orders, good_order("during"))
+            await c.publish(c.topics.device_orders, order_body(order("during")))
             await c.witness.until(lambda: c.agent.fault is not None, "the storage-fault mode")
             await broker_log.until(lambda: len(broker_log.sent()) == 2, "the order sent to the agent")
             mid = broker_log.sent()[1]
@@ -726,7 +723,7 @@ def test_over_mqtt_a_broken_disk_does_not_stop_the_gateway(tmp_path: Path, chatt
     async def scenario() -> list[Message]:
         async with cell(config, chatty_mosquitto, disk) as c:
             await c.received(on(c.topics.status, state="online"))
-            await c.publish(c.topics.device_orders, good_order("before"))
+            await c.publish(c.topics.device_orders, order_body(order("before")))
             await c.received(on(c.topics.inventory, order_id="before"))
             with EventLog(config.events_db, readonly=True) as reader:
                 # Events published and acknowledged but not yet saved as such: the next
@@ -741,7 +738,7 @@ def test_over_mqtt_a_broken_disk_does_not_stop_the_gateway(tmp_path: Path, chatt
                         break
             assert disk.fail_at is not None
             mark = c.peer.mark()
-            await c.publish(c.topics.device_orders, good_order("during"))
+            await c.publish(c.topics.device_orders, order_body(order("during")))
             await c.witness.until(lambda: c.agent.fault is not None, "the storage-fault mode")
             # Telemetry for more than two cursor-save periods: the gateway lives on.
             for _ in range(int(2 * gateway_module.CURSOR_SAVE_S / 0.2) + 2):

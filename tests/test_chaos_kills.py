@@ -60,13 +60,13 @@ from tests.support.mqtt_rig import (
     all_tidied,
     events_db,
     eventually,
-    order,
     orders_topic,
     read_log,
     status_topic,
     subjects,
     unique,
 )
+from tests.support.orders import PRODUCT_IDS, order, order_payload
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 
@@ -278,7 +278,7 @@ def test_agent_killed_a_hundred_times_does_every_order_exactly_once(
 
     def publish(numbers: Sequence[int]) -> None:
         for n in numbers:
-            sender.publish(topic, order(ids[n], n, qty(n)))
+            sender.publish(topic, order_payload(order(ids[n], qty(n), product=PRODUCT_IDS[n % 2])))
 
     with (
         Peer(port, "monitor", [status_topic(device), state_topic(device)]) as monitor,

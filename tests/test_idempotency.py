@@ -28,12 +28,9 @@ from edge_agent.mqtt.inbound import order_command
 from edge_agent.workflow.engine import Workflow
 from tests.support import ROOT
 from tests.support.agents import running
+from tests.support.orders import order
 from tests.support.plant import PRODUCTS, STATIONS
 from tests.support.ports import free_port
-
-
-def order(order_id: str, qty: int = 1) -> cmd.SubmitOrder:
-    return cmd.SubmitOrder(order_id, "widget-a", qty, "WH1", 0, cmd.order_digest(order_id, "widget-a", qty, "WH1", 0))
 
 
 def workflow(path: Path, clock: FakeClock, *, max_open_items: int | None = None) -> tuple[Journal, Workflow]:

@@ -31,13 +31,13 @@ from tests.support.mqtt_rig import (
     all_tidied,
     events_db,
     eventually,
-    order,
     orders_topic,
     outbox_cursor,
     read_log,
     status_topic,
     unique,
 )
+from tests.support.orders import order, order_payload
 from tests.support.ports import free_port
 
 pytestmark = pytest.mark.slow
@@ -103,7 +103,7 @@ def test_an_inventory_record_the_broker_refuses_is_not_delivered_until_it_is_all
         with Peer(broker.port, "back-office", [inventory, status_topic(device)]) as office:
             agent: AgentProcess = agents(config, "agent")
             office.wait_online(device)
-            office.publish(orders_topic(device), order("refused-1"))
+            office.publish(orders_topic(device), order_payload(order("refused-1")))
             eventually(all_tidied(db, ["refused-1"]), "the order built", 30, agent)
             [issued] = [row.seq for row in read_log(db) if row.type == "InventoryIssued"]
 

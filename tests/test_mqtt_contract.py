@@ -30,6 +30,7 @@ from edge_agent import __version__
 from edge_agent.log.store import EventLog, Row
 from tests.support import PROFILE, ROOT, WAIT_S
 from tests.support.brokers import Mosquitto
+from tests.support.orders import order, order_body
 from tests.support.peer import Message, Peer, on, peer
 from tests.support.ports import free_port, wait_for_port
 
@@ -207,10 +208,6 @@ def event(topic: Topic, type_: str, subject: str | None = None) -> Callable[[Mes
     return matches
 
 
-def order(order_id: str, product_id: str = "widget-a", qty: int = 2, warehouse: str = "WH1") -> dict[str, Any]:
-    return {"order_id": order_id, "product_id": product_id, "qty": qty, "warehouse": warehouse}
-
-
 def first_occurrences(messages: list[Message]) -> list[dict[str, Any]]:
     """Events in arrival order, a redelivered seq counted once (at least once delivery)."""
     seen: set[int] = set()
@@ -232,12 +229,12 @@ def assert_iso(value: object) -> None:
 
 
 def _with(**changes: object) -> bytes:
-    return orjson.dumps({**order("bad"), **changes})
+    return orjson.dumps({**order_body(order("bad", qty=2)), **changes})
 
 
 def _oversized() -> bytes:
     """An order that would be valid but for its size: JSON whitespace up to one byte over."""
-    body = orjson.dumps(order("bad-size"))
+    body = orjson.dumps(order_body(order("bad-size", qty=2)))
     return body[:-1] + b" " * (MAX_PAYLOAD + 1 - len(body)) + b"}"
 
 
@@ -263,7 +260,7 @@ BAD_INPUT: list[tuple[str, bytes, str | None, str]] = [
     ("qty over the profile max", _with(order_id="bad-101", qty=101), "bad-101", "qty 101 is over the largest 100"),
     ("order_id with a space", _with(order_id="bad id"), None, "order_id: String should match pattern"),
     ("order_id of 65 chars", _with(order_id="x" * 65), None, "order_id: String should match pattern"),
-    ("JSON array", orjson.dumps([order("bad-array")]), None, "not an object"),
+    ("JSON array", orjson.dumps([order_body(order("bad-array", qty=2))]), None, "not an object"),
     ("JSON string", b'"an order"', None, "not an object"),
     ("5000 nested arrays", b"[" * 5000 + b"]" * 5000, None, "not JSON"),
     ("deep nesting in a field", _nested_in_qty(500), "bad-deep", "qty: Input should be a valid integer"),
@@ -311,7 +308,7 @@ def test_every_bad_input_is_rejected_with_a_reason_and_a_valid_order_after_compl
             assert rejected["seq"] == logged["seq"], label  # deduplicated by (device_id, seq), like events
             agent.assert_alive()
 
-        good = order("good-after-bad", qty=2, warehouse="WH7")
+        good = order_body(order("good-after-bad", qty=2, warehouse="WH7"))
         backoffice.publish(ORDERS, good)
         record = backoffice.wait_for(on(topic.inventory, order_id="good-after-bad")).json()
         backoffice.wait_for(event(topic, "TidiedUp", "good-after-bad"))
@@ -321,7 +318,7 @@ def test_every_bad_input_is_rejected_with_a_reason_and_a_valid_order_after_compl
             # has nothing to send again. A new order after it proves the redeliveries are done.
             assert agent.stop() == 0, agent.log_tail()
             agent.start()
-            backoffice.publish(ORDERS, order("after-restart", qty=1))
+            backoffice.publish(ORDERS, order_body(order("after-restart", qty=1)))
             backoffice.wait_for(event(topic, "TidiedUp", "after-restart"))
 
     issued = agent.rows("InventoryIssued", "good-after-bad")
@@ -392,7 +389,7 @@ def test_every_event_arrives_in_seq_order_with_its_keys(new_agent: AgentFactory,
         else:  # subscribe first: every event from seq 1 on
             watcher = stack.enter_context(agent.peer(topic.events, topic.inventory))
             agent.start()
-        watcher.publish(ORDERS, order("in-order", qty=3))
+        watcher.publish(ORDERS, order_body(order("in-order", qty=3)))
         inventory = watcher.wait_for(on(topic.inventory, order_id="in-order")).json()
         tidied = watcher.wait_for(event(topic, "TidiedUp", "in-order")).json()
         received = watcher.messages(topic.events)
@@ -439,7 +436,7 @@ def test_telemetry_comes_at_qos_0_and_a_cancel_stops_a_build(new_agent: AgentFac
         assert_iso(body["ts"])
 
         # 100 units at 1.5 s each, 50 times faster: three seconds of building to cancel.
-        watcher.publish(ORDERS, order("cancel-me", product_id="gadget-b", qty=100))
+        watcher.publish(ORDERS, order_body(order("cancel-me", product="gadget-b", qty=100)))
         assigned = watcher.wait_for(event(topic, "StationAssigned", "cancel-me")).json()
         building = watcher.wait_for(
             lambda m: m.topic == topic.telemetry and m.json()["stations"]["busy"] == 1,
@@ -493,7 +490,7 @@ def test_the_same_order_twice_is_one_work_item_and_another_body_is_a_conflicting
 ) -> None:
     agent = new_agent()
     topic = agent.topic
-    body = order("twice", qty=1)
+    body = order_body(order("twice", qty=1))
     with agent.peer(topic.events, topic.rejected, topic.inventory) as backoffice:
         # Back to back (the agent may well decide them in one batch): the order, the same order
         # laid out otherwise to the device's own topic, then again as it was.
@@ -614,7 +611,7 @@ def test_order_submit_wait_for_a_finished_order_answers_at_once_from_the_log(new
 
     topic = agent.topic
     with agent.peer(topic.events) as watcher:
-        watcher.publish(ORDERS, order("gone", product_id="gadget-b", qty=100))
+        watcher.publish(ORDERS, order_body(order("gone", product="gadget-b", qty=100)))
         watcher.wait_for(event(topic, "StationAssigned", "gone"))
         assert agent.cli("order", "cancel", "gone", "--wait", "--timeout", "30").returncode == 0
     cancelled = agent.cli(
@@ -693,7 +690,7 @@ def test_order_cancel_wait_exits_0_once_cancelled_and_1_with_the_reason_when_it_
     topic = agent.topic
     with agent.peer(topic.events) as watcher:
         # 100 units at 1.5 s each, 50 times faster: three seconds of building to cancel.
-        watcher.publish(ORDERS, order("to-cancel", product_id="gadget-b", qty=100))
+        watcher.publish(ORDERS, order_body(order("to-cancel", product="gadget-b", qty=100)))
         watcher.wait_for(event(topic, "StationAssigned", "to-cancel"))
         done = agent.cli("order", "cancel", "to-cancel", "--wait", "--timeout", "30")
         assert done.returncode == 0, done.stderr
@@ -742,7 +739,7 @@ def test_mosquitto_pub_and_sub_carry_an_order_to_its_inventory(new_agent: AgentF
                 break
         else:
             raise AssertionError(f"mosquitto_sub never subscribed: {sub.communicate()[1]}")
-        body = json.dumps(order("from-the-shell", product_id="gadget-b", qty=1, warehouse="WH3"))
+        body = json.dumps(order_body(order("from-the-shell", product="gadget-b", qty=1, warehouse="WH3")))
         subprocess.run(["mosquitto_pub", *connection, "-t", ORDERS, "-m", body], check=True, timeout=WAIT_S)
         out, err = sub.communicate(timeout=WAIT_S + 5)
     finally:

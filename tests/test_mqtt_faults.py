@@ -36,7 +36,6 @@ from tests.support.mqtt_rig import (
     check_intact,
     events_db,
     eventually,
-    order,
     orders_topic,
     outbox_cursor,
     read_log,
@@ -44,6 +43,7 @@ from tests.support.mqtt_rig import (
     subjects,
     unique,
 )
+from tests.support.orders import PRODUCT_IDS, order, order_payload
 from tests.support.pki import make_pki, run, tool
 from tests.support.ports import free_port
 
@@ -79,7 +79,7 @@ def test_agent_killed_between_receipt_and_commit_loses_no_order(
         crashing = agents(config, "crashing", "--crash-before-commit", str(len(ids)))
         monitor.wait_online(device)
         for n, order_id in enumerate(ids):
-            sender.publish(orders_topic(device), order(order_id, n))
+            sender.publish(orders_topic(device), order_payload(order(order_id, product=PRODUCT_IDS[n % 2])))
         crashing.wait_killed()
 
         (crash,) = crashing.reports("crash")
@@ -119,7 +119,7 @@ def test_agent_killed_after_commit_before_puback_makes_no_second_work_item(
         crashing = agents(config, "crashing", "--crash-before-ack", str(nth_ack))
         monitor.wait_online(device)
         for n, order_id in enumerate(ids):
-            sender.publish(orders_topic(device), order(order_id, n))
+            sender.publish(orders_topic(device), order_payload(order(order_id, product=PRODUCT_IDS[n % 2])))
         crashing.wait_killed()
 
         (crash,) = crashing.reports("crash")
@@ -198,7 +198,11 @@ def test_broker_killed_twice_during_a_burst_loses_and_repeats_nothing(tmp_path: 
                         if stop.wait(PACE_S):
                             return
                         with gate:
-                            sender.publish(f"{PREFIX}/orders", order(order_id, n), timeout=60)
+                            sender.publish(
+                                f"{PREFIX}/orders",
+                                order_payload(order(order_id, product=PRODUCT_IDS[n % 2])),
+                                timeout=60,
+                            )
                 except BaseException as error:  # raised again on the test's thread
                     failed.append(error)
 
@@ -268,7 +272,7 @@ def test_shared_group_gives_each_order_to_exactly_one_device(
         for device in devices:
             monitor.wait_online(device)
         for n, order_id in enumerate(ids):
-            sender.publish(f"{PREFIX}/orders", order(order_id, n))
+            sender.publish(f"{PREFIX}/orders", order_payload(order(order_id, product=PRODUCT_IDS[n % 2])))
 
         def done() -> bool:
             tidied = [set(subjects(read_log(events_db(c)), "TidiedUp")) for c in configs]
@@ -348,7 +352,7 @@ def test_tls_and_password_let_the_right_agent_in_and_keep_the_others_out(tmp_pat
             monitor.wait_online(good)
             ids = [f"{good}-{n:02d}" for n in range(TLS_ORDERS)]
             for n, order_id in enumerate(ids):
-                sender.publish(orders_topic(good), order(order_id, n))
+                sender.publish(orders_topic(good), order_payload(order(order_id, product=PRODUCT_IDS[n % 2])))
             eventually(all_tidied(events_db(good_config), ids), "the orders built over TLS", 30, agent)
             for other in refused:  # refused, retried with backoff, refused again: a few seconds without getting in
                 eventually(refused_thrice(other), f"{other.name} refused thrice", 20, other)
@@ -474,7 +478,7 @@ def test_a_refused_cancel_is_acknowledged_and_not_sent_again_after_a_restart(tmp
         with Peer(broker.port, "back-office", [status_topic(device), rejected]) as office:
             first = agents(config, "first")
             office.wait_online(device)
-            office.publish(orders_topic(device), order("finished"))
+            office.publish(orders_topic(device), order_payload(order("finished")))
             eventually(all_tidied(events_db(config), ["finished"]), "the order built", 30, first)
             for order_id in ("no-such-order", "finished"):
                 office.publish(cancel_topic, json.dumps({"order_id": order_id}).encode())
@@ -484,7 +488,7 @@ def test_a_refused_cancel_is_acknowledged_and_not_sent_again_after_a_restart(tmp
 
             second = agents(config, "second")
             office.wait_online(device, times=2)
-            office.publish(orders_topic(device), order("after-restart"))  # comes after any redelivery
+            office.publish(orders_topic(device), order_payload(order("after-restart")))  # comes after any redelivery
             eventually(all_tidied(events_db(config), ["after-restart"]), "the next order built", 30, second)
             second.stop()
         assert [r["topic"] for r in first.reports("received")].count(cancel_topic) == 2

@@ -36,6 +36,7 @@ from edge_agent.log.store import EventLog
 from edge_agent.workflow.engine import WorkflowMismatch
 from edge_agent.workflow.steps import STEP_NAMES
 from tests.support import PROFILE
+from tests.support.orders import order
 
 # The simulated profile's figures, in simulated seconds (divided by `speed` at run time).
 SECONDS_PER_UNIT = 1.0  # widget-a everywhere; gadget-b takes 1.5 on s1
@@ -102,8 +103,8 @@ class Plant:
         return list(self.agent.journal.log.read(seq + 1))
 
     async def submit_all(self, orders: Iterable[cmd.SubmitOrder]) -> None:
-        for order in orders:
-            records = await self.agent.submit(order)
+        for submitted in orders:
+            records = await self.agent.submit(submitted)
             assert [type(r.event) for r in records] == [ev.OrderAccepted]
 
     async def engage_estop(self) -> State:
@@ -128,10 +129,6 @@ async def plant(config: Config) -> AsyncIterator[Plant]:
             task.cancel()
             with suppress(asyncio.CancelledError):
                 await task
-
-
-def order(order_id: str, qty: int = 1, *, priority: int = 0, product: str = "widget-a") -> cmd.SubmitOrder:
-    return cmd.SubmitOrder(order_id, product, qty, "WH1", priority, f"{product}|{qty}|WH1|{priority}")
 
 
 def stages(state: State) -> dict[str, Stage]:

@@ -15,11 +15,11 @@ import pytest
 
 from edge_agent.agent import Agent
 from edge_agent.config import Config
-from edge_agent.domain import commands as cmd
 from edge_agent.domain.events import Recorded
 from edge_agent.domain.state import Stage
 from tests.support import ROOT
 from tests.support.agents import running
+from tests.support.orders import order
 from tests.support.ports import free_port
 
 
@@ -32,10 +32,6 @@ def make_config(data_dir: Path, **limits: int) -> Config:
         mqtt={"port": free_port()},
         limits={"min_free_mb": 0, **limits},
     )
-
-
-def order(order_id: str) -> cmd.SubmitOrder:
-    return cmd.SubmitOrder(order_id, "widget-a", 3, "WH1", 0, f"d-{order_id}")
 
 
 async def until(agent: Agent, condition: Callable[[], bool], timeout: float = 10) -> None:
@@ -51,7 +47,7 @@ class Acks:
         self.acked: list[str] = []
 
     def offer(self, agent: Agent, order_id: str) -> None:
-        agent.offer(order(order_id), lambda records: self._ack(order_id, records))
+        agent.offer(order(order_id, 3), lambda records: self._ack(order_id, records))
 
     def _ack(self, order_id: str, records: list[Recorded]) -> None:
         self.acked.append(order_id)

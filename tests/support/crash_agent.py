@@ -36,27 +36,23 @@ from edge_agent.domain import commands as cmd
 from edge_agent.domain.state import State
 from edge_agent.log.store import Row
 from tests.support import PROFILE
+from tests.support.orders import order
 
 DEVICE_ID = "crash-cell"
 SNAPSHOT_EVERY = 10  # the smallest the config allows: recovery goes through snapshots
 
 
-def order(n: int, product: str, qty: int, priority: int) -> cmd.SubmitOrder:
-    order_id = f"order-{n:02d}"
-    return cmd.SubmitOrder(order_id, product, qty, "WH1", priority, f"{product}|{qty}|WH1|{priority}")
-
-
 # Nine orders for three stations, most of them more than one unit (so a build has a middle).
 ORDERS: tuple[cmd.SubmitOrder, ...] = (
-    order(1, "widget-a", 3, 0),
-    order(2, "gadget-b", 2, 1),
-    order(3, "widget-a", 2, 0),
-    order(4, "widget-a", 1, 2),
-    order(5, "gadget-b", 3, 0),
-    order(6, "widget-a", 2, 1),
-    order(7, "gadget-b", 1, 0),
-    order(8, "widget-a", 3, 0),
-    order(9, "gadget-b", 2, 2),
+    order("order-01", 3, product="widget-a", priority=0),
+    order("order-02", 2, product="gadget-b", priority=1),
+    order("order-03", 2, product="widget-a", priority=0),
+    order("order-04", 1, product="widget-a", priority=2),
+    order("order-05", 3, product="gadget-b", priority=0),
+    order("order-06", 2, product="widget-a", priority=1),
+    order("order-07", 1, product="gadget-b", priority=0),
+    order("order-08", 3, product="widget-a", priority=0),
+    order("order-09", 2, product="gadget-b", priority=2),
 )
 ORDER_IDS = frozenset(o.order_id for o in ORDERS)
 

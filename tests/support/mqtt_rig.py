@@ -49,12 +49,6 @@ def unique(role: str) -> str:
     return f"{role}-{uuid.uuid4().hex[:8]}"
 
 
-def order(order_id: str, n: int = 0, qty: int = 1) -> bytes:
-    """A valid order body; the product alternates with `n`."""
-    product = ("widget-a", "gadget-b")[n % 2]
-    return json.dumps({"order_id": order_id, "product_id": product, "qty": qty, "warehouse": "WH1"}).encode()
-
-
 def agent_config(
     folder: Path, port: int, device_id: str, *, settings: Mapping[str, Any] | None = None, **mqtt: Any
 ) -> Path:
