@@ -24,10 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from edge_agent.mqtt.link import RECEIVE_MAXIMUM
-from tests.support import PROFILE, ROOT
+from tests.support import ROOT
+from tests.support.configs import config_file
 from tests.support.orders import PRODUCT_IDS, order, order_payload
 from tests.support.ports import free_port, wait_for_port
 
@@ -126,23 +125,9 @@ def filesystem_type(path: Path) -> str:
 
 def agent_config(folder: Path, port: int, device_id: str, **settings: Any) -> Path:
     """A config file for the simulated cell talking to the broker on `port`, its log under `folder`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    values: dict[str, Any] = {
-        "device_id": device_id,
-        "data_dir": str(folder / "data"),
-        "profile": str(PROFILE),
-        "log_level": "warning",  # one line per event would be disk writes and CPU of its own
-        "http": {"enabled": False},
-        "mqtt": {"host": "127.0.0.1", "port": port, "protocol": "5", "topic_prefix": PREFIX},
-    }
-    for key, value in settings.items():
-        if isinstance(value, dict) and isinstance(values.get(key), dict):
-            values[key] = {**values[key], **value}
-        else:
-            values[key] = value
-    path = folder / "config.yaml"
-    path.write_text(yaml.safe_dump(values), encoding="utf-8")
-    return path
+    mqtt = {"port": port, "protocol": "5", "topic_prefix": PREFIX}
+    # At log level warning: one line per event would be disk writes and CPU of its own.
+    return config_file(folder, device_id=device_id, **{"log_level": "warning", "mqtt": mqtt, **settings})
 
 
 @contextmanager

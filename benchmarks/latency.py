@@ -37,10 +37,9 @@ from gpiozero.pins.mock import MockFactory
 
 from benchmarks.common import BenchError, disk_folder, percentile, print_figures
 from edge_agent.agent import Agent
-from edge_agent.config import Config, HttpConfig
 from edge_agent.domain import commands as cmd
 from edge_agent.domain.state import State
-from tests.support import PROFILE
+from tests.support.configs import agent_config
 
 SAMPLES = 2000
 WARM_UP = 20  # edges not counted: first use of every code path and of the file
@@ -129,14 +128,7 @@ def _drive(agent: Agent, raw: _RawCell, samples: int, pending: list[_Edge | None
 
 async def _latencies(folder: Path, samples: int) -> tuple[list[float], list[float]]:
     """Edge-to-commit seconds of the agent and of the raw cell, `samples` of each."""
-    config = Config(
-        device_id="bench-latency",
-        data_dir=folder / "data",
-        profile=PROFILE,
-        speed=SPEED,
-        log_level="warning",
-        http=HttpConfig(enabled=False),
-    )
+    config = agent_config(folder / "data", device_id="bench-latency", speed=SPEED, log_level="warning")
     pending: list[_Edge | None] = [None]
 
     def committed(state: State) -> None:

@@ -48,8 +48,8 @@ from edge_agent.mqtt.topics import Topics
 from tests.support import PROFILE
 from tests.support.agents import running
 from tests.support.brokers import Mosquitto
+from tests.support.configs import agent_config
 from tests.support.peer import Message, on, peer
-from tests.support.ports import free_port
 
 pytestmark = pytest.mark.chaos
 
@@ -441,17 +441,9 @@ def test_a_rejection_reason_is_one_short_line_however_the_payload_is_made(payloa
 # -- the agent's offer path -------------------------------------------------------------------------------
 
 
-def agent_config(data_dir: Path, **changes: Any) -> Config:
-    settings: dict[str, Any] = {
-        "device_id": "chaos-fuzz",
-        "data_dir": data_dir,
-        "profile": PROFILE,
-        "speed": 1,
-        "mqtt": {"port": free_port()},
-        "log": {"synchronous": "normal"},  # durability is not what these tests are about
-        "limits": {"min_free_mb": 0},
-    }
-    return Config(**{**settings, **changes})
+def fuzz_config(data_dir: Path, **changes: Any) -> Config:
+    # Durability is not what these tests are about.
+    return agent_config(data_dir, **{"device_id": "chaos-fuzz", "log": {"synchronous": "normal"}, **changes})
 
 
 def test_through_the_agent_every_payload_is_acknowledged_and_a_rejection_is_logged_and_changes_nothing(
@@ -460,7 +452,7 @@ def test_through_the_agent_every_payload_is_acknowledged_and_a_rejection_is_logg
     """Each payload, decided as the gateway decides it, is offered to a running agent: it is
     acknowledged once its outcome is committed; a rejection is exactly one OrderRejected
     with the reason and readable id, and no order or work item comes of it."""
-    config = agent_config(tmp_path)
+    config = fuzz_config(tmp_path)
     loop = asyncio.new_event_loop()
     agent = Agent(config)
     loop.run_until_complete(agent.__aenter__())
@@ -532,11 +524,11 @@ def test_over_mqtt_nasty_payloads_are_rejected_on_the_rejected_topic_and_the_age
     with its reason (and its id when readable), a payload of exactly the size limit is an
     order; bad cancels change nothing; the agent stays online throughout."""
     device_id = f"fuzz-{uuid.uuid4().hex[:8]}"
-    config = agent_config(
+    config = fuzz_config(
         tmp_path / "var",
         device_id=device_id,
         mqtt=MqttConfig(port=mosquitto_broker.port, protocol="5"),
-        limits={"min_free_mb": 0, "max_payload_bytes": MQTT_LIMIT},
+        limits={"max_payload_bytes": MQTT_LIMIT},
     )
     topics = Topics("factory", device_id)
     nasty = mqtt_payloads()

@@ -41,7 +41,7 @@ import pytest
 import edge_agent.agent as agent_module
 import edge_agent.gateway as gateway_module
 from edge_agent.agent import Agent
-from edge_agent.config import Config, MqttConfig
+from edge_agent.config import Config
 from edge_agent.devices.profile import load_profile
 from edge_agent.domain import commands as cmd
 from edge_agent.domain import events as ev
@@ -55,11 +55,11 @@ from edge_agent.mqtt.topics import Topics
 from tests.support import PROFILE, WAIT_S
 from tests.support.agents import running
 from tests.support.brokers import Mosquitto, mosquitto
+from tests.support.configs import agent_config
 from tests.support.io_faults import Disk, faulty_disk
 from tests.support.lockstep import Witness, machine_running, witnessing
 from tests.support.orders import order, order_body
 from tests.support.peer import Message, Peer, Predicate, on, peer
-from tests.support.ports import free_port
 
 pytestmark = pytest.mark.chaos
 
@@ -82,15 +82,10 @@ BAD = ("bad-1",)
 
 
 def make_config(data_dir: Path) -> Config:
-    return Config(
-        device_id=DEVICE,
-        data_dir=data_dir,
-        profile=PROFILE,
-        speed=1,  # timeouts of 10 s and more: none fires during a run of a fraction of a second
-        mqtt={"port": free_port()},  # not connected: the outbox's broker is played by `Witness`
-        log={"snapshot_every": 10},  # the smallest allowed: snapshot writes are among the k
-        limits={"min_free_mb": 0},
-    )
+    # Speed 1: timeouts of 10 s and more, none fires during a run of a fraction of a second.
+    # Not connected: the outbox's broker is played by `Witness`. A snapshot every 10 events,
+    # the fewest allowed: snapshot writes are among the k.
+    return agent_config(data_dir, device_id=DEVICE, speed=1, log={"snapshot_every": 10})
 
 
 def offered_orders() -> list[cmd.SubmitOrder | cmd.RejectOrder]:
@@ -608,12 +603,9 @@ class Cell:
 
 
 def mqtt_config(data_dir: Path, broker: Mosquitto, device_id: str, telemetry_s: float = 5.0) -> Config:
-    return make_config(data_dir).model_copy(
-        update={
-            "device_id": device_id,
-            "mqtt": MqttConfig(port=broker.port, protocol="5"),
-            "telemetry_interval_s": telemetry_s,
-        }
+    mqtt = {"port": broker.port, "protocol": "5"}
+    return agent_config(
+        data_dir, device_id=device_id, speed=1, log={"snapshot_every": 10}, mqtt=mqtt, telemetry_interval_s=telemetry_s
     )
 
 

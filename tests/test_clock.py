@@ -14,10 +14,9 @@ import pytest
 from edge_agent.agent import Agent
 from edge_agent.config import Config
 from edge_agent.domain.state import Stage, State
-from tests.support import ROOT
 from tests.support.agents import running
+from tests.support.configs import agent_config
 from tests.support.orders import order
-from tests.support.ports import free_port
 
 SPEED = 50.0
 UNIT_TIMEOUT_S = 10 / SPEED  # simulated.yaml's unit_timeout_s at this speed
@@ -38,13 +37,7 @@ class JumpingClock:
 
 
 def config(tmp_path: Path) -> Config:
-    return Config(
-        device_id="clock-test",
-        data_dir=tmp_path,
-        profile=ROOT / "device_profiles" / "simulated.yaml",
-        speed=SPEED,
-        mqtt={"port": free_port()},
-    )
+    return agent_config(tmp_path, device_id="clock-test", speed=SPEED)
 
 
 async def timed(agent: Agent, condition: Callable[[State], bool], timeout: float = 10) -> float:

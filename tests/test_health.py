@@ -17,14 +17,12 @@ import pytest
 
 from edge_agent import service
 from edge_agent.agent import Agent
-from edge_agent.config import Config
 from edge_agent.domain import commands as cmd
 from edge_agent.domain import events as ev
 from edge_agent.gateway import Gateway
 from edge_agent.health import HealthServer, Metrics
-from tests.support import ROOT
 from tests.support.agents import running
-from tests.support.ports import free_port
+from tests.support.configs import agent_config
 
 
 def get(url: str) -> tuple[int, bytes]:
@@ -36,12 +34,7 @@ def get(url: str) -> tuple[int, bytes]:
 
 
 def test_health_and_metrics_tell_the_truth(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    config = Config(
-        device_id="health-test",
-        data_dir=tmp_path,
-        profile=ROOT / "device_profiles" / "simulated.yaml",
-        mqtt={"port": free_port()},  # nothing listens: MQTT stays down
-    )
+    config = agent_config(tmp_path, device_id="health-test")  # nothing listens on its port: MQTT stays down
 
     async def scenario() -> None:
         async with Agent(config) as agent:
@@ -112,12 +105,7 @@ def work_items(metrics: str) -> dict[str, float]:
 
 
 def test_every_stage_has_a_work_items_series_that_goes_to_0_rather_than_away(tmp_path: Path) -> None:
-    config = Config(
-        device_id="stages-test",
-        data_dir=tmp_path,
-        profile=ROOT / "device_profiles" / "simulated.yaml",
-        mqtt={"port": free_port()},
-    )
+    config = agent_config(tmp_path, device_id="stages-test")
 
     async def scenario() -> None:
         async with Agent(config) as agent:

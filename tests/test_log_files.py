@@ -28,6 +28,7 @@ from edge_agent.log.journal import Journal
 from edge_agent.log.store import APPLICATION_ID, OUTBOX_CURSOR, EventLog
 from tests.support import PROFILE
 from tests.support.agents import running
+from tests.support.configs import agent_config
 from tests.support.plant import make_log, produce
 from tests.support.ports import free_port
 
@@ -133,16 +134,8 @@ def test_every_db_command_names_a_damaged_log_in_one_line(tmp_path: Path, keep: 
         assert "DatabaseError" not in lines[0], lines[0]
 
 
-def agent_config(data_dir: Path, **log: str) -> Config:
-    return Config(
-        device_id="files-test",
-        data_dir=data_dir,
-        profile=PROFILE,
-        speed=50,
-        mqtt={"port": free_port()},
-        log=log,
-        limits={"min_free_mb": 0},
-    )
+def files_config(data_dir: Path, **log: str) -> Config:
+    return agent_config(data_dir, device_id="files-test", speed=50, log=log)
 
 
 def test_the_agent_refuses_a_data_dir_whose_events_db_is_not_a_log_and_changes_nothing(tmp_path: Path) -> None:
@@ -264,7 +257,7 @@ def test_an_archive_is_complete_under_its_name_or_absent_and_no_event_goes_befor
 @pytest.mark.parametrize("level", ["full", "normal"])
 def test_the_running_agent_commits_as_durably_as_configured(tmp_path: Path, level: str) -> None:
     async def scenario() -> str:
-        async with Agent(agent_config(tmp_path / "var", synchronous=level)) as agent, running(agent):
+        async with Agent(files_config(tmp_path / "var", synchronous=level)) as agent, running(agent):
             await agent.wait_until(lambda state: state.last_seq > 0)
             return agent.journal.log.synchronous
 

@@ -24,12 +24,12 @@ from typing import Any
 
 import orjson
 import pytest
-import yaml
 
 from edge_agent import __version__
 from edge_agent.log.store import EventLog, Row
-from tests.support import PROFILE, ROOT, WAIT_S
+from tests.support import ROOT, WAIT_S
 from tests.support.brokers import Mosquitto
+from tests.support.configs import config_file
 from tests.support.orders import order, order_body
 from tests.support.peer import Message, Peer, on, peer
 from tests.support.ports import free_port, wait_for_port
@@ -98,22 +98,17 @@ class AgentProcess:
         self.device_id = f"cell-{uuid.uuid4().hex[:8]}"
         self.topic = Topic(self.device_id)
         self.folder = folder
-        self.db = folder / "var" / "events.db"
-        self.config = folder / "config.yaml"
+        self.config = config_file(
+            folder,
+            device_id=self.device_id,
+            speed=50,
+            telemetry_interval_s=0.5,
+            limits={"max_payload_bytes": MAX_PAYLOAD},
+            mqtt={"embedded": broker.embedded, "port": broker.port, "protocol": broker.protocol},
+        )
+        self.db = folder / "data" / "events.db"
         self.output = folder / "agent.out"
         self.process: subprocess.Popen[bytes] | None = None
-        config = {
-            "device_id": self.device_id,
-            "data_dir": str(folder / "var"),
-            "profile": str(PROFILE),
-            "speed": 50,
-            "telemetry_interval_s": 0.5,
-            "http": {"enabled": False},
-            "limits": {"max_payload_bytes": MAX_PAYLOAD},
-            "mqtt": {"embedded": broker.embedded, "port": broker.port, "protocol": broker.protocol},
-        }
-        folder.mkdir(parents=True, exist_ok=True)
-        self.config.write_text(yaml.safe_dump(config), encoding="utf-8")
 
     def start(self) -> None:
         """Start, and return once the agent has said `online` on its status topic."""

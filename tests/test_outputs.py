@@ -13,13 +13,14 @@ from edge_agent.domain.outputs import desired_outputs
 from edge_agent.domain.state import Stage
 from edge_agent.log.journal import replay
 from edge_agent.log.store import EventLog
-from tests.support import PROFILE, WAIT_S
+from tests.support import WAIT_S
 from tests.support.agents import running
+from tests.support.configs import agent_config
 from tests.support.orders import order
 
 
 def make_config(tmp_path: Path, speed: float) -> Config:
-    return Config(data_dir=tmp_path / "data", profile=PROFILE, speed=speed, device_id="cell-test")
+    return agent_config(tmp_path / "data", device_id="cell-test", speed=speed)
 
 
 def test_no_output_comes_on_before_the_event_calling_for_it_is_on_disk(tmp_path: Path) -> None:

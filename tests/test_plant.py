@@ -22,7 +22,7 @@ from typing import Any, Literal, TypeVar
 import pytest
 
 from edge_agent.agent import Agent
-from edge_agent.config import Config, LogConfig
+from edge_agent.config import Config
 from edge_agent.devices.gpio import Devices
 from edge_agent.devices.simulator import Simulator
 from edge_agent.domain import commands as cmd
@@ -35,7 +35,7 @@ from edge_agent.log.journal import Journal, replay
 from edge_agent.log.store import EventLog
 from edge_agent.workflow.engine import WorkflowMismatch
 from edge_agent.workflow.steps import STEP_NAMES
-from tests.support import PROFILE
+from tests.support.configs import agent_config
 from tests.support.orders import order
 
 # The simulated profile's figures, in simulated seconds (divided by `speed` at run time).
@@ -59,8 +59,8 @@ E = TypeVar("E")
 def make_config(
     tmp_path: Path, speed: float, *, synchronous: Literal["full", "normal"] = "full", snapshot_every: int = 1000
 ) -> Config:
-    log = LogConfig(synchronous=synchronous, snapshot_every=snapshot_every)
-    return Config(data_dir=tmp_path / "data", profile=PROFILE, speed=speed, device_id="cell-test", log=log)
+    log = {"synchronous": synchronous, "snapshot_every": snapshot_every}
+    return agent_config(tmp_path / "data", device_id="cell-test", speed=speed, log=log)
 
 
 def run(test: Callable[[], Coroutine[Any, Any, None]]) -> None:

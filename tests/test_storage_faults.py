@@ -17,21 +17,13 @@ from edge_agent.agent import Agent
 from edge_agent.config import Config
 from edge_agent.domain.events import Recorded
 from edge_agent.domain.state import Stage
-from tests.support import ROOT
 from tests.support.agents import running
+from tests.support.configs import agent_config
 from tests.support.orders import order
-from tests.support.ports import free_port
 
 
 def make_config(data_dir: Path, **limits: int) -> Config:
-    return Config(
-        device_id="fault-test",
-        data_dir=data_dir,
-        profile=ROOT / "device_profiles" / "simulated.yaml",
-        speed=50,
-        mqtt={"port": free_port()},
-        limits={"min_free_mb": 0, **limits},
-    )
+    return agent_config(data_dir, device_id="fault-test", speed=50, limits=limits)
 
 
 async def until(agent: Agent, condition: Callable[[], bool], timeout: float = 10) -> None:

@@ -31,11 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.agent import Agent
-from edge_agent.config import Config
 from edge_agent.domain import commands as cmd
 from edge_agent.domain.state import State
 from edge_agent.log.store import Row
-from tests.support import PROFILE
+from tests.support.configs import agent_config
 from tests.support.orders import order
 
 DEVICE_ID = "crash-cell"
@@ -95,13 +94,7 @@ def pin_history(pin: Any) -> list[tuple[float, bool]]:
 
 
 async def main(data_dir: Path, speed: float, lockstep: bool, out: Path | None) -> None:
-    config = Config(
-        data_dir=data_dir,
-        profile=PROFILE,
-        speed=speed,
-        device_id=DEVICE_ID,
-        log={"snapshot_every": SNAPSHOT_EVERY},
-    )
+    config = agent_config(data_dir, device_id=DEVICE_ID, speed=speed, log={"snapshot_every": SNAPSHOT_EVERY})
     async with Agent(config) as agent:
         # Recovered, and nothing resumed yet: what the outputs show now, before run().
         outputs = list(agent.devices.outputs)

@@ -26,7 +26,6 @@ from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
-import yaml
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -35,7 +34,8 @@ from paho.mqtt.reasoncodes import ReasonCode
 from edge_agent.domain.state import inventory_id
 from edge_agent.log.store import OUTBOX_CURSOR, EventLog, Row
 from edge_agent.log.verify import verify
-from tests.support import PROFILE, ROOT
+from tests.support import ROOT
+from tests.support.configs import config_file
 
 SPEED = 50
 PREFIX = "factory"
@@ -54,19 +54,8 @@ def agent_config(
 ) -> Path:
     """A config file for one agent on the simulated profile, its log under `folder`;
     `settings` overrides top-level keys (`speed`, `log`...), `mqtt` adds to the mqtt section."""
-    folder.mkdir(parents=True, exist_ok=True)
-    config = {
-        "device_id": device_id,
-        "data_dir": str(folder / "data"),
-        "profile": str(PROFILE),
-        "speed": SPEED,
-        "http": {"enabled": False},
-        "mqtt": {"host": "127.0.0.1", "port": port, "protocol": "5", "topic_prefix": PREFIX, **mqtt},
-        **(settings or {}),
-    }
-    path = folder / "config.yaml"
-    path.write_text(yaml.safe_dump(config), encoding="utf-8")
-    return path
+    rig_mqtt = {"port": port, "protocol": "5", "topic_prefix": PREFIX, **mqtt}
+    return config_file(folder, **{"device_id": device_id, "speed": SPEED, "mqtt": rig_mqtt, **(settings or {})})
 
 
 def events_db(config: Path) -> Path:
