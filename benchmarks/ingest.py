@@ -48,7 +48,7 @@ from benchmarks.common import (
     publish_lines,
     tool,
 )
-from edge_agent.mqtt.link import _Client
+from edge_agent.mqtt.link import ReadAheadClient
 
 ORDERS = 10_000
 RAW_RUNS = 3  # the raw run is short, so its best of three is taken as the limit
@@ -117,7 +117,7 @@ def client_rate(port: int, lines: list[bytes]) -> float:
         if received == len(lines):
             done.set()
 
-    client = _Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5, manual_ack=True)
+    client = ReadAheadClient(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5, manual_ack=True)
     client.on_message = on_message
     client.on_subscribe = lambda *args: subscribed.set()
     properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
