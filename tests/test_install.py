@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests.support import ROOT
+from tests.support.agents import wait_for_log
 from tests.support.ports import free_port
-from tests.test_run import wait_for_log
 
 
 @pytest.mark.slow

@@ -23,8 +23,8 @@ from edge_agent.config import load_config
 from edge_agent.lock import DataDirLocked
 from edge_agent.log.store import EventLog
 from tests.support import PROFILE
+from tests.support.agents import wait_for_log
 from tests.support.ports import free_port
-from tests.test_run import wait_for_log
 
 pytestmark = pytest.mark.usefixtures("isolated")  # no ./config.yaml or EDGE_AGENT_* of the developer's
 

@@ -5,30 +5,14 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
-from contextlib import suppress
 from pathlib import Path
 
 import pytest
 
-from edge_agent.errors import ConfigError
 from edge_agent.log.store import EventLog
 from tests.support import ROOT
+from tests.support.agents import wait_for_log
 from tests.support.ports import free_port
-
-
-def wait_for_log(
-    path: Path, condition_type: str, process: subprocess.Popen[str], timeout: float = 30, count: int = 1
-) -> None:
-    """Poll the log (another process writes it) until `count` events of that type are there."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, process.communicate()[1]
-        with suppress(ConfigError), EventLog(path, readonly=True) as log_:  # ConfigError: not made yet
-            if sum(1 for _ in log_.rows(type_=condition_type, limit=count)) >= count:
-                return
-        time.sleep(0.05)  # another process: SQLite offers nothing to wait on
-    raise AssertionError(f"no {condition_type} in {path} after {timeout} s")
 
 
 @pytest.mark.slow
