@@ -17,7 +17,6 @@ from pathlib import Path
 
 import orjson
 import pytest
-import yaml
 
 from edge_agent.agent import Agent
 from edge_agent.clock import FakeClock
@@ -26,11 +25,9 @@ from edge_agent.errors import ConfigError
 from edge_agent.log.compact import Retention, compact
 from edge_agent.log.journal import Journal
 from edge_agent.log.store import APPLICATION_ID, OUTBOX_CURSOR, EventLog
-from tests.support import PROFILE
 from tests.support.agents import running
-from tests.support.configs import agent_config
+from tests.support.configs import agent_config, config_file
 from tests.support.plant import make_log, produce
-from tests.support.ports import free_port
 
 
 def foreign_db(path: Path) -> None:
@@ -139,14 +136,11 @@ def files_config(data_dir: Path, **log: str) -> Config:
 
 
 def test_the_agent_refuses_a_data_dir_whose_events_db_is_not_a_log_and_changes_nothing(tmp_path: Path) -> None:
-    config_file = tmp_path / "config.yaml"
     data_dir = tmp_path / "var"
     data_dir.mkdir()
     foreign_db(data_dir / "events.db")
     before = fingerprint(data_dir / "events.db")
-    settings = {"data_dir": str(data_dir), "profile": str(PROFILE), "http": {"enabled": False}}
-    config_file.write_text(yaml.safe_dump({**settings, "mqtt": {"port": free_port()}}), encoding="utf-8")
-    result = edge_agent(tmp_path, "run", "--config", config_file)
+    result = edge_agent(tmp_path, "run", "--config", config_file(tmp_path, data_dir=data_dir))
     assert result.returncode == 2, result.stderr
     assert "not an edge-agent log" in result.stderr
     content, mtime, beside = fingerprint(data_dir / "events.db")

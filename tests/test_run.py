@@ -10,27 +10,21 @@ from pathlib import Path
 import pytest
 
 from edge_agent.log.store import EventLog
-from tests.support import ROOT
 from tests.support.agents import wait_for_log
-from tests.support.ports import free_port
+from tests.support.configs import config_file
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_run_builds_demo_orders_and_stops_in_order_on_a_signal(tmp_path: Path, signum: signal.Signals) -> None:
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        f"device_id: test-cell\ndata_dir: ./var\nprofile: {ROOT / 'device_profiles' / 'simulated.yaml'}\n"
-        f"speed: 50\nmqtt: {{port: {free_port()}}}\nhttp: {{enabled: false}}\n",  # no broker there: runs offline
-        encoding="utf-8",
-    )
+    config = config_file(tmp_path, device_id="test-cell", speed=50)  # no broker on its port: it runs offline
     process = subprocess.Popen(
         [sys.executable, "-m", "edge_agent", "run", "--config", str(config), "--demo", "3"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    db = tmp_path / "var" / "events.db"
+    db = tmp_path / "data" / "events.db"
     try:
         wait_for_log(db, "InventoryIssued", process)
         process.send_signal(signum)

@@ -11,17 +11,13 @@ import threading
 from pathlib import Path
 from queue import Empty, Queue
 
-from tests.support import ROOT
+from tests.support.configs import config_file
 from tests.support.ports import free_port
 
 
 def write_config(path: Path, level: str, telemetry_s: float, port: int, speed: float = 1.0) -> None:
-    path.write_text(
-        f"device_id: signal-test\ndata_dir: ./var\nprofile: {ROOT / 'device_profiles' / 'simulated.yaml'}\n"
-        f"log_level: {level}\ntelemetry_interval_s: {telemetry_s}\nspeed: {speed}\n"
-        f"mqtt: {{port: {port}}}\nhttp: {{enabled: false}}\n",
-        encoding="utf-8",
-    )
+    settings = {"log_level": level, "telemetry_interval_s": telemetry_s, "speed": speed, "mqtt": {"port": port}}
+    config_file(path.parent, device_id="signal-test", **settings)  # written to `path`, the folder's config.yaml
 
 
 class Output:

@@ -18,7 +18,7 @@ import pytest
 
 from edge_agent.sdnotify import Notifier
 from tests.support import ROOT
-from tests.support.ports import free_port
+from tests.support.configs import config_file
 
 UNIT = ROOT / "systemd" / "edge-agent.service"
 
@@ -150,12 +150,7 @@ def test_the_agent_reports_ready_pings_the_watchdog_and_stops_within_5_s(
     tmp_path: Path, notify_socket: tuple[socket.socket, str]
 ) -> None:
     sock, path = notify_socket
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        f"device_id: notify-test\ndata_dir: ./var\nprofile: {ROOT / 'device_profiles' / 'simulated.yaml'}\n"
-        f"mqtt: {{port: {free_port()}}}\nhttp: {{enabled: false}}\n",
-        encoding="utf-8",
-    )
+    config = config_file(tmp_path, device_id="notify-test")
     env = {**os.environ, "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000"}  # ping every 0.1 s
     process = subprocess.Popen(
         [sys.executable, "-m", "edge_agent", "run", "--config", str(config)],

@@ -39,9 +39,10 @@ def agent_config(data_dir: Path, **overrides: Any) -> Config:
 
 def config_file(folder: Path, **overrides: Any) -> Path:
     """`folder`/config.yaml for an agent run in a child process, its log in `folder`/data
-    (see `config_values`)."""
+    unless `data_dir` says otherwise (see `config_values`)."""
     folder.mkdir(parents=True, exist_ok=True)
-    values = json.loads(json.dumps(config_values(folder / "data", **overrides), default=str))  # paths as text
+    data_dir = overrides.pop("data_dir", folder / "data")
+    values = json.loads(json.dumps(config_values(data_dir, **overrides), default=str))  # paths as text
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(values), encoding="utf-8")
     return path
