@@ -48,9 +48,7 @@ import pytest
 
 from tests.support.brokers import mosquitto
 from tests.support.mqtt_rig import (
-    PREFIX,
     Agents,
-    Peer,
     agent_config,
     agent_processes,
     all_tidied,
@@ -60,10 +58,10 @@ from tests.support.mqtt_rig import (
     eventually,
     orders_topic,
     read_log,
-    status_topic,
     unique,
 )
 from tests.support.orders import PRODUCT_IDS, order, order_payload
+from tests.support.peer import PREFIX, Peer, status_topic
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 
@@ -149,13 +147,13 @@ class Sender:
 
     def _waiting(self, watcher: Peer) -> list[str]:
         """The orders whose outcome it has not seen yet."""
-        news = watcher.messages_from(self._read)
+        news = watcher.messages(since=self._read)
         self._read += len(news)
-        for topic, payload in news:
-            message = json.loads(payload)
-            if topic == self._inventory:
+        for received in news:
+            message = received.json()
+            if received.topic == self._inventory:
                 self.records[message["order_id"]].append(message["inventory_id"])
-            elif topic == self._rejected:
+            elif received.topic == self._rejected:
                 self.went_wrong[message["order_id"]] = f"rejected: {message['reason']}"
             elif message["type"] == "OrderFailed":
                 self.went_wrong[message["subject"]] = f"failed: {message['data']['reason']}"

@@ -26,7 +26,6 @@ from edge_agent.domain.state import inventory_id
 from tests.support.brokers import mosquitto
 from tests.support.mqtt_rig import (
     Agents,
-    Peer,
     agent_config,
     agent_processes,
     check_intact,
@@ -34,9 +33,9 @@ from tests.support.mqtt_rig import (
     eventually,
     orders_topic,
     read_log,
-    status_topic,
     unique,
 )
+from tests.support.peer import Peer, status_topic
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 
@@ -95,7 +94,7 @@ def test_a_flood_of_orders_to_a_default_mosquitto_loses_none_and_memory_stays_bo
         with Peer(broker.port, unique("watcher"), [status_topic(device)]) as watcher:
             agent = agents(config, "flood")
             watcher.wait_online(device)
-            idle_kb = rss_kb(agent.proc.pid, "VmRSS")
+            idle_kb = rss_kb(agent.process.pid, "VmRSS")
 
             with bodies.open("rb") as lines:
                 subprocess.run(
@@ -105,7 +104,7 @@ def test_a_flood_of_orders_to_a_default_mosquitto_loses_none_and_memory_stays_bo
                     timeout=FLOOD_S,
                 )
             eventually(lambda: decided(db) >= ORDERS, "every order decided", FLOOD_S, agent)
-            peak_kb = rss_kb(agent.proc.pid, "VmHWM")
+            peak_kb = rss_kb(agent.process.pid, "VmHWM")
             rows = read_log(db)
             accepted = [r.subject for r in rows if r.type == "OrderAccepted"]
             eventually(

@@ -48,13 +48,11 @@ from edge_agent.log.journal import replay
 from edge_agent.log.store import EventLog, Row
 from edge_agent.log.verify import verify
 from tests.support import ROOT
+from tests.support.agent_process import AgentProcess
 from tests.support.brokers import Mosquitto
 from tests.support.crash_writer import canonical
 from tests.support.mqtt_rig import (
-    PREFIX,
-    AgentProcess,
     Agents,
-    Peer,
     agent_config,
     agent_processes,
     all_tidied,
@@ -62,11 +60,11 @@ from tests.support.mqtt_rig import (
     eventually,
     orders_topic,
     read_log,
-    status_topic,
     subjects,
     unique,
 )
 from tests.support.orders import PRODUCT_IDS, order, order_payload
+from tests.support.peer import PREFIX, Peer, status_topic
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 

@@ -20,12 +20,10 @@ from typing import Any
 
 import pytest
 
+from tests.support.agent_process import AgentProcess
 from tests.support.brokers import mosquitto
 from tests.support.mqtt_rig import (
-    PREFIX,
-    AgentProcess,
     Agents,
-    Peer,
     agent_config,
     agent_processes,
     all_tidied,
@@ -34,10 +32,10 @@ from tests.support.mqtt_rig import (
     orders_topic,
     outbox_cursor,
     read_log,
-    status_topic,
     unique,
 )
 from tests.support.orders import order, order_payload
+from tests.support.peer import PREFIX, Peer, status_topic
 from tests.support.ports import free_port
 
 pytestmark = pytest.mark.slow

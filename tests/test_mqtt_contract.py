@@ -28,15 +28,15 @@ import pytest
 from edge_agent import __version__
 from edge_agent.log.store import EventLog, Row
 from tests.support import ROOT, WAIT_S
+from tests.support.agent_process import AgentProcess
 from tests.support.brokers import Mosquitto
 from tests.support.configs import config_file
 from tests.support.orders import order, order_body
-from tests.support.peer import Message, Peer, on, peer
+from tests.support.peer import PREFIX, Message, Peer, on, peer
 from tests.support.ports import free_port, wait_for_port
 
 pytestmark = pytest.mark.slow
 
-PREFIX = "factory"
 ORDERS = f"{PREFIX}/orders"
 MAX_PAYLOAD = 16384  # room for a nesting deeper than JSON parsers allow, still small enough to exceed
 EVENT_KEYS = {"device_id", "seq", "ts", "type", "subject", "data"}
@@ -90,15 +90,15 @@ class Topic:
         self.telemetry = f"{own}/telemetry"
 
 
-class AgentProcess:
-    """`edge-agent run --config FILE` as a child process, its output in a file."""
+class CellAgent(AgentProcess):
+    """`edge-agent run --config FILE` as a child process on the broker under test, with a
+    device id of its own."""
 
     def __init__(self, folder: Path, broker: Broker) -> None:
         self.broker = broker
         self.device_id = f"cell-{uuid.uuid4().hex[:8]}"
         self.topic = Topic(self.device_id)
-        self.folder = folder
-        self.config = config_file(
+        config = config_file(
             folder,
             device_id=self.device_id,
             speed=50,
@@ -106,48 +106,22 @@ class AgentProcess:
             limits={"max_payload_bytes": MAX_PAYLOAD},
             mqtt={"embedded": broker.embedded, "port": broker.port, "protocol": broker.protocol},
         )
+        super().__init__(config)
         self.db = folder / "data" / "events.db"
-        self.output = folder / "agent.out"
-        self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         """Start, and return once the agent has said `online` on its status topic."""
-        with open(self.output, "ab") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "edge_agent", "run", "--config", str(self.config)],
-                cwd=ROOT,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
+        super().start()
         try:
             if self.broker.embedded:
                 wait_for_port(self.broker.port)
             with self.peer(self.topic.status) as watcher:
                 watcher.wait_for(lambda m: m.topic == self.topic.status and m.json()["state"] == "online")
-        except AssertionError as error:
-            raise AssertionError(f"the agent did not come online: {error}\n{self.log_tail()}") from None
+        except (AssertionError, TimeoutError) as error:
+            self.fail(f"the agent did not come online: {error}")
 
     def peer(self, *topics: str, name: str = "peer") -> AbstractContextManager[Peer]:
         return peer(self.broker.port, self.broker.protocol, *topics, name=name)
-
-    def log_tail(self) -> str:
-        return self.output.read_text(encoding="utf-8", errors="replace")[-4000:] if self.output.exists() else ""
-
-    def assert_alive(self) -> None:
-        assert self.process is not None
-        assert self.process.poll() is None, f"the agent exited with {self.process.returncode}:\n{self.log_tail()}"
-
-    def stop(self, signum: signal.Signals = signal.SIGTERM) -> int:
-        """Signal the agent and wait for it to exit; its exit code."""
-        assert self.process is not None
-        if self.process.poll() is None:
-            self.process.send_signal(signum)
-        try:
-            return self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-            raise AssertionError(f"the agent did not stop on {signum.name}:\n{self.log_tail()}") from None
 
     def rows(self, type_: str | None = None, subject: str | None = None) -> list[Row]:
         """The log as it is now (read-only; the agent may be writing)."""
@@ -165,17 +139,17 @@ class AgentProcess:
         )
 
 
-AgentFactory = Callable[..., AgentProcess]
+AgentFactory = Callable[..., CellAgent]
 
 
 @pytest.fixture
 def new_agent(tmp_path: Path, broker: Broker) -> Iterator[AgentFactory]:
     """Make agents on the broker under test (`start=False` to start one later); each is
     stopped by SIGTERM at the end, and must then exit 0 unless the test killed it."""
-    made: list[AgentProcess] = []
+    made: list[CellAgent] = []
 
-    def make(start: bool = True) -> AgentProcess:
-        agent = AgentProcess(tmp_path / f"agent{len(made)}", broker)
+    def make(start: bool = True) -> CellAgent:
+        agent = CellAgent(tmp_path / f"agent{len(made)}", broker)
         made.append(agent)
         if start:
             agent.start()
@@ -183,12 +157,9 @@ def new_agent(tmp_path: Path, broker: Broker) -> Iterator[AgentFactory]:
 
     yield make
     for agent in made:
-        if agent.process is None:
+        if agent.proc is None or agent.proc.returncode is not None:  # never started, or stopped by the test
             continue
-        if agent.process.returncode is not None:  # stopped (or killed) by the test itself
-            continue
-        code = agent.stop()
-        assert code == 0, f"the agent exited with {code} on SIGTERM:\n{agent.log_tail()}"
+        agent.stop()  # exit 0
 
 
 def event(topic: Topic, type_: str, subject: str | None = None) -> Callable[[Message], bool]:
@@ -301,7 +272,7 @@ def test_every_bad_input_is_rejected_with_a_reason_and_a_valid_order_after_compl
             assert logged["data"]["reason"] == rejected["reason"], label
             assert set(rejected) == {"order_id", "reason", "received_at", "seq"}, label
             assert rejected["seq"] == logged["seq"], label  # deduplicated by (device_id, seq), like events
-            agent.assert_alive()
+            agent.check_alive()
 
         good = order_body(order("good-after-bad", qty=2, warehouse="WH7"))
         backoffice.publish(ORDERS, good)
@@ -311,7 +282,7 @@ def test_every_bad_input_is_rejected_with_a_reason_and_a_valid_order_after_compl
         if not broker.embedded:
             # Every rejection was acknowledged: after a restart (a persistent session) the broker
             # has nothing to send again. A new order after it proves the redeliveries are done.
-            assert agent.stop() == 0, agent.log_tail()
+            agent.stop()
             agent.start()
             backoffice.publish(ORDERS, order_body(order("after-restart", qty=1)))
             backoffice.wait_for(event(topic, "TidiedUp", "after-restart"))
@@ -471,7 +442,7 @@ def test_telemetry_comes_at_qos_0_and_a_cancel_stops_a_build(new_agent: AgentFac
             lambda m: m.topic == topic.telemetry and m.json()["stations"]["busy"] == 0, since=mark
         ).json()
         assert freed["building"] == []
-    agent.assert_alive()
+    agent.check_alive()
     assert agent.rows("OrderCancelled", "cancel-me")
     assert not agent.rows("InventoryIssued", "cancel-me")
     assert not agent.rows("BuildComplete", "cancel-me")
@@ -521,7 +492,7 @@ def test_a_killed_agent_leaves_its_last_will_offline(new_agent: AgentFactory) ->
     with agent.peer(topic.status) as watcher:
         watcher.wait_for(on(topic.status, state="online"))
         mark = watcher.mark()
-        agent.stop(signal.SIGKILL)
+        agent.stop(signal.SIGKILL, expect=None)
         will = watcher.wait_for(on(topic.status), since=mark).json()
     assert will["state"] == "offline"
     assert set(will) == STATUS_KEYS
@@ -535,7 +506,7 @@ def test_a_killed_agent_leaves_its_last_will_offline(new_agent: AgentFactory) ->
 @pytest.mark.parametrize("broker", ["mosquitto"], indirect=True)
 def test_a_stopped_agent_leaves_offline_retained(new_agent: AgentFactory) -> None:
     agent = new_agent()
-    assert agent.stop(signal.SIGTERM) == 0, agent.log_tail()
+    agent.stop(signal.SIGTERM)
     with agent.peer(agent.topic.status, name="late") as late:
         retained = late.wait_for(on(agent.topic.status))
     assert retained.retain

@@ -23,12 +23,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.agent_process import AgentProcess
 from tests.support.brokers import Mosquitto, mosquitto
 from tests.support.mqtt_rig import (
-    PREFIX,
-    AgentProcess,
     Agents,
-    Peer,
     agent_config,
     agent_processes,
     all_tidied,
@@ -39,11 +37,11 @@ from tests.support.mqtt_rig import (
     orders_topic,
     outbox_cursor,
     read_log,
-    status_topic,
     subjects,
     unique,
 )
 from tests.support.orders import PRODUCT_IDS, order, order_payload
+from tests.support.peer import PREFIX, Peer, status_topic
 from tests.support.pki import make_pki, run, tool
 from tests.support.ports import free_port
 
