@@ -29,6 +29,7 @@ from tests.support import ROOT
 from tests.support.configs import config_file
 from tests.support.orders import PRODUCT_IDS, order, order_payload
 from tests.support.ports import free_port, wait_for_port
+from tests.support.tools import find_tool
 
 PREFIX = "bench"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -42,8 +43,8 @@ class BenchError(RuntimeError):
 
 
 def tool(name: str) -> str:
-    """The path of a Mosquitto executable (Debian puts the broker in /usr/sbin)."""
-    found = shutil.which(name) or (f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists() else None)
+    """The path of a Mosquitto executable."""
+    found = find_tool(name)
     if found is None:
         raise BenchError(f"{name} is not installed: apt-get install mosquitto mosquitto-clients")
     return found

@@ -42,8 +42,9 @@ from tests.support.mqtt_rig import (
 )
 from tests.support.orders import PRODUCT_IDS, order, order_payload
 from tests.support.peer import PREFIX, Peer, status_topic
-from tests.support.pki import make_pki, run, tool
+from tests.support.pki import make_pki, run
 from tests.support.ports import free_port
+from tests.support.tools import tool
 
 pytestmark = pytest.mark.slow
 
@@ -318,7 +319,7 @@ def test_tls_and_password_let_the_right_agent_in_and_keep_the_others_out(tmp_pat
     pki = make_pki(tmp_path / "pki")
     ca = pki[0]
     users = tmp_path / "mosquitto-passwords"
-    passwd = tool("mosquitto_passwd")
+    passwd = tool("mosquitto_passwd", "mosquitto")
     run(passwd, "-b", "-c", str(users), "cell", "cell-secret", cwd=tmp_path)
     run(passwd, "-b", str(users), "monitor", "m-secret", cwd=tmp_path)
     extra = tls_listener(pki) + f"password_file {users}\nallow_anonymous false"
@@ -424,7 +425,7 @@ def test_a_wrong_password_is_named_in_the_log_and_in_healthz_at_once(
     tmp_path: Path, agents: Agents, protocol: str
 ) -> None:
     users = tmp_path / "mosquitto-passwords"
-    run(tool("mosquitto_passwd"), "-b", "-c", str(users), "cell", "cell-secret", cwd=tmp_path)
+    run(tool("mosquitto_passwd", "mosquitto"), "-b", "-c", str(users), "cell", "cell-secret", cwd=tmp_path)
     wrong = tmp_path / "wrong-password"
     wrong.write_text("not-the-secret\n", encoding="utf-8")
     wrong.chmod(0o600)  # a password file others can read is refused before any connection

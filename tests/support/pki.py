@@ -3,22 +3,10 @@ them (the tests that need a tool fail under CI without it and skip elsewhere).""
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
-
-
-def tool(name: str) -> str:
-    """The path of an executable the test needs."""
-    found = shutil.which(name)
-    if found is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{name} is not installed")
-        pytest.skip(f"{name} is not installed")
-    return found
+from tests.support.tools import tool
 
 
 def run(*command: str, cwd: Path) -> None:
@@ -29,7 +17,7 @@ def run(*command: str, cwd: Path) -> None:
 
 def make_pki(folder: Path) -> tuple[Path, Path, Path]:
     """A CA, and a server certificate it signed for 127.0.0.1 / localhost: (ca, cert, key)."""
-    openssl = tool("openssl")
+    openssl = tool("openssl", "openssl")
     folder.mkdir(parents=True)
     ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
     run(
