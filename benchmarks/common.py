@@ -9,6 +9,7 @@ fail with a plain error instead.
 
 from __future__ import annotations
 
+import argparse
 import getpass
 import math
 import os
@@ -256,3 +257,20 @@ def percentile(values: Sequence[float], p: float) -> float:
 def print_figures(section: str, figures: dict[str, float]) -> None:
     for name, value in figures.items():
         print(f"{section + '.' + name:<44}{value:>16,.3f}")
+
+
+def run_alone(
+    doc: str | None,
+    section: str,
+    bench: Callable[[Path, Any], dict[str, float]],
+    option: str,
+    default: float,
+    what: str,
+) -> None:
+    """One benchmark run on its own from the command line: its one size option (of the
+    default's type), a fresh folder on a real disk, its figures printed."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(f"--{option}", type=type(default), default=default, help=what)
+    args = parser.parse_args()
+    with disk_folder() as folder:
+        print_figures(section, bench(folder, getattr(args, option)))

@@ -21,7 +21,6 @@ best of a few runs. The agent cannot accept orders faster than its client reads 
 
 from __future__ import annotations
 
-import argparse
 import select
 import subprocess
 import threading
@@ -41,11 +40,10 @@ from benchmarks.common import (
     LogWatch,
     agent_config,
     agent_process,
-    disk_folder,
     mosquitto,
     order_lines,
-    print_figures,
     publish_lines,
+    run_alone,
     tool,
 )
 from edge_agent.mqtt.link import ReadAheadClient
@@ -181,13 +179,5 @@ def bench_ingest(folder: Path, orders: int = ORDERS) -> dict[str, float]:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--orders", type=int, default=ORDERS, help="orders sent")
-    args = parser.parse_args()
-    with disk_folder() as folder:
-        print_figures("ingest", bench_ingest(folder, args.orders))
-
-
 if __name__ == "__main__":
-    main()
+    run_alone(__doc__, "ingest", bench_ingest, "orders", ORDERS, "orders sent")

@@ -22,7 +22,6 @@ disk and CPU contention (a shared machine's fsync times vary from minute to minu
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import sqlite3
 import threading
@@ -35,7 +34,7 @@ from typing import Any
 from gpiozero import DigitalInputDevice
 from gpiozero.pins.mock import MockFactory
 
-from benchmarks.common import BenchError, disk_folder, percentile, print_figures
+from benchmarks.common import BenchError, percentile, run_alone
 from edge_agent.agent import Agent
 from edge_agent.domain import commands as cmd
 from edge_agent.domain.state import State
@@ -177,13 +176,5 @@ def bench_latency(folder: Path, samples: int = SAMPLES) -> dict[str, float]:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=SAMPLES, help="edges measured")
-    args = parser.parse_args()
-    with disk_folder() as folder:
-        print_figures("latency", bench_latency(folder, args.samples))
-
-
 if __name__ == "__main__":
-    main()
+    run_alone(__doc__, "latency", bench_latency, "samples", SAMPLES, "edges measured")
