@@ -14,6 +14,7 @@ import pytest
 from edge_agent.agent import Agent
 from edge_agent.config import Config
 from edge_agent.domain.state import Stage, State
+from tests.support import WAIT_S
 from tests.support.agents import running
 from tests.support.configs import agent_config
 from tests.support.orders import order
@@ -40,7 +41,7 @@ def config(tmp_path: Path) -> Config:
     return agent_config(tmp_path, device_id="clock-test", speed=SPEED)
 
 
-async def timed(agent: Agent, condition: Callable[[State], bool], timeout: float = 10) -> float:
+async def timed(agent: Agent, condition: Callable[[State], bool], timeout: float = WAIT_S) -> float:
     """Wait for a committed state that satisfies `condition`; the monotonic time it came."""
     async with asyncio.timeout(timeout):
         await agent.wait_until(condition)

@@ -22,6 +22,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from edge_agent.config import MqttConfig
 from edge_agent.mqtt.link import Inbound, Link, ReadAhead, ReadAheadClient
 from edge_agent.mqtt.topics import Topics
+from tests.support import WAIT_S
 from tests.support.brokers import Mosquitto
 
 
@@ -141,7 +142,7 @@ class Received:
             self.published.append(mid)
             self._cond.notify_all()
 
-    def wait(self, condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    def wait(self, condition: Callable[[], bool], what: str, timeout: float = WAIT_S) -> None:
         with self._cond:
             assert self._cond.wait_for(condition, timeout), f"not within {timeout} s: {what}"
 

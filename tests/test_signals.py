@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 from queue import Empty, Queue
 
+from tests.support import WAIT_S
 from tests.support.configs import config_file
 from tests.support.ports import free_port
 
@@ -35,7 +36,7 @@ class Output:
 
         threading.Thread(target=read, daemon=True).start()
 
-    def wait_for(self, text: str, timeout: float = 15) -> str:
+    def wait_for(self, text: str, timeout: float = WAIT_S) -> str:
         while True:
             try:
                 line = self.lines.get(timeout=timeout)

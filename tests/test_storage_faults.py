@@ -17,6 +17,7 @@ from edge_agent.agent import Agent
 from edge_agent.config import Config
 from edge_agent.domain.events import Recorded
 from edge_agent.domain.state import Stage
+from tests.support import WAIT_S
 from tests.support.agents import running
 from tests.support.configs import agent_config
 from tests.support.orders import order
@@ -26,7 +27,7 @@ def make_config(data_dir: Path, **limits: int) -> Config:
     return agent_config(data_dir, device_id="fault-test", speed=50, limits=limits)
 
 
-async def until(agent: Agent, condition: Callable[[], bool], timeout: float = 10) -> None:
+async def until(agent: Agent, condition: Callable[[], bool], timeout: float = WAIT_S) -> None:
     async with asyncio.timeout(timeout):
         while not condition():
             await asyncio.sleep(0.01)  # the fault path commits nothing: no commit to wait on

@@ -14,6 +14,7 @@ import pytest
 from edge_agent.agent import Agent
 from edge_agent.errors import ConfigError
 from edge_agent.log.store import EventLog
+from tests.support import WAIT_S
 
 
 @asynccontextmanager
@@ -40,7 +41,7 @@ def next_line(proc: subprocess.Popen[str], who: str) -> str:
 
 
 def wait_for_log(
-    path: Path, condition_type: str, process: subprocess.Popen[str], timeout: float = 30, count: int = 1
+    path: Path, condition_type: str, process: subprocess.Popen[str], timeout: float = WAIT_S, count: int = 1
 ) -> None:
     """Poll the log (another process writes it) until `count` events of that type are there."""
     deadline = time.monotonic() + timeout

@@ -21,6 +21,7 @@ from typing import Any
 from edge_agent.domain.state import inventory_id
 from edge_agent.log.store import OUTBOX_CURSOR, EventLog, Row
 from edge_agent.log.verify import verify
+from tests.support import WAIT_S
 from tests.support.agent_process import MQTT_AGENT, AgentProcess
 from tests.support.configs import config_file
 from tests.support.peer import PREFIX
@@ -89,7 +90,7 @@ def outbox_cursor(db: Path) -> int:
         return log_.cursor(OUTBOX_CURSOR) or 0
 
 
-def eventually(condition: Callable[[], bool], what: str, timeout: float = 30.0, *alive: AgentProcess) -> None:
+def eventually(condition: Callable[[], bool], what: str, timeout: float = WAIT_S, *alive: AgentProcess) -> None:
     """Poll `condition` (it reads files other processes write) until it holds; the agents
     in `alive` must not end meanwhile."""
     deadline = time.monotonic() + timeout

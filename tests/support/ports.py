@@ -6,6 +6,8 @@ from __future__ import annotations
 import socket
 import time
 
+from tests.support import WAIT_S
+
 
 def free_port() -> int:
     with socket.socket() as probe:
@@ -13,7 +15,7 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def wait_for_port(port: int, timeout: float = 10.0) -> None:
+def wait_for_port(port: int, timeout: float = WAIT_S) -> None:
     """Until something accepts connections on 127.0.0.1:port."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
