@@ -41,16 +41,15 @@ import random
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
+from tests.support.agent_process import Agents
 from tests.support.brokers import mosquitto
 from tests.support.mqtt_rig import (
-    Agents,
     agent_config,
-    agent_processes,
     all_tidied,
     check_each_once,
     check_intact,
@@ -77,12 +76,6 @@ BROKERS = {  # what a restarted Mosquitto remembers, as settings added to the ri
     "saved-every-second": "allow_anonymous true",
     "remembers-nothing": "allow_anonymous true\npersistence false",  # the last `persistence` line wins
 }
-
-
-@pytest.fixture
-def agents() -> Iterator[Agents]:
-    with agent_processes() as start:
-        yield start
 
 
 def chaos_seed() -> int:

@@ -23,11 +23,10 @@ from pathlib import Path
 import pytest
 
 from edge_agent.domain.state import inventory_id
+from tests.support.agent_process import Agents
 from tests.support.brokers import mosquitto
 from tests.support.mqtt_rig import (
-    Agents,
     agent_config,
-    agent_processes,
     check_intact,
     events_db,
     eventually,
@@ -45,12 +44,6 @@ SPEED = 20  # a unit in 0.05 s, a transit in 0.15 s; the unit timeout (0.5 s) we
 RSS_BUDGET_KB = 20 * 1024
 SNAPSHOT_MAX_BYTES = 64 * 1024  # 50 live items; the digests of 20,000 orders would be 1.7 MB
 FLOOD_S = 60.0
-
-
-@pytest.fixture
-def agents() -> object:
-    with agent_processes() as start:
-        yield start
 
 
 def rss_kb(pid: int, field: str) -> int:

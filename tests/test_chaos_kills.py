@@ -33,7 +33,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,13 +48,11 @@ from edge_agent.log.journal import replay
 from edge_agent.log.store import EventLog, Row
 from edge_agent.log.verify import verify
 from tests.support import ROOT
-from tests.support.agent_process import AgentProcess
+from tests.support.agent_process import AgentProcess, Agents
 from tests.support.brokers import Mosquitto
 from tests.support.crash_writer import canonical
 from tests.support.mqtt_rig import (
-    Agents,
     agent_config,
-    agent_processes,
     all_tidied,
     events_db,
     eventually,
@@ -83,12 +81,6 @@ ONCE_PER_ORDER = ("OrderAccepted", "StationAssigned", "BuildComplete", "Inventor
 # Where the cell was when a kill landed; each must have been hit at least MIN_HITS times.
 PHASES = ("ingest", "waiting", "mid-build", "mid-shipment")
 MIN_HITS = 3
-
-
-@pytest.fixture
-def agents() -> Iterator[Agents]:
-    with agent_processes() as start:
-        yield start
 
 
 def chaos_seed() -> int:

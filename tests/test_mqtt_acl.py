@@ -14,18 +14,16 @@ import re
 import signal
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support.agent_process import AgentProcess
+from tests.support.agent_process import AgentProcess, Agents
 from tests.support.brokers import mosquitto
 from tests.support.mqtt_rig import (
-    Agents,
     agent_config,
-    agent_processes,
     all_tidied,
     events_db,
     eventually,
@@ -39,12 +37,6 @@ from tests.support.peer import PREFIX, Peer, status_topic
 from tests.support.ports import free_port
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def agents() -> Iterator[Agents]:
-    with agent_processes() as start:
-        yield start
 
 
 def get(url: str) -> tuple[int, str]:

@@ -18,17 +18,15 @@ import threading
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
 
-from tests.support.agent_process import AgentProcess
+from tests.support.agent_process import AgentProcess, Agents
 from tests.support.brokers import Mosquitto, mosquitto
 from tests.support.mqtt_rig import (
-    Agents,
     agent_config,
-    agent_processes,
     all_tidied,
     check_each_once,
     check_intact,
@@ -49,13 +47,6 @@ from tests.support.tools import tool
 pytestmark = pytest.mark.slow
 
 REFUSED = "the broker refused the connection"
-
-
-@pytest.fixture
-def agents() -> Iterator[Agents]:
-    """Starts agent processes (`agents(config, name, *crash_args)`); none outlives the test."""
-    with agent_processes() as start:
-        yield start
 
 
 # -- 1, 2: the agent killed around the commit ---------------------------------------------

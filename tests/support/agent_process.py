@@ -8,7 +8,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -98,3 +98,6 @@ class AgentProcess:
             if self.proc.poll() is None:
                 self.proc.kill()
             self.proc.wait()
+
+
+Agents = Callable[..., AgentProcess]  # the `agents` fixture: start(config, name, *crash_args)

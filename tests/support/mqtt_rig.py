@@ -13,8 +13,7 @@ import json
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from edge_agent.domain.state import inventory_id
 from edge_agent.log.store import OUTBOX_CURSOR, EventLog, Row
 from edge_agent.log.verify import verify
 from tests.support import WAIT_S
-from tests.support.agent_process import MQTT_AGENT, AgentProcess
+from tests.support.agent_process import AgentProcess
 from tests.support.configs import config_file
 from tests.support.peer import PREFIX
 
@@ -47,28 +46,6 @@ def agent_config(
 
 def events_db(config: Path) -> Path:
     return config.parent / "data" / "events.db"
-
-
-Agents = Callable[..., AgentProcess]
-
-
-@contextmanager
-def agent_processes() -> Iterator[Agents]:
-    """Starts agent processes (`start(config, name, *crash_args)`); none outlives the block.
-    (A test module makes this its `agents` fixture.)"""
-    started: list[AgentProcess] = []
-
-    def start(config: Path, name: str, *crash: str) -> AgentProcess:
-        agent = AgentProcess(config, name, MQTT_AGENT, *crash)
-        started.append(agent)
-        agent.start()
-        return agent
-
-    try:
-        yield start
-    finally:
-        for agent in started:
-            agent.close()
 
 
 # -- the log, read-only ------------------------------------------------------------------
