@@ -151,15 +151,24 @@ def _has_surrogate(value: Any) -> bool:
     return False
 
 
-def spec_verdict(payload: bytes, max_bytes: int = LIMIT) -> Verdict:
-    """Is the payload a valid order by SPEC §3?"""
+def spec_object(payload: bytes, max_bytes: int) -> dict[str, Any] | Verdict:
+    """The JSON object SPEC sees in the payload; False if there is none, None if SPEC leaves
+    that open."""
     try:
         value = spec_json(payload, max_bytes)
     except _Open:
         return None
     except ValueError:
         return False
-    if not isinstance(value, dict) or not REQUIRED <= value.keys() <= set(FIELDS):
+    return value if isinstance(value, dict) else False
+
+
+def spec_verdict(payload: bytes, max_bytes: int = LIMIT) -> Verdict:
+    """Is the payload a valid order by SPEC §3?"""
+    value = spec_object(payload, max_bytes)
+    if not isinstance(value, dict):
+        return value
+    if not REQUIRED <= value.keys() <= set(FIELDS):
         return False
     order_id, product, qty, warehouse = (value[key] for key in FIELDS[:4])
     priority = value.get("priority", 0)
@@ -192,13 +201,11 @@ def readable_id(payload: bytes, max_bytes: int = LIMIT) -> str | bool | None:
 
 
 def spec_cancel(payload: bytes, max_bytes: int = LIMIT) -> Verdict:
-    try:
-        value = spec_json(payload, max_bytes)
-    except _Open:
-        return None
-    except ValueError:
-        return False
-    if not isinstance(value, dict) or value.keys() != {"order_id"}:
+    """Is the payload a valid cancel?"""
+    value = spec_object(payload, max_bytes)
+    if not isinstance(value, dict):
+        return value
+    if value.keys() != {"order_id"}:
         return False
     order_id = value["order_id"]
     return isinstance(order_id, str) and ORDER_ID.fullmatch(order_id) is not None
