@@ -36,9 +36,9 @@ from gpiozero.pins.mock import MockFactory
 
 from benchmarks.common import BenchError, percentile, run_alone
 from edge_agent.agent import Agent
-from edge_agent.domain import commands as cmd
 from edge_agent.domain.state import State
 from tests.support.configs import agent_config
+from tests.support.orders import order
 
 SAMPLES = 2000
 WARM_UP = 20  # edges not counted: first use of every code path and of the file
@@ -145,8 +145,7 @@ async def _latencies(folder: Path, samples: int) -> tuple[list[float], list[floa
         try:
             orders = (samples + WARM_UP) // (QTY - 1) + len(agent.state.stations) + 1
             for n in range(orders):
-                order = cmd.SubmitOrder(f"latency-{n:05d}", "widget-a", QTY, "WH1", 0, f"widget-a|{QTY}|WH1|0|{n}")
-                await agent.submit(order)
+                await agent.submit(order(f"latency-{n:05d}", QTY))
             await agent.wait_until(lambda state: all(s.order_id for s in state.stations))
             agent.journal.subscribe(committed)
             raw = _RawCell(folder)

@@ -43,6 +43,7 @@ from edge_agent.lock import LOCK_NAME, DataDirLock, holder
 from edge_agent.log.journal import Journal, replay
 from edge_agent.log.store import OUTBOX_CURSOR, Base, EventLog
 from tests.support import PROFILE, WAIT_S
+from tests.support.orders import order
 from tests.support.plant import PRODUCTS, STATIONS, make_log, run
 
 T0 = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
@@ -97,7 +98,7 @@ def work_a_day(journal: Journal, clock: FakeClock) -> list[Checkpoint]:
     ]
     phase(
         cmd.ConfigurePlant(STATIONS, PRODUCTS),
-        *(cmd.SubmitOrder(oid, product, qty, wh, prio, f"digest-{oid}") for oid, product, qty, wh, prio in orders),
+        *(order(oid, qty, product=product, warehouse=wh, priority=prio) for oid, product, qty, wh, prio in orders),
         *(cmd.QueueOrder(oid) for oid, *_ in orders),
         cmd.RejectOrder("bad-1", "unknown product 'sprocket-z'"),
     )
@@ -377,7 +378,7 @@ def hostile(tmp_path: Path) -> Path:
     clock = FakeClock(T0)
     with Journal.open(path, synchronous="normal", snapshot_every=10, clock=clock) as journal:
         run(journal, cmd.ConfigurePlant(STATIONS, PRODUCTS), clock)
-        run(journal, cmd.SubmitOrder("h1", "widget-a", 1, HOSTILE_WAREHOUSE, 0, "digest-h1"), clock)
+        run(journal, order("h1", warehouse=HOSTILE_WAREHOUSE), clock)
         run(journal, cmd.QueueOrder("h1"), clock)
         run(journal, cmd.FailOrder("h1", HOSTILE_REASON), clock)
     return path
@@ -423,7 +424,7 @@ def test_status_reads_well_at_80_columns(tmp_path: Path) -> None:
     with Journal.open(path, synchronous="normal", snapshot_every=10, clock=clock) as journal:
         run(journal, cmd.ConfigurePlant(STATIONS, PRODUCTS), clock)
         for n, order_id in enumerate(order_ids):
-            run(journal, cmd.SubmitOrder(order_id, "widget-a", 2, "WH1", n % 2, f"digest-{order_id}"), clock)
+            run(journal, order(order_id, 2, priority=n % 2), clock)
             run(journal, cmd.QueueOrder(order_id), clock)
         run(journal, cmd.AssignStations(), clock)
         run(journal, cmd.RecordUnit("s1"), clock)

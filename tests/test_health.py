@@ -23,6 +23,7 @@ from edge_agent.gateway import Gateway
 from edge_agent.health import HealthServer, Metrics
 from tests.support.agents import running
 from tests.support.configs import agent_config
+from tests.support.orders import order
 
 
 def get(url: str) -> tuple[int, bytes]:
@@ -46,7 +47,7 @@ def test_health_and_metrics_tell_the_truth(tmp_path: Path, monkeypatch: pytest.M
             base = f"http://127.0.0.1:{server.port}"
             async with running(agent):
                 try:
-                    await agent.submit(cmd.SubmitOrder("h1", "widget-a", 1, "WH1", 0, "d"))
+                    await agent.submit(order("h1"))
                     await agent.submit(cmd.RejectOrder(None, "not JSON"))
                     status, body = await asyncio.to_thread(get, base + "/healthz")
                     assert (status, orjson.loads(body)) == (200, {"status": "ok", "reasons": []})  # within the budget
@@ -118,7 +119,7 @@ def test_every_stage_has_a_work_items_series_that_goes_to_0_rather_than_away(tmp
                     idle = work_items((await asyncio.to_thread(get, url))[1].decode())
                     assert idle == dict.fromkeys(STAGES, 0.0)
 
-                    await agent.submit(cmd.SubmitOrder("s1", "widget-a", 100, "WH1", 0, "d"))
+                    await agent.submit(order("s1", 100))
                     await agent.wait_until(lambda state: "s1" in state.work_items)
                     busy = work_items((await asyncio.to_thread(get, url))[1].decode())
                     assert sorted(busy) == sorted(STAGES)

@@ -136,8 +136,8 @@ def test_a_fault_fails_the_build_or_retries_it_per_policy() -> None:
 
 def test_validation_fails_an_unknown_product_or_a_quantity_out_of_range() -> None:
     cell = Cell()
-    cell.do(cmd.SubmitOrder("x", "sprocket", 1, "WH1", 0, "d"))
-    cell.do(cmd.SubmitOrder("y", "widget-a", 101, "WH1", 0, "d"))
+    cell.do(order("x", product="sprocket"))
+    cell.do(order("y", 101))
     assert cell.do(cmd.QueueOrder("x")) == [ev.OrderFailed("x", "product 'sprocket' is not made by this cell")]
     assert cell.do(cmd.QueueOrder("y")) == [ev.OrderFailed("y", "qty 101 is outside 1..100 for widget-a")]
 

@@ -21,6 +21,7 @@ from edge_agent.domain import commands as cmd
 from edge_agent.domain.codec import state_to_dict
 from edge_agent.domain.state import CANCELLABLE_STAGES, FINISHED_STAGES, Stage, State
 from edge_agent.log.journal import Journal
+from tests.support.orders import order
 from tests.support.plant import PRODUCTS, STATIONS, run
 
 SNAPSHOT_EVERY = 25
@@ -57,11 +58,11 @@ def cycle(journal: Journal, rng: random.Random) -> None:
     for _ in range(LIVE_ORDERS - len(journal.state.work_items)):
         order_id = f"c{journal.state.accepted}"  # every accepted order adds one: ids never repeat
         qty, priority = rng.randint(1, 3), rng.randint(0, 2)
-        commit(journal, cmd.SubmitOrder(order_id, "widget-a", qty, "WH1", priority, f"digest-{order_id}"))
+        commit(journal, order(order_id, qty, priority=priority))
     if rng.random() < 0.1:  # a conflicting duplicate of an order already seen
         known = "c0" if journal.state.accepted else None
         if known is not None:
-            commit(journal, cmd.SubmitOrder(known, "widget-b", 1, "WH1", 0, "another body"))
+            commit(journal, order(known, product="widget-b"))
     for item in list(journal.state.work_items.values()):
         if item.stage is Stage.NEW:
             commit(journal, cmd.QueueOrder(item.order_id))

@@ -14,6 +14,7 @@ from edge_agent.domain.evolve import fold
 from edge_agent.domain.state import State
 from edge_agent.log.journal import Journal
 from edge_agent.log.store import OUTBOX_CURSOR
+from tests.support.orders import order
 
 STATIONS = ("s1", "s2", "s3")
 PRODUCTS = (("widget-a", 100), ("gadget-b", 100))
@@ -47,7 +48,7 @@ def produce(journal: Journal, orders: int, *, qty: int = 2, clock: FakeClock | N
     run(journal, cmd.ConfigurePlant(STATIONS, PRODUCTS), clock)
     for i in range(orders):
         order_id = f"{prefix}{i}"
-        run(journal, cmd.SubmitOrder(order_id, "widget-a", qty, "WH1", i % 3, f"digest-{order_id}"), clock)
+        run(journal, order(order_id, qty, priority=i % 3), clock)
         run(journal, cmd.QueueOrder(order_id), clock)
     while journal.state.work_items:
         if clock:
