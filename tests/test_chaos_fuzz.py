@@ -49,6 +49,7 @@ from tests.support import PROFILE
 from tests.support.agents import running
 from tests.support.brokers import Mosquitto
 from tests.support.configs import agent_config
+from tests.support.orders import order, order_body
 from tests.support.peer import Message, on, peer
 
 pytestmark = pytest.mark.chaos
@@ -315,8 +316,8 @@ def nested(depth: int, open_: bytes = b"[", close: bytes = b"]", inner: bytes = 
 
 
 def order_bytes(**changes: Any) -> bytes:
-    body = {"order_id": "o-1", "product_id": "widget-a", "qty": 2, "warehouse": "WH1", **changes}
-    return json.dumps(body).encode()
+    """A valid order's body (laid out with spaces: `"qty": 2`), with `changes`."""
+    return json.dumps(order_body(order("o-1", 2), **changes)).encode()
 
 
 PATHOLOGICAL: dict[str, Callable[[], bytes]] = {

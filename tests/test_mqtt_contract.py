@@ -195,7 +195,7 @@ def assert_iso(value: object) -> None:
 
 
 def _with(**changes: object) -> bytes:
-    return orjson.dumps({**order_body(order("bad", qty=2)), **changes})
+    return orjson.dumps(order_body(order("bad", qty=2), **changes))
 
 
 def _oversized() -> bytes:

@@ -20,14 +20,16 @@ def order(
     return cmd.SubmitOrder(order_id, product, qty, warehouse, priority, digest)
 
 
-def order_body(submitted: cmd.SubmitOrder) -> dict[str, Any]:
-    """The order's JSON object, as published on an orders topic."""
+def order_body(submitted: cmd.SubmitOrder, **changes: Any) -> dict[str, Any]:
+    """The order's JSON object, as published on an orders topic; `changes` replace or add
+    fields (of any value: for the bodies that must be rejected)."""
     return {
         "order_id": submitted.order_id,
         "product_id": submitted.product_id,
         "qty": submitted.qty,
         "warehouse": submitted.warehouse,
         "priority": submitted.priority,
+        **changes,
     }
 
 
