@@ -1,18 +1,19 @@
 """What the benchmarks share: a Mosquitto broker, the agent as a child process, a
 folder on a real disk, readings from /proc, and percentiles.
 
-The tests have their own broker helper (tests/brokers.py); it depends on pytest
-(it skips or fails a test when Mosquitto is missing), so the benchmarks keep
-theirs here and fail with a plain error instead.
+Paths and ports come from tests/support, as the tests' do. The tests' broker helper
+(tests/support/brokers.py) depends on pytest (it skips or fails a test when Mosquitto
+is missing) and keeps a persistent broker, so the benchmarks start theirs here and
+fail with a plain error instead.
 """
 
 from __future__ import annotations
 
+import argparse
 import getpass
 import math
 import os
 import shutil
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -24,12 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from edge_agent.mqtt.link import RECEIVE_MAXIMUM
+from tests.support import ROOT
+from tests.support.configs import config_file
+from tests.support.orders import PRODUCT_IDS, order, order_payload
+from tests.support.ports import free_port, wait_for_port
+from tests.support.tools import find_tool
 
-ROOT = Path(__file__).resolve().parent.parent
-PROFILE = ROOT / "device_profiles" / "simulated.yaml"
 PREFIX = "bench"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
@@ -41,25 +43,9 @@ class BenchError(RuntimeError):
     """A benchmark could not be run (a missing tool, a child that died, a time-out)."""
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def wait_for_port(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.02)  # another process: nothing to wait on but the port itself
-    raise BenchError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
-
-
 def tool(name: str) -> str:
-    """The path of a Mosquitto executable (Debian puts the broker in /usr/sbin)."""
-    found = shutil.which(name) or (f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists() else None)
+    """The path of a Mosquitto executable."""
+    found = find_tool(name)
     if found is None:
         raise BenchError(f"{name} is not installed: apt-get install mosquitto mosquitto-clients")
     return found
@@ -141,23 +127,9 @@ def filesystem_type(path: Path) -> str:
 
 def agent_config(folder: Path, port: int, device_id: str, **settings: Any) -> Path:
     """A config file for the simulated cell talking to the broker on `port`, its log under `folder`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    values: dict[str, Any] = {
-        "device_id": device_id,
-        "data_dir": str(folder / "data"),
-        "profile": str(PROFILE),
-        "log_level": "warning",  # one line per event would be disk writes and CPU of its own
-        "http": {"enabled": False},
-        "mqtt": {"host": "127.0.0.1", "port": port, "protocol": "5", "topic_prefix": PREFIX},
-    }
-    for key, value in settings.items():
-        if isinstance(value, dict) and isinstance(values.get(key), dict):
-            values[key] = {**values[key], **value}
-        else:
-            values[key] = value
-    path = folder / "config.yaml"
-    path.write_text(yaml.safe_dump(values), encoding="utf-8")
-    return path
+    mqtt = {"port": port, "protocol": "5", "topic_prefix": PREFIX}
+    # At log level warning: one line per event would be disk writes and CPU of its own.
+    return config_file(folder, device_id=device_id, **{"log_level": "warning", "mqtt": mqtt, **settings})
 
 
 @contextmanager
@@ -211,13 +183,8 @@ def publish_lines(port: int, topic: str, lines: Sequence[bytes]) -> subprocess.P
 
 def order_lines(count: int, tag: str, qty: int = 1) -> list[bytes]:
     """`count` distinct valid orders, one JSON object a line (as mosquitto_pub -l sends them)."""
-    products = ("widget-a", "gadget-b")
     return [
-        (
-            f'{{"order_id":"{tag}-{n:06d}","product_id":"{products[n % 2]}",'
-            f'"qty":{qty},"warehouse":"WH1","priority":{n % 3}}}'
-        ).encode()
-        for n in range(count)
+        order_payload(order(f"{tag}-{n:06d}", qty, product=PRODUCT_IDS[n % 2], priority=n % 3)) for n in range(count)
     ]
 
 
@@ -290,3 +257,20 @@ def percentile(values: Sequence[float], p: float) -> float:
 def print_figures(section: str, figures: dict[str, float]) -> None:
     for name, value in figures.items():
         print(f"{section + '.' + name:<44}{value:>16,.3f}")
+
+
+def run_alone(
+    doc: str | None,
+    section: str,
+    bench: Callable[[Path, Any], dict[str, float]],
+    option: str,
+    default: float,
+    what: str,
+) -> None:
+    """One benchmark run on its own from the command line: its one size option (of the
+    default's type), a fresh folder on a real disk, its figures printed."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(f"--{option}", type=type(default), default=default, help=what)
+    args = parser.parse_args()
+    with disk_folder() as folder:
+        print_figures(section, bench(folder, getattr(args, option)))

@@ -20,7 +20,6 @@ given beside it rather than as a ratio; `idle.rss_ratio` is rss_mb / raw_rss_mb.
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 import time
@@ -33,13 +32,12 @@ from benchmarks.common import (
     BenchError,
     agent_config,
     agent_process,
-    disk_folder,
-    free_port,
     mosquitto,
-    print_figures,
     proc_cpu_s,
     proc_rss_mb,
+    run_alone,
 )
+from tests.support.ports import free_port
 
 SECONDS = 60.0
 SETTLE_S = 3.0  # start-up (log recovery, first telemetry) is not idling yet
@@ -96,13 +94,5 @@ def bench_idle(folder: Path, seconds: float = SECONDS) -> dict[str, float]:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=SECONDS, help="length of the idle window")
-    args = parser.parse_args()
-    with disk_folder() as folder:
-        print_figures("idle", bench_idle(folder, args.seconds))
-
-
 if __name__ == "__main__":
-    main()
+    run_alone(__doc__, "idle", bench_idle, "seconds", SECONDS, "length of the idle window")

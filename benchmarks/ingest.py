@@ -21,7 +21,6 @@ best of a few runs. The agent cannot accept orders faster than its client reads 
 
 from __future__ import annotations
 
-import argparse
 import select
 import subprocess
 import threading
@@ -41,14 +40,13 @@ from benchmarks.common import (
     LogWatch,
     agent_config,
     agent_process,
-    disk_folder,
     mosquitto,
     order_lines,
-    print_figures,
     publish_lines,
+    run_alone,
     tool,
 )
-from edge_agent.mqtt.link import _Client
+from edge_agent.mqtt.link import ReadAheadClient
 
 ORDERS = 10_000
 RAW_RUNS = 3  # the raw run is short, so its best of three is taken as the limit
@@ -117,7 +115,7 @@ def client_rate(port: int, lines: list[bytes]) -> float:
         if received == len(lines):
             done.set()
 
-    client = _Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5, manual_ack=True)
+    client = ReadAheadClient(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5, manual_ack=True)
     client.on_message = on_message
     client.on_subscribe = lambda *args: subscribed.set()
     properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
@@ -181,13 +179,5 @@ def bench_ingest(folder: Path, orders: int = ORDERS) -> dict[str, float]:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--orders", type=int, default=ORDERS, help="orders sent")
-    args = parser.parse_args()
-    with disk_folder() as folder:
-        print_figures("ingest", bench_ingest(folder, args.orders))
-
-
 if __name__ == "__main__":
-    main()
+    run_alone(__doc__, "ingest", bench_ingest, "orders", ORDERS, "orders sent")

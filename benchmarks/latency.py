@@ -22,7 +22,6 @@ disk and CPU contention (a shared machine's fsync times vary from minute to minu
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import sqlite3
 import threading
@@ -35,11 +34,11 @@ from typing import Any
 from gpiozero import DigitalInputDevice
 from gpiozero.pins.mock import MockFactory
 
-from benchmarks.common import PROFILE, BenchError, disk_folder, percentile, print_figures
+from benchmarks.common import BenchError, percentile, run_alone
 from edge_agent.agent import Agent
-from edge_agent.config import Config, HttpConfig
-from edge_agent.domain import commands as cmd
 from edge_agent.log.journal import Commit
+from tests.support.configs import agent_config
+from tests.support.orders import order
 
 SAMPLES = 2000
 WARM_UP = 20  # edges not counted: first use of every code path and of the file
@@ -128,14 +127,7 @@ def _drive(agent: Agent, raw: _RawCell, samples: int, pending: list[_Edge | None
 
 async def _latencies(folder: Path, samples: int) -> tuple[list[float], list[float]]:
     """Edge-to-commit seconds of the agent and of the raw cell, `samples` of each."""
-    config = Config(
-        device_id="bench-latency",
-        data_dir=folder / "data",
-        profile=PROFILE,
-        speed=SPEED,
-        log_level="warning",
-        http=HttpConfig(enabled=False),
-    )
+    config = agent_config(folder / "data", device_id="bench-latency", speed=SPEED, log_level="warning")
     pending: list[_Edge | None] = [None]
 
     def committed(commit: Commit) -> None:
@@ -154,8 +146,7 @@ async def _latencies(folder: Path, samples: int) -> tuple[list[float], list[floa
         try:
             orders = (samples + WARM_UP) // (QTY - 1) + len(agent.state.stations) + 1
             for n in range(orders):
-                order = cmd.SubmitOrder(f"latency-{n:05d}", "widget-a", QTY, "WH1", 0, f"widget-a|{QTY}|WH1|0|{n}")
-                await agent.submit(order)
+                await agent.submit(order(f"latency-{n:05d}", QTY))
             await agent.wait_until(lambda state: all(s.order_id for s in state.stations))
             agent.add_observer(committed)
             raw = _RawCell(folder)
@@ -185,13 +176,5 @@ def bench_latency(folder: Path, samples: int = SAMPLES) -> dict[str, float]:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=SAMPLES, help="edges measured")
-    args = parser.parse_args()
-    with disk_folder() as folder:
-        print_figures("latency", bench_latency(folder, args.samples))
-
-
 if __name__ == "__main__":
-    main()
+    run_alone(__doc__, "latency", bench_latency, "samples", SAMPLES, "edges measured")

@@ -24,7 +24,6 @@ at least one).
 
 from __future__ import annotations
 
-import argparse
 import sqlite3
 import time
 from pathlib import Path
@@ -35,13 +34,12 @@ from benchmarks.common import (
     LogWatch,
     agent_config,
     agent_process,
-    disk_folder,
     filesystem_type,
     mosquitto,
     order_lines,
-    print_figures,
     proc_io,
     publish_lines,
+    run_alone,
 )
 
 ORDERS = 200
@@ -114,13 +112,5 @@ def bench_wear(folder: Path, orders: int = ORDERS) -> dict[str, float]:
     return figures
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--orders", type=int, default=ORDERS, help="orders completed")
-    args = parser.parse_args()
-    with disk_folder() as folder:
-        print_figures("wear", bench_wear(folder, args.orders))
-
-
 if __name__ == "__main__":
-    main()
+    run_alone(__doc__, "wear", bench_wear, "orders", ORDERS, "orders completed")

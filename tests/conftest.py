@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.brokers import Mosquitto, mosquitto
+from tests.support.agent_process import MQTT_AGENT, AgentProcess, Agents
+from tests.support.brokers import Mosquitto, mosquitto
 
 
 @pytest.fixture
@@ -31,6 +32,23 @@ def children() -> Iterator[list[subprocess.Popen[str]]]:
         for stream in (proc.stdin, proc.stdout, proc.stderr):
             if stream is not None:
                 stream.close()
+
+
+@pytest.fixture
+def agents() -> Iterator[Agents]:
+    """Starts agents in child processes (`agents(config, name, *crash_args)`: the MQTT_AGENT
+    program, its crash modes, its reports); none outlives the test."""
+    started: list[AgentProcess] = []
+
+    def start(config: Path, name: str, *crash: str) -> AgentProcess:
+        agent = AgentProcess(config, name, MQTT_AGENT, *crash)
+        started.append(agent)
+        agent.start()
+        return agent
+
+    yield start
+    for agent in started:
+        agent.close()
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """The whole agent killed with SIGKILL at chosen points of an order's life, then restarted.
 
-A child process (tests/agent_process.py) runs the Agent on the simulated
+A child process (tests/support/crash_agent.py) runs the Agent on the simulated
 profile, submits the same nine orders every time and prints every commit as it
 happens. For each kill point the test starts it on a fresh data dir, reads its
 lines until the point is reached and kills it at once; then starts it again on
@@ -40,10 +40,10 @@ from edge_agent.log.journal import Journal
 from edge_agent.log.store import EventLog
 from edge_agent.log.verify import verify
 from edge_agent.workflow.steps import STEP_NAMES
-from tests.agent_process import ORDERS, SNAPSHOT_EVERY
-from tests.crash_writer import canonical
+from tests.support import ROOT
+from tests.support.crash_agent import ORDERS, SNAPSHOT_EVERY
+from tests.support.crash_writer import canonical
 
-ROOT = Path(__file__).resolve().parent.parent
 SPEED = 20  # timeouts scale too: a unit may take 0.5 s, a transit 0.75 s before a retry
 # Events that every order has exactly once, however often the agent was killed.
 ONCE_PER_ORDER = (
@@ -139,10 +139,10 @@ SCENARIOS = {
 
 
 class Child:
-    """One run of tests/agent_process.py."""
+    """One run of tests/support/crash_agent.py."""
 
     def __init__(self, data_dir: Path, stderr: TextIO, *, lockstep: bool, out: Path | None = None) -> None:
-        args = [sys.executable, "-m", "tests.agent_process", str(data_dir), "--speed", str(SPEED)]
+        args = [sys.executable, "-m", "tests.support.crash_agent", str(data_dir), "--speed", str(SPEED)]
         args += ["--lockstep"] if lockstep else []
         args += ["--out", str(out)] if out else []
         env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
@@ -188,30 +188,18 @@ class Child:
         text = Path(self.stderr.name).read_text(encoding="utf-8")
         pytest.fail(f"{message}\n--- its stderr ---\n{text[-4000:]}")
 
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        for stream in (self.proc.stdin, self.proc.stdout):
-            if stream is not None:
-                stream.close()
-
 
 @pytest.fixture
-def children(tmp_path: Path) -> Iterator[Callable[..., Child]]:
-    """Starts agent processes; none outlives the test."""
-    started: list[Child] = []
-    stderr = (tmp_path / "agent-stderr.txt").open("a", encoding="utf-8")
+def crash_agents(tmp_path: Path, children: list[subprocess.Popen[str]]) -> Iterator[Callable[..., Child]]:
+    """Starts crash agent processes (`start(data_dir, lockstep=...)`); `children` ends them."""
+    with (tmp_path / "agent-stderr.txt").open("a", encoding="utf-8") as stderr:
 
-    def start(data_dir: Path, *, lockstep: bool, out: Path | None = None) -> Child:
-        child = Child(data_dir, stderr, lockstep=lockstep, out=out)
-        started.append(child)
-        return child
+        def start(data_dir: Path, *, lockstep: bool, out: Path | None = None) -> Child:
+            child = Child(data_dir, stderr, lockstep=lockstep, out=out)
+            children.append(child.proc)
+            return child
 
-    yield start
-    for child in started:
-        child.close()
-    stderr.close()
+        yield start
 
 
 # -- the log ---------------------------------------------------------------------
@@ -328,7 +316,7 @@ def run_until_killed(child: Child, kill: Kill, head: int, events_db: Path) -> tu
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_agent_killed_resumes_every_order_exactly_once(
-    tmp_path: Path, scenario: str, children: Callable[..., Child]
+    tmp_path: Path, scenario: str, crash_agents: Callable[..., Child]
 ) -> None:
     """Three kills around one point of an order's life, then a run to the end: the log
     holds every order exactly once and the last run's outputs came on only after recovery."""
@@ -336,11 +324,11 @@ def test_agent_killed_resumes_every_order_exactly_once(
     events_db = data_dir / "events.db"
     head = 0
     for kill in SCENARIOS[scenario]:
-        head, order_id = run_until_killed(children(data_dir, lockstep=kill.lockstep), kill, head, events_db)
+        head, order_id = run_until_killed(crash_agents(data_dir, lockstep=kill.lockstep), kill, head, events_db)
         print(f"{scenario}: killed {'exactly' if kill.lockstep else 'soon'} after {kill.point.name} of {order_id}")
 
     out = tmp_path / "outputs.json"
-    last = children(data_dir, lockstep=False, out=out)
+    last = crash_agents(data_dir, lockstep=False, out=out)
     assert last.ready() > head
     while not last.line().startswith("done"):
         pass

@@ -41,29 +41,26 @@ import random
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
-from tests.brokers import mosquitto
-from tests.mqtt_rig import (
-    PREFIX,
-    Agents,
-    Peer,
+from tests.support.agent_process import Agents
+from tests.support.brokers import mosquitto
+from tests.support.mqtt_rig import (
     agent_config,
-    agent_processes,
     all_tidied,
     check_each_once,
     check_intact,
     events_db,
     eventually,
-    order,
     orders_topic,
     read_log,
-    status_topic,
     unique,
 )
+from tests.support.orders import PRODUCT_IDS, order, order_payload
+from tests.support.peer import PREFIX, Peer, status_topic
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 
@@ -79,12 +76,6 @@ BROKERS = {  # what a restarted Mosquitto remembers, as settings added to the ri
     "saved-every-second": "allow_anonymous true",
     "remembers-nothing": "allow_anonymous true\npersistence false",  # the last `persistence` line wins
 }
-
-
-@pytest.fixture
-def agents() -> Iterator[Agents]:
-    with agent_processes() as start:
-        yield start
 
 
 def chaos_seed() -> int:
@@ -133,7 +124,7 @@ class Sender:
             self.finished.set()
 
     def _send(self, out: Peer, order_id: str) -> None:
-        out.publish(self._orders, order(order_id, self._number[order_id]))
+        out.publish(self._orders, order_payload(order(order_id, product=PRODUCT_IDS[self._number[order_id] % 2])))
         self.sends[order_id] += 1
         self._last_sent[order_id] = time.monotonic()
 
@@ -149,13 +140,13 @@ class Sender:
 
     def _waiting(self, watcher: Peer) -> list[str]:
         """The orders whose outcome it has not seen yet."""
-        news = watcher.messages_from(self._read)
+        news = watcher.messages(since=self._read)
         self._read += len(news)
-        for topic, payload in news:
-            message = json.loads(payload)
-            if topic == self._inventory:
+        for received in news:
+            message = received.json()
+            if received.topic == self._inventory:
                 self.records[message["order_id"]].append(message["inventory_id"])
-            elif topic == self._rejected:
+            elif received.topic == self._rejected:
                 self.went_wrong[message["order_id"]] = f"rejected: {message['reason']}"
             elif message["type"] == "OrderFailed":
                 self.went_wrong[message["subject"]] = f"failed: {message['data']['reason']}"

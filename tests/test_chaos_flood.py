@@ -23,20 +23,18 @@ from pathlib import Path
 import pytest
 
 from edge_agent.domain.state import inventory_id
-from tests.brokers import mosquitto
-from tests.mqtt_rig import (
-    Agents,
-    Peer,
+from tests.support.agent_process import Agents
+from tests.support.brokers import mosquitto
+from tests.support.mqtt_rig import (
     agent_config,
-    agent_processes,
     check_intact,
     events_db,
     eventually,
     orders_topic,
     read_log,
-    status_topic,
     unique,
 )
+from tests.support.peer import Peer, status_topic
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 
@@ -46,12 +44,6 @@ SPEED = 20  # a unit in 0.05 s, a transit in 0.15 s; the unit timeout (0.5 s) we
 RSS_BUDGET_KB = 20 * 1024
 SNAPSHOT_MAX_BYTES = 64 * 1024  # 50 live items; the digests of 20,000 orders would be 1.7 MB
 FLOOD_S = 60.0
-
-
-@pytest.fixture
-def agents() -> object:
-    with agent_processes() as start:
-        yield start
 
 
 def rss_kb(pid: int, field: str) -> int:
@@ -95,7 +87,7 @@ def test_a_flood_of_orders_to_a_default_mosquitto_loses_none_and_memory_stays_bo
         with Peer(broker.port, unique("watcher"), [status_topic(device)]) as watcher:
             agent = agents(config, "flood")
             watcher.wait_online(device)
-            idle_kb = rss_kb(agent.proc.pid, "VmRSS")
+            idle_kb = rss_kb(agent.process.pid, "VmRSS")
 
             with bodies.open("rb") as lines:
                 subprocess.run(
@@ -105,7 +97,7 @@ def test_a_flood_of_orders_to_a_default_mosquitto_loses_none_and_memory_stays_bo
                     timeout=FLOOD_S,
                 )
             eventually(lambda: decided(db) >= ORDERS, "every order decided", FLOOD_S, agent)
-            peak_kb = rss_kb(agent.proc.pid, "VmHWM")
+            peak_kb = rss_kb(agent.process.pid, "VmHWM")
             rows = read_log(db)
             accepted = [r.subject for r in rows if r.type == "OrderAccepted"]
             eventually(

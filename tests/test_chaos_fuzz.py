@@ -45,14 +45,15 @@ from edge_agent.log.store import EventLog
 from edge_agent.log.verify import verify
 from edge_agent.mqtt.inbound import CancelRefused, cancel_command, order_command
 from edge_agent.mqtt.topics import Topics
-from tests.agents import running
-from tests.brokers import Mosquitto, free_port
-from tests.mqtt_peer import Message, on, peer
+from tests.support import PROFILE
+from tests.support.agents import running
+from tests.support.brokers import Mosquitto
+from tests.support.configs import agent_config
+from tests.support.orders import order, order_body
+from tests.support.peer import Message, on, peer
 
 pytestmark = pytest.mark.chaos
 
-ROOT = Path(__file__).resolve().parent.parent
-PROFILE = ROOT / "device_profiles" / "simulated.yaml"
 PRODUCTS = dict(load_profile(PROFILE).max_qty().items())
 LIMIT = 65536  # limits.max_payload_bytes, the default
 FIELDS = ("order_id", "product_id", "qty", "warehouse", "priority")
@@ -151,15 +152,24 @@ def _has_surrogate(value: Any) -> bool:
     return False
 
 
-def spec_verdict(payload: bytes, max_bytes: int = LIMIT) -> Verdict:
-    """Is the payload a valid order by the MQTT contract?"""
+def spec_object(payload: bytes, max_bytes: int) -> dict[str, Any] | Verdict:
+    """The JSON object the contract sees in the payload; False if there is none, None if the
+    contract leaves that open."""
     try:
         value = spec_json(payload, max_bytes)
     except _Open:
         return None
     except ValueError:
         return False
-    if not isinstance(value, dict) or not REQUIRED <= value.keys() <= set(FIELDS):
+    return value if isinstance(value, dict) else False
+
+
+def spec_verdict(payload: bytes, max_bytes: int = LIMIT) -> Verdict:
+    """Is the payload a valid order by the MQTT contract?"""
+    value = spec_object(payload, max_bytes)
+    if not isinstance(value, dict):
+        return value
+    if not REQUIRED <= value.keys() <= set(FIELDS):
         return False
     order_id, product, qty, warehouse = (value[key] for key in FIELDS[:4])
     priority = value.get("priority", 0)
@@ -192,13 +202,11 @@ def readable_id(payload: bytes, max_bytes: int = LIMIT) -> str | bool | None:
 
 
 def spec_cancel(payload: bytes, max_bytes: int = LIMIT) -> Verdict:
-    try:
-        value = spec_json(payload, max_bytes)
-    except _Open:
-        return None
-    except ValueError:
-        return False
-    if not isinstance(value, dict) or value.keys() != {"order_id"}:
+    """Is the payload a valid cancel?"""
+    value = spec_object(payload, max_bytes)
+    if not isinstance(value, dict):
+        return value
+    if value.keys() != {"order_id"}:
         return False
     order_id = value["order_id"]
     return isinstance(order_id, str) and ORDER_ID.fullmatch(order_id) is not None
@@ -308,8 +316,8 @@ def nested(depth: int, open_: bytes = b"[", close: bytes = b"]", inner: bytes = 
 
 
 def order_bytes(**changes: Any) -> bytes:
-    body = {"order_id": "o-1", "product_id": "widget-a", "qty": 2, "warehouse": "WH1", **changes}
-    return json.dumps(body).encode()
+    """A valid order's body (laid out with spaces: `"qty": 2`), with `changes`."""
+    return json.dumps(order_body(order("o-1", 2), **changes)).encode()
 
 
 PATHOLOGICAL: dict[str, Callable[[], bytes]] = {
@@ -441,17 +449,9 @@ def test_a_rejection_reason_is_one_short_line_however_the_payload_is_made(payloa
 # -- the agent's offer path -------------------------------------------------------------------------------
 
 
-def agent_config(data_dir: Path, **changes: Any) -> Config:
-    settings: dict[str, Any] = {
-        "device_id": "chaos-fuzz",
-        "data_dir": data_dir,
-        "profile": PROFILE,
-        "speed": 1,
-        "mqtt": {"port": free_port()},
-        "log": {"synchronous": "normal"},  # durability is not what these tests are about
-        "limits": {"min_free_mb": 0},
-    }
-    return Config(**{**settings, **changes})
+def fuzz_config(data_dir: Path, **changes: Any) -> Config:
+    # Durability is not what these tests are about.
+    return agent_config(data_dir, **{"device_id": "chaos-fuzz", "log": {"synchronous": "normal"}, **changes})
 
 
 def test_through_the_agent_every_payload_is_acknowledged_and_a_rejection_is_logged_and_changes_nothing(
@@ -460,7 +460,7 @@ def test_through_the_agent_every_payload_is_acknowledged_and_a_rejection_is_logg
     """Each payload, decided as the gateway decides it, is offered to a running agent: it is
     acknowledged once its outcome is committed; a rejection is exactly one OrderRejected
     with the reason and readable id, and no order or work item comes of it."""
-    config = agent_config(tmp_path)
+    config = fuzz_config(tmp_path)
     loop = asyncio.new_event_loop()
     agent = Agent(config)
     loop.run_until_complete(agent.__aenter__())
@@ -532,11 +532,11 @@ def test_over_mqtt_nasty_payloads_are_rejected_on_the_rejected_topic_and_the_age
     with its reason (and its id when readable), a payload of exactly the size limit is an
     order; bad cancels change nothing; the agent stays online throughout."""
     device_id = f"fuzz-{uuid.uuid4().hex[:8]}"
-    config = agent_config(
+    config = fuzz_config(
         tmp_path / "var",
         device_id=device_id,
         mqtt=MqttConfig(port=mosquitto_broker.port, protocol="5"),
-        limits={"min_free_mb": 0, "max_payload_bytes": MQTT_LIMIT},
+        limits={"max_payload_bytes": MQTT_LIMIT},
     )
     topics = Topics("factory", device_id)
     nasty = mqtt_payloads()

@@ -1,6 +1,6 @@
 """I/O faults at every write of a short run: nothing corrupted, no effect leaks, work resumes.
 
-The fault is injected at the sqlite3 boundary (tests/io_faults.py): the agent's
+The fault is injected at the sqlite3 boundary (tests/support/io_faults.py): the agent's
 log connection is a real SQLite connection whose write statements can be
 refused, from the k-th on, with the errors SQLite gives for a full disk, an I/O
 error or a lock held elsewhere, until the test heals the disk. A counting run
@@ -10,7 +10,7 @@ write k, for every k in 1..N.
 
 The run is deterministic so that "the k-th write" is the same statement every
 time: the plant is the agent's simulated profile on gpiozero's MockFactory, but
-the machine behind the pins is played in lock step (tests/lockstep.py): it
+the machine behind the pins is played in lock step (tests/support/lockstep.py): it
 pulses an input only while the agent is idle, one at a time, so the commits
 come in the same order in every run; the profile's timeouts (speed 1) are far
 longer than the run, so no timer fires.
@@ -40,7 +40,7 @@ import pytest
 
 import edge_agent.gateway as gateway_module
 from edge_agent.agent import Agent
-from edge_agent.config import Config, MqttConfig
+from edge_agent.config import Config
 from edge_agent.devices.profile import load_profile
 from edge_agent.domain import commands as cmd
 from edge_agent.domain import events as ev
@@ -52,21 +52,21 @@ from edge_agent.log.verify import verify
 from edge_agent.mqtt.inbound import order_command
 from edge_agent.mqtt.topics import Topics
 from edge_agent.storage import StorageGuard
-from tests.agents import running
-from tests.brokers import Mosquitto, free_port, mosquitto
-from tests.io_faults import Disk, faulty_disk
-from tests.lockstep import Witness, machine_running, witnessing
-from tests.mqtt_peer import Message, Peer, Predicate, on, peer
+from tests.support import PROFILE, WAIT_S
+from tests.support.agents import running
+from tests.support.brokers import Mosquitto, mosquitto
+from tests.support.configs import agent_config
+from tests.support.io_faults import Disk, faulty_disk
+from tests.support.lockstep import Witness, machine_running, witnessing
+from tests.support.orders import order, order_body
+from tests.support.peer import Message, Peer, Predicate, on, peer
 
 pytestmark = pytest.mark.chaos
 
-ROOT = Path(__file__).resolve().parent.parent
-PROFILE = ROOT / "device_profiles" / "simulated.yaml"
 DEVICE = "chaos-io"
 # The agent checks a broken disk again every FAULT_RETRY_S (1 s); shortened so that the
 # N runs fit in the time budget. What happens on each retry is unchanged.
 RETRY_S = 0.01
-WAIT_S = 10.0  # generous: a loaded 2-core machine; a passing run takes a fraction of this
 RECOVER_S = 3.0  # after a fault: a run's whole workload takes ~0.1 s, so this is generous too
 MAX_FAILURES = 5  # runs of the sweep that may fail before it stops: enough to see the pattern
 ORDER_PAYLOADS = (  # as they come from MQTT: four orders (one waits, the cell has 3 stations)...
@@ -82,15 +82,10 @@ BAD = ("bad-1",)
 
 
 def make_config(data_dir: Path) -> Config:
-    return Config(
-        device_id=DEVICE,
-        data_dir=data_dir,
-        profile=PROFILE,
-        speed=1,  # timeouts of 10 s and more: none fires during a run of a fraction of a second
-        mqtt={"port": free_port()},  # not connected: the outbox's broker is played by `Witness`
-        log={"snapshot_every": 10},  # the smallest allowed: snapshot writes are among the k
-        limits={"min_free_mb": 0},
-    )
+    # Speed 1: timeouts of 10 s and more, none fires during a run of a fraction of a second.
+    # Not connected: the outbox's broker is played by `Witness`. A snapshot every 10 events,
+    # the fewest allowed: snapshot writes are among the k.
+    return agent_config(data_dir, device_id=DEVICE, speed=1, log={"snapshot_every": 10})
 
 
 def quick_retries(config: Config) -> StorageGuard:
@@ -604,12 +599,9 @@ class Cell:
 
 
 def mqtt_config(data_dir: Path, broker: Mosquitto, device_id: str, telemetry_s: float = 5.0) -> Config:
-    return make_config(data_dir).model_copy(
-        update={
-            "device_id": device_id,
-            "mqtt": MqttConfig(port=broker.port, protocol="5"),
-            "telemetry_interval_s": telemetry_s,
-        }
+    mqtt = {"port": broker.port, "protocol": "5"}
+    return agent_config(
+        data_dir, device_id=device_id, speed=1, log={"snapshot_every": 10}, mqtt=mqtt, telemetry_interval_s=telemetry_s
     )
 
 
@@ -658,10 +650,6 @@ def check_mqtt_log(config: Config, orders: Sequence[str], inventory: Sequence[Me
     assert sorted(records.values()) == sorted(orders)
 
 
-def good_order(order_id: str) -> dict[str, object]:
-    return {"order_id": order_id, "product_id": "widget-a", "qty": 1, "warehouse": "WH1"}
-
-
 def test_over_mqtt_an_order_met_by_a_broken_disk_is_acknowledged_only_once_it_is_logged(
     tmp_path: Path, chatty_mosquitto: Mosquitto, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -679,7 +667,7 @@ def test_over_mqtt_an_order_met_by_a_broken_disk_is_acknowledged_only_once_it_is
     async def scenario() -> list[Message]:
         async with cell(config, chatty_mosquitto, disk) as c:
             await c.received(on(c.topics.status, state="online"))
-            await c.publish(c.topics.device_orders, good_order("before"))
+            await c.publish(c.topics.device_orders, order_body(order("before")))
             await c.received(on(c.topics.inventory, order_id="before"))
             await broker_log.until(lambda: len(broker_log.sent()) == 1, "the first order sent to the agent")
             first_mid = broker_log.sent()[0]
@@ -687,7 +675,7 @@ def test_over_mqtt_an_order_met_by_a_broken_disk_is_acknowledged_only_once_it_is
 
             disk.break_now()
             mark = c.peer.mark()
-            await c.publish(c.topics.device_orders, good_order("during"))
+            await c.publish(c.topics.device_orders, order_body(order("during")))
             await c.witness.until(lambda: c.agent.fault is not None, "the storage-fault mode")
             await broker_log.until(lambda: len(broker_log.sent()) == 2, "the order sent to the agent")
             mid = broker_log.sent()[1]
@@ -721,7 +709,7 @@ def test_over_mqtt_a_broken_disk_does_not_stop_the_gateway(tmp_path: Path, chatt
     async def scenario() -> list[Message]:
         async with cell(config, chatty_mosquitto, disk) as c:
             await c.received(on(c.topics.status, state="online"))
-            await c.publish(c.topics.device_orders, good_order("before"))
+            await c.publish(c.topics.device_orders, order_body(order("before")))
             await c.received(on(c.topics.inventory, order_id="before"))
             with EventLog(config.events_db, readonly=True) as reader:
                 # Events published and acknowledged but not yet saved as such: the next
@@ -736,7 +724,7 @@ def test_over_mqtt_a_broken_disk_does_not_stop_the_gateway(tmp_path: Path, chatt
                         break
             assert disk.fail_at is not None
             mark = c.peer.mark()
-            await c.publish(c.topics.device_orders, good_order("during"))
+            await c.publish(c.topics.device_orders, order_body(order("during")))
             await c.witness.until(lambda: c.agent.fault is not None, "the storage-fault mode")
             # Telemetry for more than two cursor-save periods: the gateway lives on.
             for _ in range(int(2 * gateway_module.CURSOR_SAVE_S / 0.2) + 2):

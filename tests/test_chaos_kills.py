@@ -2,7 +2,7 @@
 (the promise: "kill -9 at any moment: every accepted order resumes and reaches a
 terminal stage exactly once; no inventory id repeats or is skipped").
 
-One agent (tests/mqtt_agent_process.py: `serve(config)` on the simulated profile) is
+One agent (tests/support/mqtt_agent.py: `serve(config)` on the simulated profile) is
 started on the same data dir again and again, and killed from here with a real SIGKILL
 each time, at a moment drawn from a seeded random.Random (printed; CHAOS_SEED=... runs
 it again): uniformly within KILL_WINDOW_S of the run's AgentStarted, so it lands in
@@ -33,7 +33,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,26 +47,22 @@ from edge_agent.domain.view import state_view
 from edge_agent.log.journal import replay
 from edge_agent.log.store import EventLog, Row
 from edge_agent.log.verify import verify
-from tests.brokers import Mosquitto
-from tests.crash_writer import canonical
-from tests.mqtt_rig import (
-    PREFIX,
-    ROOT,
-    AgentProcess,
-    Agents,
-    Peer,
+from tests.support import ROOT
+from tests.support.agent_process import AgentProcess, Agents
+from tests.support.brokers import Mosquitto
+from tests.support.crash_writer import canonical
+from tests.support.mqtt_rig import (
     agent_config,
-    agent_processes,
     all_tidied,
     events_db,
     eventually,
-    order,
     orders_topic,
     read_log,
-    status_topic,
     subjects,
     unique,
 )
+from tests.support.orders import PRODUCT_IDS, order, order_payload
+from tests.support.peer import PREFIX, Peer, status_topic
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 
@@ -85,12 +81,6 @@ ONCE_PER_ORDER = ("OrderAccepted", "StationAssigned", "BuildComplete", "Inventor
 # Where the cell was when a kill landed; each must have been hit at least MIN_HITS times.
 PHASES = ("ingest", "waiting", "mid-build", "mid-shipment")
 MIN_HITS = 3
-
-
-@pytest.fixture
-def agents() -> Iterator[Agents]:
-    with agent_processes() as start:
-        yield start
 
 
 def chaos_seed() -> int:
@@ -278,7 +268,7 @@ def test_agent_killed_a_hundred_times_does_every_order_exactly_once(
 
     def publish(numbers: Sequence[int]) -> None:
         for n in numbers:
-            sender.publish(topic, order(ids[n], n, qty(n)))
+            sender.publish(topic, order_payload(order(ids[n], qty(n), product=PRODUCT_IDS[n % 2])))
 
     with (
         Peer(port, "monitor", [status_topic(device), state_topic(device)]) as monitor,

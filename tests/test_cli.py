@@ -42,11 +42,12 @@ from edge_agent.domain.view import state_view
 from edge_agent.lock import LOCK_NAME, DataDirLock, holder
 from edge_agent.log.journal import Journal, replay
 from edge_agent.log.store import OUTBOX_CURSOR, Base, EventLog
-from tests.plant import PRODUCTS, STATIONS, make_log, run
+from tests.support import PROFILE, WAIT_S
+from tests.support.orders import order
+from tests.support.plant import PRODUCTS, STATIONS, make_log, run
 
 T0 = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
 PHASE_S = 10.0  # the fake clock moves this far between the phases of the cell's day
-WAIT_S = 15.0  # the longest any test waits for a subprocess to print something
 
 STATE_KEYS = {"last_seq", "estop", "inventory_seq", "stations", "lane", "work_items"}
 ITEM_KEYS = {"order_id", "product_id", "qty", "warehouse", "stage", "station", "progress", "units_done", "reason"}
@@ -97,7 +98,7 @@ def work_a_day(journal: Journal, clock: FakeClock) -> list[Checkpoint]:
     ]
     phase(
         cmd.ConfigurePlant(STATIONS, PRODUCTS),
-        *(cmd.SubmitOrder(oid, product, qty, wh, prio, f"digest-{oid}") for oid, product, qty, wh, prio in orders),
+        *(order(oid, qty, product=product, warehouse=wh, priority=prio) for oid, product, qty, wh, prio in orders),
         *(cmd.QueueOrder(oid) for oid, *_ in orders),
         cmd.RejectOrder("bad-1", "unknown product 'sprocket-z'"),
     )
@@ -377,7 +378,7 @@ def hostile(tmp_path: Path) -> Path:
     clock = FakeClock(T0)
     with Journal.open(path, synchronous="normal", snapshot_every=10, clock=clock) as journal:
         run(journal, cmd.ConfigurePlant(STATIONS, PRODUCTS), clock)
-        run(journal, cmd.SubmitOrder("h1", "widget-a", 1, HOSTILE_WAREHOUSE, 0, "digest-h1"), clock)
+        run(journal, order("h1", warehouse=HOSTILE_WAREHOUSE), clock)
         run(journal, cmd.QueueOrder("h1"), clock)
         run(journal, cmd.FailOrder("h1", HOSTILE_REASON), clock)
     return path
@@ -423,7 +424,7 @@ def test_status_reads_well_at_80_columns(tmp_path: Path) -> None:
     with Journal.open(path, synchronous="normal", snapshot_every=10, clock=clock) as journal:
         run(journal, cmd.ConfigurePlant(STATIONS, PRODUCTS), clock)
         for n, order_id in enumerate(order_ids):
-            run(journal, cmd.SubmitOrder(order_id, "widget-a", 2, "WH1", n % 2, f"digest-{order_id}"), clock)
+            run(journal, order(order_id, 2, priority=n % 2), clock)
             run(journal, cmd.QueueOrder(order_id), clock)
         run(journal, cmd.AssignStations(), clock)
         run(journal, cmd.RecordUnit("s1"), clock)
@@ -1123,24 +1124,22 @@ def test_profile_list_without_a_config_says_which_config_it_used(tmp_path: Path)
 
 
 def test_profile_list_names_the_config_it_used(tmp_path: Path) -> None:
-    root = Path(__file__).resolve().parent.parent
     config = tmp_path / "cell.yaml"
-    config.write_text(f"profile: {root / 'device_profiles' / 'simulated.yaml'}\n")
+    config.write_text(f"profile: {PROFILE}\n")
     done = agent("profile", "list", "--config", config, env=subprocess_env(COLUMNS="200"))
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines()[0] == f"config: {config}; profile: {root / 'device_profiles' / 'simulated.yaml'}"
+    assert done.stdout.splitlines()[0] == f"config: {config}; profile: {PROFILE}"
     assert "rpi-2station" in done.stdout
 
 
 def test_profile_list_shows_whole_file_names_at_80_columns(tmp_path: Path) -> None:
-    folder = Path(__file__).resolve().parent.parent / "device_profiles"
     config = tmp_path / "cell.yaml"
-    config.write_text(f"profile: {folder / 'simulated.yaml'}\n")
+    config.write_text(f"profile: {PROFILE}\n")
     done = agent("profile", "list", "--config", config, env=subprocess_env(COLUMNS="80"))
     assert done.returncode == 0, done.stderr
     assert all(len(line) <= 80 for line in done.stdout.splitlines()[1:])  # the table, below the config line
-    assert f"Profiles in {folder}/" in done.stdout
-    for path in folder.glob("*.yaml"):
+    assert f"Profiles in {PROFILE.parent}/" in done.stdout
+    for path in PROFILE.parent.glob("*.yaml"):
         assert path.name in done.stdout
     assert "…" not in done.stdout
 

@@ -13,12 +13,12 @@ import pytest
 
 from edge_agent.agent import Agent
 from edge_agent.config import Config
-from edge_agent.domain import commands as cmd
 from edge_agent.domain.state import Stage, State
-from tests.agents import running
-from tests.brokers import free_port
+from tests.support import WAIT_S
+from tests.support.agents import running
+from tests.support.configs import agent_config
+from tests.support.orders import order
 
-ROOT = Path(__file__).resolve().parent.parent
 SPEED = 50.0
 UNIT_TIMEOUT_S = 10 / SPEED  # simulated.yaml's unit_timeout_s at this speed
 HOUR = timedelta(hours=1)
@@ -38,20 +38,10 @@ class JumpingClock:
 
 
 def config(tmp_path: Path) -> Config:
-    return Config(
-        device_id="clock-test",
-        data_dir=tmp_path,
-        profile=ROOT / "device_profiles" / "simulated.yaml",
-        speed=SPEED,
-        mqtt={"port": free_port()},
-    )
+    return agent_config(tmp_path, device_id="clock-test", speed=SPEED)
 
 
-def order(order_id: str) -> cmd.SubmitOrder:
-    return cmd.SubmitOrder(order_id, "widget-a", 3, "WH1", 0, f"d-{order_id}")
-
-
-async def timed(agent: Agent, condition: Callable[[State], bool], timeout: float = 10) -> float:
+async def timed(agent: Agent, condition: Callable[[State], bool], timeout: float = WAIT_S) -> float:
     """Wait for a committed state that satisfies `condition`; the monotonic time it came."""
     async with asyncio.timeout(timeout):
         await agent.wait_until(condition)
@@ -77,10 +67,10 @@ def test_a_wall_clock_jump_while_running_neither_fires_nor_holds_back_a_timeout(
             assert agent.simulator is not None
             agent.simulator.jammed.update({"s1", "s2"})  # no unit will ever come
             async with running(agent):
-                await agent.submit(order("a"))
+                await agent.submit(order("a", 3))
                 armed = await timed(agent, building("a"))
                 clock.offset = jump
-                await agent.submit(order("b"))  # wakes the control loop after the jump
+                await agent.submit(order("b", 3))  # wakes the control loop after the jump
                 fired = await timed(agent, retried("a"))
                 assert fired - armed >= UNIT_TIMEOUT_S * 0.9  # not early after a forward jump
                 assert fired - armed < UNIT_TIMEOUT_S + 2.0  # not an hour late after a backward one
@@ -97,7 +87,7 @@ def test_after_a_restart_across_a_wall_clock_jump_timeouts_start_afresh(tmp_path
             assert agent.simulator is not None
             agent.simulator.jammed.add("s1")
             async with running(agent):
-                await agent.submit(order("a"))
+                await agent.submit(order("a", 3))
                 await timed(agent, building("a"))
 
     async def second_run() -> None:

@@ -1,7 +1,7 @@
 """Readers in other processes see a consistent prefix of the log and never block the writer.
 
 This test process is the writer (a `Journal`, as in the agent); the readers are
-child processes running tests/log_reader.py, each opening the file read-only as
+child processes running tests/support/log_reader.py, each opening the file read-only as
 the CLI does.
 """
 
@@ -19,10 +19,10 @@ import pytest
 from edge_agent.clock import FakeClock
 from edge_agent.log.journal import Journal, checked
 from edge_agent.log.store import GENESIS_HASH, EventLog
-from tests.agents import next_line
-from tests.plant import produce
+from tests.support import ROOT
+from tests.support.agents import next_line
+from tests.support.plant import produce
 
-ROOT = Path(__file__).resolve().parent.parent
 ROUNDS = 30  # the writer's rounds in the follow test: ~100 events each
 HELD_LOG_EVENTS = 6000  # more than `EventLog.rows` fetches at once (5000), so the held cursor is mid-read
 
@@ -36,7 +36,7 @@ def journal(tmp_path: Path) -> Iterator[Journal]:
 
 def start_reader(children: list[subprocess.Popen[str]], mode: str, path: Path) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.log_reader", mode, str(path)],
+        [sys.executable, "-m", "tests.support.log_reader", mode, str(path)],
         cwd=ROOT,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,

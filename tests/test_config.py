@@ -13,9 +13,8 @@ import pytest
 from edge_agent.config import Config, check_files, load_config
 from edge_agent.errors import ConfigError
 from edge_agent.mqtt.link import tls_context
-from tests.test_mqtt_faults import make_pki
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support import PROFILE, ROOT
+from tests.support.pki import make_pki
 
 
 @pytest.fixture(autouse=True)
@@ -131,8 +130,7 @@ def agent_config(tmp_path: Path, mqtt: str) -> Path:
     folder.mkdir()
     return write(
         folder,
-        f"data_dir: ../data\nprofile: {ROOT / 'device_profiles' / 'simulated.yaml'}\nhttp: {{enabled: false}}\n"
-        f"mqtt: {mqtt}\n",
+        f"data_dir: ../data\nprofile: {PROFILE}\nhttp: {{enabled: false}}\nmqtt: {mqtt}\n",
     )
 
 
@@ -338,7 +336,7 @@ def unusable_data_dir(tmp_path: Path, case: str) -> Path:
 )
 def test_an_unusable_data_dir_is_one_line_naming_the_key_and_the_path(tmp_path: Path, case: str, reason: str) -> None:
     data_dir = unusable_data_dir(tmp_path, case)
-    config = write(tmp_path, f"data_dir: {data_dir}\nprofile: {ROOT / 'device_profiles' / 'simulated.yaml'}\n")
+    config = write(tmp_path, f"data_dir: {data_dir}\nprofile: {PROFILE}\n")
     done = run_agent(config)
     assert one_error_line(done) == f"error: data_dir: cannot use {data_dir}: {reason}"
 

@@ -1,6 +1,6 @@
 """Crash safety of the log: a writer killed with SIGKILL at random moments.
 
-A child process (tests/crash_writer.py) appends real order lifecycles to one
+A child process (tests/support/crash_writer.py) appends real order lifecycles to one
 database file and acknowledges every commit on stdout. The test reads a random
 number of acknowledgements, kills the child at once (so the kill lands anywhere
 in the commit that follows), checks the file, and starts the next child on the
@@ -29,10 +29,10 @@ from edge_agent.domain.state import State
 from edge_agent.log.journal import Journal
 from edge_agent.log.store import EventLog, Row
 from edge_agent.log.verify import verify
-from tests.agents import next_line
-from tests.crash_writer import SNAPSHOT_EVERY, digest
+from tests.support import ROOT
+from tests.support.agents import next_line
+from tests.support.crash_writer import SNAPSHOT_EVERY, digest
 
-ROOT = Path(__file__).resolve().parent.parent
 KILLS = 60
 MAX_ACKS = 40  # commits acknowledged before a kill: 0..MAX_ACKS, at random
 
@@ -62,7 +62,7 @@ def seed() -> int:
 
 def spawn(path: Path, seed: int) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "tests.crash_writer", str(path), str(seed)],
+        [sys.executable, "-m", "tests.support.crash_writer", str(path), str(seed)],
         cwd=ROOT,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,

@@ -17,9 +17,7 @@ from edge_agent.devices.gpio import Devices, Edge
 from edge_agent.devices.profile import Profile, load_profile
 from edge_agent.devices.simulator import Simulator
 from edge_agent.errors import ConfigError
-
-ROOT = Path(__file__).resolve().parent.parent
-SIMULATED = ROOT / "device_profiles" / "simulated.yaml"
+from tests.support import PROFILE, ROOT
 
 
 class FakeMonotonic:
@@ -32,7 +30,7 @@ class FakeMonotonic:
 
 @pytest.fixture
 def profile() -> Profile:
-    return load_profile(SIMULATED)
+    return load_profile(PROFILE)
 
 
 class Rig:
@@ -77,7 +75,7 @@ def settle(loop: asyncio.AbstractEventLoop) -> None:
 
 
 def test_the_shipped_profiles_are_valid() -> None:
-    simulated = load_profile(SIMULATED)
+    simulated = load_profile(PROFILE)
     assert [s.id for s in simulated.stations] == ["s1", "s2", "s3"]
     assert simulated.max_qty() == {"widget-a": 100, "gadget-b": 100}
     assert simulated.pin_factory == "mock"
@@ -86,7 +84,7 @@ def test_the_shipped_profiles_are_valid() -> None:
     assert len(real.stations) == 2
 
 
-PROFILE = """name: x
+PROFILE_TEXT = """name: x
 pin_factory: mock
 stations:
   - id: a
@@ -112,9 +110,9 @@ products: [{product_id: w, max_qty: 3}]
 )
 def test_a_bad_profile_is_a_clear_error(tmp_path: Path, change: tuple[str, str], message: str) -> None:
     path = tmp_path / "p.yaml"
-    path.write_text(PROFILE.replace(*change), encoding="utf-8")
+    path.write_text(PROFILE_TEXT.replace(*change), encoding="utf-8")
     load_profile_ok = tmp_path / "ok.yaml"
-    load_profile_ok.write_text(PROFILE, encoding="utf-8")
+    load_profile_ok.write_text(PROFILE_TEXT, encoding="utf-8")
     load_profile(load_profile_ok)
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         load_profile(path)
@@ -122,7 +120,7 @@ def test_a_bad_profile_is_a_clear_error(tmp_path: Path, change: tuple[str, str],
 
 def test_profile_check_exits_2_with_one_line_and_0_when_valid(tmp_path: Path) -> None:
     path = tmp_path / "p.yaml"
-    path.write_text(PROFILE.replace("unit_done: {pin: 6}", "unit_done: {pin: 5}"), encoding="utf-8")
+    path.write_text(PROFILE_TEXT.replace("unit_done: {pin: 6}", "unit_done: {pin: 5}"), encoding="utf-8")
     bad = subprocess.run(
         [sys.executable, "-m", "edge_agent", "profile", "check", str(path)],
         capture_output=True,
@@ -133,7 +131,7 @@ def test_profile_check_exits_2_with_one_line_and_0_when_valid(tmp_path: Path) ->
     assert bad.stderr.count("\n") == 1
     assert "pin 5 is used more than once" in bad.stderr
     good = subprocess.run(
-        [sys.executable, "-m", "edge_agent", "profile", "check", str(SIMULATED), "--json"],
+        [sys.executable, "-m", "edge_agent", "profile", "check", str(PROFILE), "--json"],
         capture_output=True,
         text=True,
         check=False,
@@ -144,7 +142,7 @@ def test_profile_check_exits_2_with_one_line_and_0_when_valid(tmp_path: Path) ->
 
 def test_profile_check_without_a_file_checks_the_configs_profile(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
-    bad.write_text(PROFILE.replace("unit_done: {pin: 6}", "unit_done: {pin: 5}"), encoding="utf-8")
+    bad.write_text(PROFILE_TEXT.replace("unit_done: {pin: 6}", "unit_done: {pin: 5}"), encoding="utf-8")
     config = tmp_path / "config.yaml"
     config.write_text(f"profile: {bad.name}\n", encoding="utf-8")
     done = subprocess.run(
@@ -159,7 +157,7 @@ def test_profile_check_without_a_file_checks_the_configs_profile(tmp_path: Path)
 
 def test_profile_list_marks_the_configured_profile(tmp_path: Path) -> None:
     config = tmp_path / "config.yaml"
-    config.write_text(f"profile: {SIMULATED}\n", encoding="utf-8")
+    config.write_text(f"profile: {PROFILE}\n", encoding="utf-8")
     listed = subprocess.run(
         [sys.executable, "-m", "edge_agent", "profile", "list", "--config", str(config), "--json"],
         capture_output=True,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import tempfile
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import orjson
@@ -21,21 +21,10 @@ from edge_agent.domain.state import Policy, Stage, State
 from edge_agent.domain.view import state_view
 from edge_agent.errors import CommandRejected, InvalidEvent
 from edge_agent.log.journal import Journal
+from tests.support.orders import order
+from tests.support.plant import PRODUCTS, STATIONS, T0, apply, record
 
-T0 = datetime(2026, 1, 1, tzinfo=UTC)
-STATIONS = ("s1", "s2", "s3")
-PRODUCTS = (("widget-a", 100), ("gadget-b", 100))
 ORDER_IDS = [f"o{i}" for i in range(8)]
-
-
-def record(state: State, events: list[ev.Event], at: datetime = T0) -> list[ev.Recorded]:
-    ts = at.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    return [ev.Recorded(state.last_seq + i, ts, event) for i, event in enumerate(events, start=1)]
-
-
-def apply(state: State, command: cmd.Command, at: datetime = T0) -> tuple[State, list[ev.Recorded]]:
-    records = record(state, decide(state, command, at), at)
-    return fold(state, records), records
 
 
 def plant(*commands: cmd.Command) -> State:
@@ -45,37 +34,35 @@ def plant(*commands: cmd.Command) -> State:
     return state
 
 
-def submit(order_id: str, priority: int = 0, qty: int = 2, digest: str | None = None) -> cmd.SubmitOrder:
-    return cmd.SubmitOrder(order_id, "widget-a", qty, "WH1", priority, digest or f"d-{order_id}")
-
-
 # -- decide: the rules -----------------------------------------------------------
 
 
 def test_a_redelivered_order_is_not_a_new_work_item() -> None:
-    assert admit(submit("o1"), "d-o1", open_items=0, max_open=10) == []
+    first = order("o1", 2)
+    assert admit(first, first.digest, open_items=0, max_open=10) == []
 
 
 def test_the_same_order_id_with_another_body_is_rejected_as_a_conflict() -> None:
-    (event,) = admit(submit("o1", digest="other"), "d-o1", open_items=0, max_open=10)
+    (event,) = admit(order("o1", 3), order("o1", 2).digest, open_items=0, max_open=10)
     assert isinstance(event, ev.OrderRejected)
     assert "conflicting duplicate" in event.reason
 
 
 def test_a_new_order_past_the_open_limit_is_rejected_as_queue_full() -> None:
-    (event,) = admit(submit("o1"), None, open_items=10, max_open=10)
+    first = order("o1", 2)
+    (event,) = admit(first, None, open_items=10, max_open=10)
     assert event == ev.OrderRejected("o1", "queue full: 10 open")
     # a duplicate is still a duplicate, and a conflict a conflict, when the queue is full
-    assert admit(submit("o1"), "d-o1", open_items=10, max_open=10) == []
-    (conflict,) = admit(submit("o1"), "other", open_items=10, max_open=10)
+    assert admit(first, first.digest, open_items=10, max_open=10) == []
+    (conflict,) = admit(first, "other", open_items=10, max_open=10)
     assert isinstance(conflict, ev.OrderRejected)
     assert "conflicting duplicate" in conflict.reason
-    (accepted,) = admit(submit("o1"), None, open_items=9, max_open=10)
+    (accepted,) = admit(order("o1", 2), None, open_items=9, max_open=10)
     assert isinstance(accepted, ev.OrderAccepted)
 
 
 def test_the_state_counts_accepted_orders_and_keeps_no_history_of_them() -> None:
-    state = plant(submit("o1", qty=1), cmd.QueueOrder("o1"), cmd.AssignStations(), cmd.RecordUnit("s1"))
+    state = plant(order("o1", 1), cmd.QueueOrder("o1"), cmd.AssignStations(), cmd.RecordUnit("s1"))
     state = plant_more(state, cmd.StartShipment(), cmd.RecordArrival(), cmd.TidyUp("o1"))
     assert "o1" not in state.work_items
     assert state.accepted == 1
@@ -90,10 +77,10 @@ def plant_more(state: State, *commands: cmd.Command) -> State:
 
 def test_stations_go_to_the_highest_priority_then_the_oldest() -> None:
     state = plant(
-        submit("low-old", priority=0),
-        submit("high-new", priority=5),
-        submit("low-new", priority=0),
-        submit("high-newer", priority=5),
+        order("low-old", 2, priority=0),
+        order("high-new", 2, priority=5),
+        order("low-new", 2, priority=0),
+        order("high-newer", 2, priority=5),
         *(cmd.QueueOrder(o) for o in ("low-old", "high-new", "low-new", "high-newer")),
     )
     events = [e for e in decide(state, cmd.AssignStations(), T0) if isinstance(e, ev.StationAssigned)]
@@ -105,7 +92,7 @@ def test_stations_go_to_the_highest_priority_then_the_oldest() -> None:
 
 
 def test_units_complete_the_build_then_the_batch_ships_and_gets_the_next_inventory_id() -> None:
-    state = plant(submit("o1", qty=2), cmd.QueueOrder("o1"), cmd.AssignStations())
+    state = plant(order("o1", 2), cmd.QueueOrder("o1"), cmd.AssignStations())
     assert decide(state, cmd.RecordUnit("s1"), T0) == [
         ev.UnitBuilt("o1", "s1"),
         ev.TimerArmed("o1", "unit", "2026-01-01T00:00:30.000000Z"),  # the next unit is due within 30 s
@@ -123,7 +110,7 @@ def test_units_complete_the_build_then_the_batch_ships_and_gets_the_next_invento
 
 
 def test_emergency_stop_blocks_new_builds_units_and_shipments_until_released() -> None:
-    state = plant(submit("o1"), cmd.QueueOrder("o1"), cmd.EngageEstop())
+    state = plant(order("o1", 2), cmd.QueueOrder("o1"), cmd.EngageEstop())
     assert decide(state, cmd.AssignStations(), T0) == []
     assert decide(state, cmd.EngageEstop(), T0) == []
     state = plant_more(state, cmd.ReleaseEstop(), cmd.AssignStations(), cmd.EngageEstop())
@@ -133,7 +120,7 @@ def test_emergency_stop_blocks_new_builds_units_and_shipments_until_released() -
 
 
 def test_cancel_frees_the_station_but_is_refused_once_the_build_is_complete() -> None:
-    state = plant(submit("o1", qty=1), submit("o2", qty=1), cmd.QueueOrder("o1"), cmd.QueueOrder("o2"))
+    state = plant(order("o1", 1), order("o2", 1), cmd.QueueOrder("o1"), cmd.QueueOrder("o2"))
     state = plant_more(state, cmd.AssignStations(), cmd.CancelOrder("o1"))
     assert state.work_items["o1"].stage is Stage.CANCELLED
     assert state.stations[0].order_id is None  # s1 is free again
@@ -152,7 +139,7 @@ def test_a_unit_pulse_on_an_idle_station_builds_nothing_and_an_unknown_station_i
 
 
 def test_wait_and_build_times_come_from_the_event_timestamps() -> None:
-    state = plant(submit("o1"))
+    state = plant(order("o1", 2))
     state, _ = apply(state, cmd.QueueOrder("o1"), T0)
     state, _ = apply(state, cmd.AssignStations(), T0 + timedelta(seconds=4))
     item = state.work_items["o1"]

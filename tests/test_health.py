@@ -17,15 +17,13 @@ import pytest
 
 from edge_agent import service
 from edge_agent.agent import Agent
-from edge_agent.config import Config
 from edge_agent.domain import commands as cmd
 from edge_agent.domain import events as ev
 from edge_agent.gateway import Gateway
 from edge_agent.health import HealthServer, Metrics
-from tests.agents import running
-from tests.brokers import free_port
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support.agents import running
+from tests.support.configs import agent_config
+from tests.support.orders import order
 
 
 def get(url: str) -> tuple[int, bytes]:
@@ -37,12 +35,7 @@ def get(url: str) -> tuple[int, bytes]:
 
 
 def test_health_and_metrics_tell_the_truth(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    config = Config(
-        device_id="health-test",
-        data_dir=tmp_path,
-        profile=ROOT / "device_profiles" / "simulated.yaml",
-        mqtt={"port": free_port()},  # nothing listens: MQTT stays down
-    )
+    config = agent_config(tmp_path, device_id="health-test")  # nothing listens on its port: MQTT stays down
 
     async def scenario() -> None:
         async with Agent(config) as agent:
@@ -54,7 +47,7 @@ def test_health_and_metrics_tell_the_truth(tmp_path: Path, monkeypatch: pytest.M
             base = f"http://127.0.0.1:{server.port}"
             async with running(agent):
                 try:
-                    await agent.submit(cmd.SubmitOrder("h1", "widget-a", 1, "WH1", 0, "d"))
+                    await agent.submit(order("h1"))
                     await agent.submit(cmd.RejectOrder(None, "not JSON"))
                     status, body = await asyncio.to_thread(get, base + "/healthz")
                     assert (status, orjson.loads(body)) == (200, {"status": "ok", "reasons": []})  # within the budget
@@ -113,12 +106,7 @@ def work_items(metrics: str) -> dict[str, float]:
 
 
 def test_every_stage_has_a_work_items_series_that_goes_to_0_rather_than_away(tmp_path: Path) -> None:
-    config = Config(
-        device_id="stages-test",
-        data_dir=tmp_path,
-        profile=ROOT / "device_profiles" / "simulated.yaml",
-        mqtt={"port": free_port()},
-    )
+    config = agent_config(tmp_path, device_id="stages-test")
 
     async def scenario() -> None:
         async with Agent(config) as agent:
@@ -131,7 +119,7 @@ def test_every_stage_has_a_work_items_series_that_goes_to_0_rather_than_away(tmp
                     idle = work_items((await asyncio.to_thread(get, url))[1].decode())
                     assert idle == dict.fromkeys(STAGES, 0.0)
 
-                    await agent.submit(cmd.SubmitOrder("s1", "widget-a", 100, "WH1", 0, "d"))
+                    await agent.submit(order("s1", 100))
                     await agent.wait_until(lambda state: "s1" in state.work_items)
                     busy = work_items((await asyncio.to_thread(get, url))[1].decode())
                     assert sorted(busy) == sorted(STAGES)

@@ -15,7 +15,6 @@ import orjson
 from edge_agent import service
 from edge_agent.agent import Agent
 from edge_agent.clock import FakeClock
-from edge_agent.config import Config
 from edge_agent.demo import demo_orders
 from edge_agent.domain import commands as cmd
 from edge_agent.domain import events as ev
@@ -27,15 +26,10 @@ from edge_agent.log.store import APPLICATION_ID, OUTBOX_CURSOR, EventLog
 from edge_agent.log.verify import verify
 from edge_agent.mqtt.inbound import order_command
 from edge_agent.workflow.engine import Workflow
-from tests.agents import running
-from tests.brokers import free_port
-from tests.plant import PRODUCTS, STATIONS
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def order(order_id: str, qty: int = 1) -> cmd.SubmitOrder:
-    return cmd.SubmitOrder(order_id, "widget-a", qty, "WH1", 0, cmd.order_digest(order_id, "widget-a", qty, "WH1", 0))
+from tests.support.agents import running
+from tests.support.configs import agent_config
+from tests.support.orders import order
+from tests.support.plant import PRODUCTS, STATIONS
 
 
 def workflow(path: Path, clock: FakeClock, *, max_open_items: int | None = None) -> tuple[Journal, Workflow]:
@@ -127,14 +121,7 @@ def test_a_snapshot_after_20000_finished_orders_is_a_few_kb(tmp_path: Path) -> N
 
 
 def test_resending_a_demo_orders_exact_body_over_mqtt_is_a_duplicate(tmp_path: Path) -> None:
-    config = Config(
-        device_id="demo-test",
-        data_dir=tmp_path / "var",
-        profile=ROOT / "device_profiles" / "simulated.yaml",
-        speed=50,
-        mqtt={"port": free_port()},
-        limits={"min_free_mb": 0},
-    )
+    config = agent_config(tmp_path / "var", device_id="demo-test", speed=50)
 
     async def scenario() -> None:
         async with Agent(config) as agent, running(agent):
@@ -155,13 +142,7 @@ def test_resending_a_demo_orders_exact_body_over_mqtt_is_a_duplicate(tmp_path: P
 
 
 def test_a_duplicate_is_counted_in_metrics(tmp_path: Path) -> None:
-    config = Config(
-        device_id="metrics-test",
-        data_dir=tmp_path / "var",
-        profile=ROOT / "device_profiles" / "simulated.yaml",
-        mqtt={"port": free_port()},
-        limits={"min_free_mb": 0},
-    )
+    config = agent_config(tmp_path / "var", device_id="metrics-test")
 
     async def scenario() -> str:
         async with Agent(config) as agent, running(agent):

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.brokers import free_port
-from tests.test_run import wait_for_log
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support import ROOT
+from tests.support.agents import wait_for_log
+from tests.support.ports import free_port
 
 
 @pytest.mark.slow

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parent.parent / "edge_agent"
+from tests.support import ROOT
+
+PACKAGE = ROOT / "edge_agent"
 
 # What each layer may import from the project besides itself.
 ALLOWED = {

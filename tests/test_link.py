@@ -20,16 +20,17 @@ from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from edge_agent.config import MqttConfig
-from edge_agent.mqtt.link import Inbound, Link, _Client, _ReadAhead
+from edge_agent.mqtt.link import Inbound, Link, ReadAhead, ReadAheadClient
 from edge_agent.mqtt.topics import Topics
-from tests.brokers import Mosquitto
+from tests.support import WAIT_S
+from tests.support.brokers import Mosquitto
 
 
 @pytest.fixture
-def pair() -> Iterator[tuple[_ReadAhead, socket.socket]]:
+def pair() -> Iterator[tuple[ReadAhead, socket.socket]]:
     ours, theirs = socket.socketpair()
     ours.setblocking(False)
-    reader = _ReadAhead(ours)
+    reader = ReadAhead(ours)
     yield reader, theirs
     reader.close()
     theirs.close()
@@ -42,7 +43,7 @@ def pair() -> Iterator[tuple[_ReadAhead, socket.socket]]:
 def test_reads_return_the_stream_exactly_once_in_order(pieces: list[bytes], sizes: list[int]) -> None:
     ours, theirs = socket.socketpair()
     ours.setblocking(False)
-    reader = _ReadAhead(ours)
+    reader = ReadAhead(ours)
     try:
         sent = b"".join(pieces)
         for piece in pieces:
@@ -63,7 +64,7 @@ def test_reads_return_the_stream_exactly_once_in_order(pieces: list[bytes], size
         theirs.close()
 
 
-def test_pending_counts_what_was_read_ahead(pair: tuple[_ReadAhead, socket.socket]) -> None:
+def test_pending_counts_what_was_read_ahead(pair: tuple[ReadAhead, socket.socket]) -> None:
     reader, theirs = pair
     theirs.sendall(b"\x30\x05hello")
     assert reader.recv(1) == b"\x30"
@@ -73,7 +74,7 @@ def test_pending_counts_what_was_read_ahead(pair: tuple[_ReadAhead, socket.socke
     assert reader.pending() == 0
 
 
-def test_nothing_arrived_and_peer_closed_look_like_the_plain_socket(pair: tuple[_ReadAhead, socket.socket]) -> None:
+def test_nothing_arrived_and_peer_closed_look_like_the_plain_socket(pair: tuple[ReadAhead, socket.socket]) -> None:
     reader, theirs = pair
     with pytest.raises(BlockingIOError):  # paho's "try again after select"
         reader.recv(1)
@@ -94,7 +95,7 @@ def test_a_plain_tcp_connection_is_read_ahead_and_carries_a_burst(mosquitto_brok
         if len(received) == count:
             done.set()
 
-    subscriber = _Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
+    subscriber = ReadAheadClient(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
     subscriber.on_message = on_message
     subscriber.on_subscribe = lambda *args: subscribed.set()
     subscriber.connect("127.0.0.1", mosquitto_broker.port)
@@ -105,7 +106,7 @@ def test_a_plain_tcp_connection_is_read_ahead_and_carries_a_burst(mosquitto_brok
     publisher.loop_start()
     try:
         assert subscribed.wait(10)
-        assert isinstance(subscriber.socket(), _ReadAhead)
+        assert isinstance(subscriber.socket(), ReadAhead)
         for n in range(count):
             publisher.publish("burst", payload + str(n).encode(), qos=1)
         assert done.wait(30), f"{len(received)} of {count} messages arrived"
@@ -141,7 +142,7 @@ class Received:
             self.published.append(mid)
             self._cond.notify_all()
 
-    def wait(self, condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    def wait(self, condition: Callable[[], bool], what: str, timeout: float = WAIT_S) -> None:
         with self._cond:
             assert self._cond.wait_for(condition, timeout), f"not within {timeout} s: {what}"
 

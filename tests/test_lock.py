@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,25 +23,16 @@ from edge_agent.agent import Agent
 from edge_agent.config import load_config
 from edge_agent.lock import DataDirLocked
 from edge_agent.log.store import EventLog
-from tests.brokers import free_port
-from tests.test_run import wait_for_log
-
-ROOT = Path(__file__).resolve().parent.parent
-PROFILE = ROOT / "device_profiles" / "simulated.yaml"
-
+from tests.support.agents import wait_for_log
+from tests.support.configs import config_file
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.usefixtures("isolated")  # no ./config.yaml or EDGE_AGENT_* of the developer's
 
 
-def write_config(folder: Path, http: str = "{enabled: false}", mqtt: str = "") -> Path:
-    config = folder / "config.yaml"
-    config.write_text(
-        f"device_id: lock-cell\ndata_dir: ./var\nprofile: {PROFILE}\nspeed: 50\n"
-        f"mqtt: {mqtt or f'{{port: {free_port()}}}'}\n"  # by default no broker there: the agent runs offline
-        f"http: {http}\n",
-        encoding="utf-8",
-    )
-    return config
+def write_config(folder: Path, **overrides: Any) -> Path:
+    """By default no broker on its port: the agent runs offline."""
+    return config_file(folder, **{"device_id": "lock-cell", "speed": 50, **overrides})
 
 
 def edge_agent(*args: str | Path) -> subprocess.CompletedProcess[str]:
@@ -82,8 +74,8 @@ def one_error_line(stderr: str) -> str:
 def test_a_second_agent_on_the_same_data_dir_exits_2_and_the_first_goes_on(
     tmp_path: Path, children: list[subprocess.Popen[str]]
 ) -> None:
-    config = write_config(tmp_path, http=f"{{enabled: true, port: {free_port()}}}")
-    db = tmp_path / "var" / "events.db"
+    config = write_config(tmp_path, http={"enabled": True, "port": free_port()})
+    db = tmp_path / "data" / "events.db"
     first = run_agent(config, children, "--demo", "3")
     wait_for_log(db, "OrderAccepted", first)
 
@@ -91,7 +83,8 @@ def test_a_second_agent_on_the_same_data_dir_exits_2_and_the_first_goes_on(
 
     assert second.returncode == 2, second.stderr
     assert (
-        one_error_line(second.stderr) == f"error: another edge-agent (pid {first.pid}) is running on {tmp_path / 'var'}"
+        one_error_line(second.stderr)
+        == f"error: another edge-agent (pid {first.pid}) is running on {tmp_path / 'data'}"
     )
     types = event_types(db)
     assert types.count("AgentStarted") == 1
@@ -107,7 +100,7 @@ def test_a_second_agent_on_the_same_data_dir_exits_2_and_the_first_goes_on(
 @pytest.mark.slow
 def test_after_kill_9_the_next_agent_starts(tmp_path: Path, children: list[subprocess.Popen[str]]) -> None:
     config = write_config(tmp_path)
-    db = tmp_path / "var" / "events.db"
+    db = tmp_path / "data" / "events.db"
     first = run_agent(config, children)
     wait_for_log(db, "AgentStarted", first)
     second = edge_agent("run", "--config", config)
@@ -135,8 +128,8 @@ def test_two_agents_in_one_process_cannot_share_a_data_dir(tmp_path: Path) -> No
 
     exit_code, message = asyncio.run(scenario())
     assert exit_code == 2
-    assert message == f"another edge-agent (pid {os.getpid()}) is running on {tmp_path / 'var'}"
-    types = event_types(tmp_path / "var" / "events.db")
+    assert message == f"another edge-agent (pid {os.getpid()}) is running on {tmp_path / 'data'}"
+    types = event_types(tmp_path / "data" / "events.db")
     assert types.count("AgentStarted") == 1
     assert types.count("AgentStopped") == 1
 
@@ -145,14 +138,14 @@ def test_a_status_probe_at_the_moment_the_agent_starts_does_not_stop_it(tmp_path
     """`status` takes a shared lock for an instant to see whether the agent runs; an agent
     starting in that instant waits for it rather than taking it for a second agent."""
     config = load_config(write_config(tmp_path))
-    (tmp_path / "var").mkdir()
-    (tmp_path / "var" / "lock").touch()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "lock").touch()
 
     async def scenario() -> int:
         async with Agent(config) as agent:
             return agent.state.last_seq
 
-    with open(tmp_path / "var" / "lock") as probe:
+    with open(tmp_path / "data" / "lock") as probe:
         fcntl.flock(probe, fcntl.LOCK_SH)  # what `status` holds while it looks
         release = threading.Timer(0.1, fcntl.flock, (probe, fcntl.LOCK_UN))
         release.start()
@@ -175,13 +168,13 @@ def test_the_lock_file_and_data_dir_are_private_whatever_the_umask(tmp_path: Pat
         asyncio.run(scenario())
     finally:
         os.umask(old)
-    assert stat.S_IMODE((tmp_path / "var").stat().st_mode) == 0o750
-    assert stat.S_IMODE((tmp_path / "var" / "lock").stat().st_mode) == 0o640
+    assert stat.S_IMODE((tmp_path / "data").stat().st_mode) == 0o750
+    assert stat.S_IMODE((tmp_path / "data" / "lock").stat().st_mode) == 0o640
 
 
 def test_log_compact_refuses_while_the_agent_runs(tmp_path: Path) -> None:
     config_path = write_config(tmp_path)
-    db = tmp_path / "var" / "events.db"
+    db = tmp_path / "data" / "events.db"
 
     async def scenario() -> subprocess.CompletedProcess[str]:
         async with Agent(load_config(config_path)):
@@ -193,7 +186,7 @@ def test_log_compact_refuses_while_the_agent_runs(tmp_path: Path) -> None:
     compact = asyncio.run(scenario())
     assert compact.returncode == 2
     assert one_error_line(compact.stderr) == (
-        f"error: another edge-agent (pid {os.getpid()}) is running on {tmp_path / 'var'}, stop it first"
+        f"error: another edge-agent (pid {os.getpid()}) is running on {tmp_path / 'data'}, stop it first"
     )
     assert edge_agent("log", "compact", "--config", config_path, "--retention", "drop").returncode == 0
 
@@ -205,20 +198,20 @@ def test_a_taken_port_is_one_line_naming_the_key_before_the_log_is_opened(tmp_pa
         taken.listen()
         port = taken.getsockname()[1]
         if key == "http.port":
-            config = write_config(tmp_path, http=f"{{enabled: true, port: {port}}}")
+            config = write_config(tmp_path, http={"enabled": True, "port": port})
         else:
-            config = write_config(tmp_path, mqtt=f'{{embedded: true, protocol: "3.1.1", port: {port}}}')
+            config = write_config(tmp_path, mqtt={"embedded": True, "protocol": "3.1.1", "port": port})
         done = edge_agent("run", "--config", config)
     assert done.returncode == 2, done.stderr
     line = one_error_line(done.stderr)
     assert line.startswith(f"error: {key}: 127.0.0.1:{port} is taken")
-    assert not (tmp_path / "var" / "events.db").exists()
+    assert not (tmp_path / "data" / "events.db").exists()
 
 
 def test_status_says_whether_the_agent_runs(tmp_path: Path) -> None:
     """A stopped cell must never look as if it were building."""
     config_path = write_config(tmp_path)
-    db = tmp_path / "var" / "events.db"
+    db = tmp_path / "data" / "events.db"
 
     async def scenario() -> tuple[subprocess.CompletedProcess[str], subprocess.CompletedProcess[str]]:
         async with Agent(load_config(config_path)):
@@ -245,7 +238,7 @@ def test_status_says_whether_the_agent_runs(tmp_path: Path) -> None:
 def test_a_symlink_or_hard_link_to_the_running_agents_log_is_not_compacted(tmp_path: Path) -> None:
     """The lock is the real folder's: a link elsewhere does not make a second, free lock."""
     config_path = write_config(tmp_path)
-    db = tmp_path / "var" / "events.db"
+    db = tmp_path / "data" / "events.db"
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     symlink = elsewhere / "events.db"
@@ -269,7 +262,7 @@ def test_a_symlink_or_hard_link_to_the_running_agents_log_is_not_compacted(tmp_p
     through_symlink, through_hard_link, status, status_through_hard_link = asyncio.run(scenario())
     assert through_symlink.returncode == 2
     assert one_error_line(through_symlink.stderr) == (
-        f"error: another edge-agent (pid {os.getpid()}) is running on {tmp_path / 'var'}, stop it first"
+        f"error: another edge-agent (pid {os.getpid()}) is running on {tmp_path / 'data'}, stop it first"
     )
     assert not (elsewhere / "lock").exists()
     assert through_hard_link.returncode == 2

@@ -19,7 +19,7 @@ from edge_agent.log.journal import Journal, replay
 from edge_agent.log.schema import MIGRATIONS
 from edge_agent.log.store import GENESIS_HASH, EventLog, chain_hash
 from edge_agent.log.verify import verify
-from tests.plant import make_log, run
+from tests.support.plant import make_log, run
 
 
 @pytest.fixture

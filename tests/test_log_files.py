@@ -17,7 +17,6 @@ from pathlib import Path
 
 import orjson
 import pytest
-import yaml
 
 from edge_agent.agent import Agent
 from edge_agent.clock import FakeClock
@@ -26,12 +25,9 @@ from edge_agent.errors import ConfigError
 from edge_agent.log.compact import Retention, compact
 from edge_agent.log.journal import Journal
 from edge_agent.log.store import APPLICATION_ID, OUTBOX_CURSOR, EventLog
-from tests.agents import running
-from tests.brokers import free_port
-from tests.plant import make_log, produce
-
-ROOT = Path(__file__).resolve().parent.parent
-PROFILE = ROOT / "device_profiles" / "simulated.yaml"
+from tests.support.agents import running
+from tests.support.configs import agent_config, config_file
+from tests.support.plant import make_log, produce
 
 
 def foreign_db(path: Path) -> None:
@@ -135,27 +131,16 @@ def test_every_db_command_names_a_damaged_log_in_one_line(tmp_path: Path, keep: 
         assert "DatabaseError" not in lines[0], lines[0]
 
 
-def agent_config(data_dir: Path, **log: str) -> Config:
-    return Config(
-        device_id="files-test",
-        data_dir=data_dir,
-        profile=PROFILE,
-        speed=50,
-        mqtt={"port": free_port()},
-        log=log,
-        limits={"min_free_mb": 0},
-    )
+def files_config(data_dir: Path, **log: str) -> Config:
+    return agent_config(data_dir, device_id="files-test", speed=50, log=log)
 
 
 def test_the_agent_refuses_a_data_dir_whose_events_db_is_not_a_log_and_changes_nothing(tmp_path: Path) -> None:
-    config_file = tmp_path / "config.yaml"
     data_dir = tmp_path / "var"
     data_dir.mkdir()
     foreign_db(data_dir / "events.db")
     before = fingerprint(data_dir / "events.db")
-    settings = {"data_dir": str(data_dir), "profile": str(PROFILE), "http": {"enabled": False}}
-    config_file.write_text(yaml.safe_dump({**settings, "mqtt": {"port": free_port()}}), encoding="utf-8")
-    result = edge_agent(tmp_path, "run", "--config", config_file)
+    result = edge_agent(tmp_path, "run", "--config", config_file(tmp_path, data_dir=data_dir))
     assert result.returncode == 2, result.stderr
     assert "not an edge-agent log" in result.stderr
     content, mtime, beside = fingerprint(data_dir / "events.db")
@@ -266,7 +251,7 @@ def test_an_archive_is_complete_under_its_name_or_absent_and_no_event_goes_befor
 @pytest.mark.parametrize("level", ["full", "normal"])
 def test_the_running_agent_commits_as_durably_as_configured(tmp_path: Path, level: str) -> None:
     async def scenario() -> str:
-        async with Agent(agent_config(tmp_path / "var", synchronous=level)) as agent, running(agent):
+        async with Agent(files_config(tmp_path / "var", synchronous=level)) as agent, running(agent):
             await agent.wait_until(lambda state: state.last_seq > 0)
             return agent.journal.log.synchronous
 

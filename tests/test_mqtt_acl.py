@@ -14,38 +14,29 @@ import re
 import signal
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.brokers import free_port, mosquitto
-from tests.mqtt_rig import (
-    PREFIX,
-    AgentProcess,
-    Agents,
-    Peer,
+from tests.support.agent_process import AgentProcess, Agents
+from tests.support.brokers import mosquitto
+from tests.support.mqtt_rig import (
     agent_config,
-    agent_processes,
     all_tidied,
     events_db,
     eventually,
-    order,
     orders_topic,
     outbox_cursor,
     read_log,
-    status_topic,
     unique,
 )
+from tests.support.orders import order, order_payload
+from tests.support.peer import PREFIX, Peer, status_topic
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def agents() -> Iterator[Agents]:
-    with agent_processes() as start:
-        yield start
 
 
 def get(url: str) -> tuple[int, str]:
@@ -102,7 +93,7 @@ def test_an_inventory_record_the_broker_refuses_is_not_delivered_until_it_is_all
         with Peer(broker.port, "back-office", [inventory, status_topic(device)]) as office:
             agent: AgentProcess = agents(config, "agent")
             office.wait_online(device)
-            office.publish(orders_topic(device), order("refused-1"))
+            office.publish(orders_topic(device), order_payload(order("refused-1")))
             eventually(all_tidied(db, ["refused-1"]), "the order built", 30, agent)
             [issued] = [row.seq for row in read_log(db) if row.type == "InventoryIssued"]
 

@@ -1,7 +1,7 @@
 """The MQTT contract and the bad-input table of the README, end to end.
 
 `edge-agent run` is a real child process with a config file; the back office is
-a paho peer (tests/mqtt_peer.py), the `edge-agent order submit` CLI, or the
+a paho peer (tests/support/peer.py), the `edge-agent order submit` CLI, or the
 Mosquitto command-line clients. Each test runs against both brokers where that
 makes sense: the embedded amqtt broker that the agent hosts itself (MQTT 3.1.1),
 and a real Mosquitto (MQTT 5).
@@ -24,18 +24,19 @@ from typing import Any
 
 import orjson
 import pytest
-import yaml
 
 from edge_agent import __version__
 from edge_agent.log.store import EventLog, Row
-from tests.brokers import Mosquitto, free_port, wait_for_port
-from tests.mqtt_peer import WAIT_S, Message, Peer, on, peer
+from tests.support import ROOT, WAIT_S
+from tests.support.agent_process import AgentProcess
+from tests.support.brokers import Mosquitto
+from tests.support.configs import config_file
+from tests.support.orders import order, order_body
+from tests.support.peer import PREFIX, Message, Peer, on, peer
+from tests.support.ports import free_port, wait_for_port
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
-PROFILE = ROOT / "device_profiles" / "simulated.yaml"
-PREFIX = "factory"
 ORDERS = f"{PREFIX}/orders"
 MAX_PAYLOAD = 16384  # room for a nesting deeper than JSON parsers allow, still small enough to exceed
 EVENT_KEYS = {"device_id", "seq", "ts", "type", "subject", "data"}
@@ -89,69 +90,38 @@ class Topic:
         self.telemetry = f"{own}/telemetry"
 
 
-class AgentProcess:
-    """`edge-agent run --config FILE` as a child process, its output in a file."""
+class CellAgent(AgentProcess):
+    """`edge-agent run --config FILE` as a child process on the broker under test, with a
+    device id of its own."""
 
     def __init__(self, folder: Path, broker: Broker) -> None:
         self.broker = broker
         self.device_id = f"cell-{uuid.uuid4().hex[:8]}"
         self.topic = Topic(self.device_id)
-        self.folder = folder
-        self.db = folder / "var" / "events.db"
-        self.config = folder / "config.yaml"
-        self.output = folder / "agent.out"
-        self.process: subprocess.Popen[bytes] | None = None
-        config = {
-            "device_id": self.device_id,
-            "data_dir": str(folder / "var"),
-            "profile": str(PROFILE),
-            "speed": 50,
-            "telemetry_interval_s": 0.5,
-            "http": {"enabled": False},
-            "limits": {"max_payload_bytes": MAX_PAYLOAD},
-            "mqtt": {"embedded": broker.embedded, "port": broker.port, "protocol": broker.protocol},
-        }
-        folder.mkdir(parents=True, exist_ok=True)
-        self.config.write_text(yaml.safe_dump(config), encoding="utf-8")
+        config = config_file(
+            folder,
+            device_id=self.device_id,
+            speed=50,
+            telemetry_interval_s=0.5,
+            limits={"max_payload_bytes": MAX_PAYLOAD},
+            mqtt={"embedded": broker.embedded, "port": broker.port, "protocol": broker.protocol},
+        )
+        super().__init__(config)
+        self.db = folder / "data" / "events.db"
 
     def start(self) -> None:
         """Start, and return once the agent has said `online` on its status topic."""
-        with open(self.output, "ab") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "edge_agent", "run", "--config", str(self.config)],
-                cwd=ROOT,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
+        super().start()
         try:
             if self.broker.embedded:
                 wait_for_port(self.broker.port)
             with self.peer(self.topic.status) as watcher:
                 watcher.wait_for(lambda m: m.topic == self.topic.status and m.json()["state"] == "online")
-        except AssertionError as error:
-            raise AssertionError(f"the agent did not come online: {error}\n{self.log_tail()}") from None
+        except (AssertionError, TimeoutError) as error:
+            self.fail(f"the agent did not come online: {error}")
 
     def peer(self, *topics: str, name: str = "peer") -> AbstractContextManager[Peer]:
         return peer(self.broker.port, self.broker.protocol, *topics, name=name)
-
-    def log_tail(self) -> str:
-        return self.output.read_text(encoding="utf-8", errors="replace")[-4000:] if self.output.exists() else ""
-
-    def assert_alive(self) -> None:
-        assert self.process is not None
-        assert self.process.poll() is None, f"the agent exited with {self.process.returncode}:\n{self.log_tail()}"
-
-    def stop(self, signum: signal.Signals = signal.SIGTERM) -> int:
-        """Signal the agent and wait for it to exit; its exit code."""
-        assert self.process is not None
-        if self.process.poll() is None:
-            self.process.send_signal(signum)
-        try:
-            return self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-            raise AssertionError(f"the agent did not stop on {signum.name}:\n{self.log_tail()}") from None
 
     def rows(self, type_: str | None = None, subject: str | None = None) -> list[Row]:
         """The log as it is now (read-only; the agent may be writing)."""
@@ -169,17 +139,17 @@ class AgentProcess:
         )
 
 
-AgentFactory = Callable[..., AgentProcess]
+AgentFactory = Callable[..., CellAgent]
 
 
 @pytest.fixture
 def new_agent(tmp_path: Path, broker: Broker) -> Iterator[AgentFactory]:
     """Make agents on the broker under test (`start=False` to start one later); each is
     stopped by SIGTERM at the end, and must then exit 0 unless the test killed it."""
-    made: list[AgentProcess] = []
+    made: list[CellAgent] = []
 
-    def make(start: bool = True) -> AgentProcess:
-        agent = AgentProcess(tmp_path / f"agent{len(made)}", broker)
+    def make(start: bool = True) -> CellAgent:
+        agent = CellAgent(tmp_path / f"agent{len(made)}", broker)
         made.append(agent)
         if start:
             agent.start()
@@ -187,12 +157,9 @@ def new_agent(tmp_path: Path, broker: Broker) -> Iterator[AgentFactory]:
 
     yield make
     for agent in made:
-        if agent.process is None:
+        if agent.proc is None or agent.proc.returncode is not None:  # never started, or stopped by the test
             continue
-        if agent.process.returncode is not None:  # stopped (or killed) by the test itself
-            continue
-        code = agent.stop()
-        assert code == 0, f"the agent exited with {code} on SIGTERM:\n{agent.log_tail()}"
+        agent.stop()  # exit 0
 
 
 def event(topic: Topic, type_: str, subject: str | None = None) -> Callable[[Message], bool]:
@@ -205,10 +172,6 @@ def event(topic: Topic, type_: str, subject: str | None = None) -> Callable[[Mes
         return bool(body["type"] == type_ and (subject is None or body["subject"] == subject))
 
     return matches
-
-
-def order(order_id: str, product_id: str = "widget-a", qty: int = 2, warehouse: str = "WH1") -> dict[str, Any]:
-    return {"order_id": order_id, "product_id": product_id, "qty": qty, "warehouse": warehouse}
 
 
 def first_occurrences(messages: list[Message]) -> list[dict[str, Any]]:
@@ -232,12 +195,12 @@ def assert_iso(value: object) -> None:
 
 
 def _with(**changes: object) -> bytes:
-    return orjson.dumps({**order("bad"), **changes})
+    return orjson.dumps(order_body(order("bad", qty=2), **changes))
 
 
 def _oversized() -> bytes:
     """An order that would be valid but for its size: JSON whitespace up to one byte over."""
-    body = orjson.dumps(order("bad-size"))
+    body = orjson.dumps(order_body(order("bad-size", qty=2)))
     return body[:-1] + b" " * (MAX_PAYLOAD + 1 - len(body)) + b"}"
 
 
@@ -263,7 +226,7 @@ BAD_INPUT: list[tuple[str, bytes, str | None, str]] = [
     ("qty over the profile max", _with(order_id="bad-101", qty=101), "bad-101", "qty 101 is over the largest 100"),
     ("order_id with a space", _with(order_id="bad id"), None, "order_id: String should match pattern"),
     ("order_id of 65 chars", _with(order_id="x" * 65), None, "order_id: String should match pattern"),
-    ("JSON array", orjson.dumps([order("bad-array")]), None, "not an object"),
+    ("JSON array", orjson.dumps([order_body(order("bad-array", qty=2))]), None, "not an object"),
     ("JSON string", b'"an order"', None, "not an object"),
     ("5000 nested arrays", b"[" * 5000 + b"]" * 5000, None, "not JSON"),
     ("deep nesting in a field", _nested_in_qty(500), "bad-deep", "qty: Input should be a valid integer"),
@@ -309,9 +272,9 @@ def test_every_bad_input_is_rejected_with_a_reason_and_a_valid_order_after_compl
             assert logged["data"]["reason"] == rejected["reason"], label
             assert set(rejected) == {"order_id", "reason", "received_at", "seq"}, label
             assert rejected["seq"] == logged["seq"], label  # deduplicated by (device_id, seq), like events
-            agent.assert_alive()
+            agent.check_alive()
 
-        good = order("good-after-bad", qty=2, warehouse="WH7")
+        good = order_body(order("good-after-bad", qty=2, warehouse="WH7"))
         backoffice.publish(ORDERS, good)
         record = backoffice.wait_for(on(topic.inventory, order_id="good-after-bad")).json()
         backoffice.wait_for(event(topic, "TidiedUp", "good-after-bad"))
@@ -319,9 +282,9 @@ def test_every_bad_input_is_rejected_with_a_reason_and_a_valid_order_after_compl
         if not broker.embedded:
             # Every rejection was acknowledged: after a restart (a persistent session) the broker
             # has nothing to send again. A new order after it proves the redeliveries are done.
-            assert agent.stop() == 0, agent.log_tail()
+            agent.stop()
             agent.start()
-            backoffice.publish(ORDERS, order("after-restart", qty=1))
+            backoffice.publish(ORDERS, order_body(order("after-restart", qty=1)))
             backoffice.wait_for(event(topic, "TidiedUp", "after-restart"))
 
     issued = agent.rows("InventoryIssued", "good-after-bad")
@@ -392,7 +355,7 @@ def test_every_event_arrives_in_seq_order_with_its_keys(new_agent: AgentFactory,
         else:  # subscribe first: every event from seq 1 on
             watcher = stack.enter_context(agent.peer(topic.events, topic.inventory))
             agent.start()
-        watcher.publish(ORDERS, order("in-order", qty=3))
+        watcher.publish(ORDERS, order_body(order("in-order", qty=3)))
         inventory = watcher.wait_for(on(topic.inventory, order_id="in-order")).json()
         tidied = watcher.wait_for(event(topic, "TidiedUp", "in-order")).json()
         received = watcher.messages(topic.events)
@@ -439,7 +402,7 @@ def test_telemetry_comes_at_qos_0_and_a_cancel_stops_a_build(new_agent: AgentFac
         assert_iso(body["ts"])
 
         # 100 units at 1.5 s each, 50 times faster: three seconds of building to cancel.
-        watcher.publish(ORDERS, order("cancel-me", product_id="gadget-b", qty=100))
+        watcher.publish(ORDERS, order_body(order("cancel-me", product="gadget-b", qty=100)))
         assigned = watcher.wait_for(event(topic, "StationAssigned", "cancel-me")).json()
         building = watcher.wait_for(
             lambda m: m.topic == topic.telemetry and m.json()["stations"]["busy"] == 1,
@@ -479,7 +442,7 @@ def test_telemetry_comes_at_qos_0_and_a_cancel_stops_a_build(new_agent: AgentFac
             lambda m: m.topic == topic.telemetry and m.json()["stations"]["busy"] == 0, since=mark
         ).json()
         assert freed["building"] == []
-    agent.assert_alive()
+    agent.check_alive()
     assert agent.rows("OrderCancelled", "cancel-me")
     assert not agent.rows("InventoryIssued", "cancel-me")
     assert not agent.rows("BuildComplete", "cancel-me")
@@ -493,7 +456,7 @@ def test_the_same_order_twice_is_one_work_item_and_another_body_is_a_conflicting
 ) -> None:
     agent = new_agent()
     topic = agent.topic
-    body = order("twice", qty=1)
+    body = order_body(order("twice", qty=1))
     with agent.peer(topic.events, topic.rejected, topic.inventory) as backoffice:
         # Back to back (the agent may well decide them in one batch): the order, the same order
         # laid out otherwise to the device's own topic, then again as it was.
@@ -529,7 +492,7 @@ def test_a_killed_agent_leaves_its_last_will_offline(new_agent: AgentFactory) ->
     with agent.peer(topic.status) as watcher:
         watcher.wait_for(on(topic.status, state="online"))
         mark = watcher.mark()
-        agent.stop(signal.SIGKILL)
+        agent.stop(signal.SIGKILL, expect=None)
         will = watcher.wait_for(on(topic.status), since=mark).json()
     assert will["state"] == "offline"
     assert set(will) == STATUS_KEYS
@@ -543,7 +506,7 @@ def test_a_killed_agent_leaves_its_last_will_offline(new_agent: AgentFactory) ->
 @pytest.mark.parametrize("broker", ["mosquitto"], indirect=True)
 def test_a_stopped_agent_leaves_offline_retained(new_agent: AgentFactory) -> None:
     agent = new_agent()
-    assert agent.stop(signal.SIGTERM) == 0, agent.log_tail()
+    agent.stop(signal.SIGTERM)
     with agent.peer(agent.topic.status, name="late") as late:
         retained = late.wait_for(on(agent.topic.status))
     assert retained.retain
@@ -614,7 +577,7 @@ def test_order_submit_wait_for_a_finished_order_answers_at_once_from_the_log(new
 
     topic = agent.topic
     with agent.peer(topic.events) as watcher:
-        watcher.publish(ORDERS, order("gone", product_id="gadget-b", qty=100))
+        watcher.publish(ORDERS, order_body(order("gone", product="gadget-b", qty=100)))
         watcher.wait_for(event(topic, "StationAssigned", "gone"))
         assert agent.cli("order", "cancel", "gone", "--wait", "--timeout", "30").returncode == 0
     cancelled = agent.cli(
@@ -693,7 +656,7 @@ def test_order_cancel_wait_exits_0_once_cancelled_and_1_with_the_reason_when_it_
     topic = agent.topic
     with agent.peer(topic.events) as watcher:
         # 100 units at 1.5 s each, 50 times faster: three seconds of building to cancel.
-        watcher.publish(ORDERS, order("to-cancel", product_id="gadget-b", qty=100))
+        watcher.publish(ORDERS, order_body(order("to-cancel", product="gadget-b", qty=100)))
         watcher.wait_for(event(topic, "StationAssigned", "to-cancel"))
         done = agent.cli("order", "cancel", "to-cancel", "--wait", "--timeout", "30")
         assert done.returncode == 0, done.stderr
@@ -742,7 +705,7 @@ def test_mosquitto_pub_and_sub_carry_an_order_to_its_inventory(new_agent: AgentF
                 break
         else:
             raise AssertionError(f"mosquitto_sub never subscribed: {sub.communicate()[1]}")
-        body = json.dumps(order("from-the-shell", product_id="gadget-b", qty=1, warehouse="WH3"))
+        body = json.dumps(order_body(order("from-the-shell", product="gadget-b", qty=1, warehouse="WH3")))
         subprocess.run(["mosquitto_pub", *connection, "-t", ORDERS, "-m", body], check=True, timeout=WAIT_S)
         out, err = sub.communicate(timeout=WAIT_S + 5)
     finally:

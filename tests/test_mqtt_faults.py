@@ -3,7 +3,7 @@ and commit or between commit and PUBACK, the broker killed and restarted during
 a burst of orders, a fleet sharing one order queue, a broker that wants TLS and
 a password, and a TLS link kept busy.
 
-The agent runs in a child process (tests/mqtt_rig.py starts tests/mqtt_agent_process.py:
+The agent runs in a child process (tests/support/mqtt_rig.py starts tests/support/mqtt_agent.py:
 `serve(config)` with, for the crash modes, a SIGKILL patched in at the chosen point).
 Its log is read read-only from here; the broker side is watched with paho clients of
 the test's own. Waits are on MQTT messages or on the log's contents, with timeouts;
@@ -14,50 +14,39 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import shutil
-import subprocess
 import threading
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
 
-from tests.brokers import Mosquitto, free_port, mosquitto
-from tests.mqtt_rig import (
-    PREFIX,
-    AgentProcess,
-    Agents,
-    Peer,
+from tests.support.agent_process import AgentProcess, Agents
+from tests.support.brokers import Mosquitto, mosquitto
+from tests.support.mqtt_rig import (
     agent_config,
-    agent_processes,
     all_tidied,
     check_each_once,
     check_intact,
     events_db,
     eventually,
-    order,
     orders_topic,
     outbox_cursor,
     read_log,
-    status_topic,
     subjects,
     unique,
 )
+from tests.support.orders import PRODUCT_IDS, order, order_payload
+from tests.support.peer import PREFIX, Peer, status_topic
+from tests.support.pki import make_pki, run
+from tests.support.ports import free_port
+from tests.support.tools import tool
 
 pytestmark = pytest.mark.slow
 
 REFUSED = "the broker refused the connection"
-
-
-@pytest.fixture
-def agents() -> Iterator[Agents]:
-    """Starts agent processes (`agents(config, name, *crash_args)`); none outlives the test."""
-    with agent_processes() as start:
-        yield start
 
 
 # -- 1, 2: the agent killed around the commit ---------------------------------------------
@@ -80,7 +69,7 @@ def test_agent_killed_between_receipt_and_commit_loses_no_order(
         crashing = agents(config, "crashing", "--crash-before-commit", str(len(ids)))
         monitor.wait_online(device)
         for n, order_id in enumerate(ids):
-            sender.publish(orders_topic(device), order(order_id, n))
+            sender.publish(orders_topic(device), order_payload(order(order_id, product=PRODUCT_IDS[n % 2])))
         crashing.wait_killed()
 
         (crash,) = crashing.reports("crash")
@@ -120,7 +109,7 @@ def test_agent_killed_after_commit_before_puback_makes_no_second_work_item(
         crashing = agents(config, "crashing", "--crash-before-ack", str(nth_ack))
         monitor.wait_online(device)
         for n, order_id in enumerate(ids):
-            sender.publish(orders_topic(device), order(order_id, n))
+            sender.publish(orders_topic(device), order_payload(order(order_id, product=PRODUCT_IDS[n % 2])))
         crashing.wait_killed()
 
         (crash,) = crashing.reports("crash")
@@ -199,7 +188,11 @@ def test_broker_killed_twice_during_a_burst_loses_and_repeats_nothing(tmp_path: 
                         if stop.wait(PACE_S):
                             return
                         with gate:
-                            sender.publish(f"{PREFIX}/orders", order(order_id, n), timeout=60)
+                            sender.publish(
+                                f"{PREFIX}/orders",
+                                order_payload(order(order_id, product=PRODUCT_IDS[n % 2])),
+                                timeout=60,
+                            )
                 except BaseException as error:  # raised again on the test's thread
                     failed.append(error)
 
@@ -269,7 +262,7 @@ def test_shared_group_gives_each_order_to_exactly_one_device(
         for device in devices:
             monitor.wait_online(device)
         for n, order_id in enumerate(ids):
-            sender.publish(f"{PREFIX}/orders", order(order_id, n))
+            sender.publish(f"{PREFIX}/orders", order_payload(order(order_id, product=PRODUCT_IDS[n % 2])))
 
         def done() -> bool:
             tidied = [set(subjects(read_log(events_db(c)), "TidiedUp")) for c in configs]
@@ -289,46 +282,6 @@ def test_shared_group_gives_each_order_to_exactly_one_device(
 
 
 # -- 5: TLS and password -------------------------------------------------------------------
-
-
-def tool(name: str) -> str:
-    found = shutil.which(name)
-    if found is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{name} is not installed")
-        pytest.skip(f"{name} is not installed")
-    return found
-
-
-def run(*command: str, cwd: Path) -> None:
-    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, check=False)
-    assert done.returncode == 0, f"{' '.join(command)}: {done.stderr}"
-
-
-def make_pki(folder: Path) -> tuple[Path, Path, Path]:
-    """A CA, and a server certificate it signed for 127.0.0.1 / localhost: (ca, cert, key)."""
-    openssl = tool("openssl")
-    folder.mkdir(parents=True)
-    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
-    run(
-        openssl, "req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
-        "-subj", "/CN=edge-agent test CA",
-        "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-        cwd=folder,
-    )  # fmt: skip
-    run(openssl, "req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost", cwd=folder)
-    (folder / "server.ext").write_text(
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n"
-        "keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n"
-        "authorityKeyIdentifier=keyid,issuer\nsubjectKeyIdentifier=hash\n",
-        encoding="utf-8",
-    )
-    run(
-        openssl, "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-        "-out", "server.crt", "-days", "2", "-extfile", "server.ext",
-        cwd=folder,
-    )  # fmt: skip
-    return folder / "ca.crt", folder / "server.crt", folder / "server.key"
 
 
 TLS_ORDERS = 20
@@ -357,7 +310,7 @@ def test_tls_and_password_let_the_right_agent_in_and_keep_the_others_out(tmp_pat
     pki = make_pki(tmp_path / "pki")
     ca = pki[0]
     users = tmp_path / "mosquitto-passwords"
-    passwd = tool("mosquitto_passwd")
+    passwd = tool("mosquitto_passwd", "mosquitto")
     run(passwd, "-b", "-c", str(users), "cell", "cell-secret", cwd=tmp_path)
     run(passwd, "-b", str(users), "monitor", "m-secret", cwd=tmp_path)
     extra = tls_listener(pki) + f"password_file {users}\nallow_anonymous false"
@@ -389,7 +342,7 @@ def test_tls_and_password_let_the_right_agent_in_and_keep_the_others_out(tmp_pat
             monitor.wait_online(good)
             ids = [f"{good}-{n:02d}" for n in range(TLS_ORDERS)]
             for n, order_id in enumerate(ids):
-                sender.publish(orders_topic(good), order(order_id, n))
+                sender.publish(orders_topic(good), order_payload(order(order_id, product=PRODUCT_IDS[n % 2])))
             eventually(all_tidied(events_db(good_config), ids), "the orders built over TLS", 30, agent)
             for other in refused:  # refused, retried with backoff, refused again: a few seconds without getting in
                 eventually(refused_thrice(other), f"{other.name} refused thrice", 20, other)
@@ -463,7 +416,7 @@ def test_a_wrong_password_is_named_in_the_log_and_in_healthz_at_once(
     tmp_path: Path, agents: Agents, protocol: str
 ) -> None:
     users = tmp_path / "mosquitto-passwords"
-    run(tool("mosquitto_passwd"), "-b", "-c", str(users), "cell", "cell-secret", cwd=tmp_path)
+    run(tool("mosquitto_passwd", "mosquitto"), "-b", "-c", str(users), "cell", "cell-secret", cwd=tmp_path)
     wrong = tmp_path / "wrong-password"
     wrong.write_text("not-the-secret\n", encoding="utf-8")
     wrong.chmod(0o600)  # a password file others can read is refused before any connection
@@ -515,7 +468,7 @@ def test_a_refused_cancel_is_acknowledged_and_not_sent_again_after_a_restart(tmp
         with Peer(broker.port, "back-office", [status_topic(device), rejected]) as office:
             first = agents(config, "first")
             office.wait_online(device)
-            office.publish(orders_topic(device), order("finished"))
+            office.publish(orders_topic(device), order_payload(order("finished")))
             eventually(all_tidied(events_db(config), ["finished"]), "the order built", 30, first)
             for order_id in ("no-such-order", "finished"):
                 office.publish(cancel_topic, json.dumps({"order_id": order_id}).encode())
@@ -525,7 +478,7 @@ def test_a_refused_cancel_is_acknowledged_and_not_sent_again_after_a_restart(tmp
 
             second = agents(config, "second")
             office.wait_online(device, times=2)
-            office.publish(orders_topic(device), order("after-restart"))  # comes after any redelivery
+            office.publish(orders_topic(device), order_payload(order("after-restart")))  # comes after any redelivery
             eventually(all_tidied(events_db(config), ["after-restart"]), "the next order built", 30, second)
             second.stop()
         assert [r["topic"] for r in first.reports("received")].count(cancel_topic) == 2

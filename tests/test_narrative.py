@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 from edge_agent.cli import app
 from edge_agent.domain import commands as cmd
 from edge_agent.log.journal import Journal
-from tests.plant import produce, run
+from tests.support.orders import order
+from tests.support.plant import produce, run
 
 JOURNAL_LOGGER = "edge_agent.log.journal"
 
@@ -50,7 +51,7 @@ def test_rejections_failures_cancels_and_the_estop_are_told_with_their_reasons(
         run(journal, cmd.RejectOrder("r-1", "qty: Input should be a valid integer"))
         run(journal, cmd.RejectOrder(None, "payload is not JSON"))
         for order_id in ("c-1", "f-1"):
-            run(journal, cmd.SubmitOrder(order_id, "gadget-b", 1, "WH2", 5, f"digest-{order_id}"))
+            run(journal, order(order_id, product="gadget-b", warehouse="WH2", priority=5))
         run(journal, cmd.CancelOrder("c-1"))
         run(journal, cmd.FailOrder("f-1", "station s2 reported a fault"))
         run(journal, cmd.EngageEstop())
@@ -89,7 +90,7 @@ def test_a_line_never_carries_a_line_separator_or_bidirectional_control_from_the
     caplog.set_level(logging.INFO, logger=JOURNAL_LOGGER)
     with Journal.open(tmp_path / "events.db") as journal:
         produce(journal, 0)
-        run(journal, cmd.SubmitOrder("b-1", "widget-a", 1, HIDDEN_WAREHOUSE, 0, "digest-b-1"))
+        run(journal, order("b-1", warehouse=HIDDEN_WAREHOUSE))
         run(journal, cmd.RejectOrder("r-3", f"warehouse: {REORDERING}"))
     accepted, rejected = story(caplog)
     assert accepted == "order b-1 accepted: 1 x widget-a for WH1\\u202eevil\\u2028INFO forged"
@@ -100,7 +101,7 @@ def test_status_never_prints_a_line_separator_or_bidirectional_control_from_the_
     path = tmp_path / "old" / "events.db"
     with Journal.open(path) as journal:
         produce(journal, 0)
-        run(journal, cmd.SubmitOrder("b-1", "widget-a", 1, HIDDEN_WAREHOUSE, 0, "digest-b-1"))
+        run(journal, order("b-1", warehouse=HIDDEN_WAREHOUSE))
         run(journal, cmd.FailOrder("b-1", f"jam {REORDERING}"))
     result = CliRunner().invoke(app, ["status", "--db", str(path)], env={"COLUMNS": "400"})
     assert result.exit_code == 0, result.output

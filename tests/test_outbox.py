@@ -11,7 +11,7 @@ import pytest
 from edge_agent.log.store import OUTBOX_CURSOR, EventLog
 from edge_agent.mqtt.outbox import WINDOW, Outbox
 from edge_agent.mqtt.topics import Topics
-from tests.plant import make_log
+from tests.support.plant import make_log
 
 TOPICS = Topics("factory", "cell-9")
 

@@ -9,23 +9,18 @@ from pathlib import Path
 
 from edge_agent.agent import Agent
 from edge_agent.config import Config
-from edge_agent.domain import commands as cmd
 from edge_agent.domain.outputs import desired_outputs
 from edge_agent.domain.state import Stage
 from edge_agent.log.journal import replay
 from edge_agent.log.store import EventLog
-from tests.agents import running
-
-PROFILE = Path(__file__).resolve().parent.parent / "device_profiles" / "simulated.yaml"
-WAIT_S = 10.0
+from tests.support import WAIT_S
+from tests.support.agents import running
+from tests.support.configs import agent_config
+from tests.support.orders import order
 
 
 def make_config(tmp_path: Path, speed: float) -> Config:
-    return Config(data_dir=tmp_path / "data", profile=PROFILE, speed=speed, device_id="cell-test")
-
-
-def order(order_id: str, qty: int) -> cmd.SubmitOrder:
-    return cmd.SubmitOrder(order_id, "widget-a", qty, "WH1", 0, f"digest-{order_id}")
+    return agent_config(tmp_path / "data", device_id="cell-test", speed=speed)
 
 
 def test_no_output_comes_on_before_the_event_calling_for_it_is_on_disk(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ import pytest
 
 from edge_agent.agent import Agent
 from edge_agent.cell import FAULT, station_input
-from edge_agent.config import Config, LogConfig
+from edge_agent.config import Config
 from edge_agent.devices.gpio import Devices
 from edge_agent.devices.simulator import Simulator
 from edge_agent.domain import commands as cmd
@@ -36,8 +36,10 @@ from edge_agent.log.journal import Journal, replay
 from edge_agent.log.store import EventLog
 from edge_agent.workflow.engine import WorkflowMismatch
 from edge_agent.workflow.steps import STEP_NAMES
+from tests.support import PROFILE
+from tests.support.configs import agent_config
+from tests.support.orders import order
 
-PROFILE = Path(__file__).resolve().parent.parent / "device_profiles" / "simulated.yaml"
 # The simulated profile's figures, in simulated seconds (divided by `speed` at run time).
 SECONDS_PER_UNIT = 1.0  # widget-a everywhere; gadget-b takes 1.5 on s1
 TRANSIT_S = 3.0
@@ -59,8 +61,8 @@ E = TypeVar("E")
 def make_config(
     tmp_path: Path, speed: float, *, synchronous: Literal["full", "normal"] = "full", snapshot_every: int = 1000
 ) -> Config:
-    log = LogConfig(synchronous=synchronous, snapshot_every=snapshot_every)
-    return Config(data_dir=tmp_path / "data", profile=PROFILE, speed=speed, device_id="cell-test", log=log)
+    log = {"synchronous": synchronous, "snapshot_every": snapshot_every}
+    return agent_config(tmp_path / "data", device_id="cell-test", speed=speed, log=log)
 
 
 def run(test: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -103,8 +105,8 @@ class Plant:
         return list(self.agent.journal.log.read(seq + 1))
 
     async def submit_all(self, orders: Iterable[cmd.SubmitOrder]) -> None:
-        for order in orders:
-            records = await self.agent.submit(order)
+        for submitted in orders:
+            records = await self.agent.submit(submitted)
             assert [type(r.event) for r in records] == [ev.OrderAccepted]
 
     async def engage_estop(self) -> State:
@@ -129,10 +131,6 @@ async def plant(config: Config) -> AsyncIterator[Plant]:
             task.cancel()
             with suppress(asyncio.CancelledError):
                 await task
-
-
-def order(order_id: str, qty: int = 1, *, priority: int = 0, product: str = "widget-a") -> cmd.SubmitOrder:
-    return cmd.SubmitOrder(order_id, product, qty, "WH1", priority, f"{product}|{qty}|WH1|{priority}")
 
 
 def stages(state: State) -> dict[str, Stage]:

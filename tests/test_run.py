@@ -5,49 +5,26 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
-from contextlib import suppress
 from pathlib import Path
 
 import pytest
 
-from edge_agent.errors import ConfigError
 from edge_agent.log.store import EventLog
-from tests.brokers import free_port
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def wait_for_log(
-    path: Path, condition_type: str, process: subprocess.Popen[str], timeout: float = 30, count: int = 1
-) -> None:
-    """Poll the log (another process writes it) until `count` events of that type are there."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, process.communicate()[1]
-        with suppress(ConfigError), EventLog(path, readonly=True) as log_:  # ConfigError: not made yet
-            if sum(1 for _ in log_.rows(type_=condition_type, limit=count)) >= count:
-                return
-        time.sleep(0.05)  # another process: SQLite offers nothing to wait on
-    raise AssertionError(f"no {condition_type} in {path} after {timeout} s")
+from tests.support.agents import wait_for_log
+from tests.support.configs import config_file
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_run_builds_demo_orders_and_stops_in_order_on_a_signal(tmp_path: Path, signum: signal.Signals) -> None:
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        f"device_id: test-cell\ndata_dir: ./var\nprofile: {ROOT / 'device_profiles' / 'simulated.yaml'}\n"
-        f"speed: 50\nmqtt: {{port: {free_port()}}}\nhttp: {{enabled: false}}\n",  # no broker there: runs offline
-        encoding="utf-8",
-    )
+    config = config_file(tmp_path, device_id="test-cell", speed=50)  # no broker on its port: it runs offline
     process = subprocess.Popen(
         [sys.executable, "-m", "edge_agent", "run", "--config", str(config), "--demo", "3"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    db = tmp_path / "var" / "events.db"
+    db = tmp_path / "data" / "events.db"
     try:
         wait_for_log(db, "InventoryIssued", process)
         process.send_signal(signum)

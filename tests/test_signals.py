@@ -11,18 +11,15 @@ import threading
 from pathlib import Path
 from queue import Empty, Queue
 
-from tests.brokers import free_port
+from tests.support import WAIT_S
+from tests.support.configs import config_file
+from tests.support.ports import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
 
-
-def write_config(path: Path, level: str, telemetry_s: float, port: int, speed: float = 1.0) -> None:
-    path.write_text(
-        f"device_id: signal-test\ndata_dir: ./var\nprofile: {ROOT / 'device_profiles' / 'simulated.yaml'}\n"
-        f"log_level: {level}\ntelemetry_interval_s: {telemetry_s}\nspeed: {speed}\n"
-        f"mqtt: {{port: {port}}}\nhttp: {{enabled: false}}\n",
-        encoding="utf-8",
-    )
+def write_config(folder: Path, level: str, telemetry_s: float, port: int, speed: float = 1.0) -> Path:
+    """`folder`/config.yaml (written again by a test before it sends SIGHUP)."""
+    settings = {"log_level": level, "telemetry_interval_s": telemetry_s, "speed": speed, "mqtt": {"port": port}}
+    return config_file(folder, device_id="signal-test", **settings)
 
 
 class Output:
@@ -40,7 +37,7 @@ class Output:
 
         threading.Thread(target=read, daemon=True).start()
 
-    def wait_for(self, text: str, timeout: float = 15) -> str:
+    def wait_for(self, text: str, timeout: float = WAIT_S) -> str:
         while True:
             try:
                 line = self.lines.get(timeout=timeout)
@@ -63,13 +60,12 @@ def start(config: Path, *args: str, **env: str) -> tuple[subprocess.Popen[str], 
 
 
 def test_sighup_reloads_the_log_level_and_telemetry_interval_and_names_what_needs_a_restart(tmp_path: Path) -> None:
-    config = tmp_path / "config.yaml"
     port = free_port()
-    write_config(config, "info", 5, port)
+    config = write_config(tmp_path, "info", 5, port)
     process, output = start(config)
     try:
         output.wait_for("edge-agent 0.1.0 on signal-test")
-        write_config(config, "debug", 2, port, speed=3)
+        write_config(tmp_path, "debug", 2, port, speed=3)
         process.send_signal(signal.SIGHUP)
         output.wait_for("DEBUG edge_agent.service: logging at debug")  # the new level is in force
         reloaded = output.wait_for("reloaded:")
@@ -79,7 +75,7 @@ def test_sighup_reloads_the_log_level_and_telemetry_interval_and_names_what_need
         process.send_signal(signal.SIGHUP)  # the same file again: what was applied is not news
         assert "nothing changed that can be reloaded" in output.wait_for("reloaded:")
         assert "speed" in output.wait_for("only after a restart")  # still waiting for one
-        write_config(config, "debug", 0, port)  # invalid: nothing changes, the agent goes on
+        write_config(tmp_path, "debug", 0, port)  # invalid: nothing changes, the agent goes on
         process.send_signal(signal.SIGHUP)
         assert "telemetry_interval_s" in output.wait_for("reload refused")
         process.send_signal(signal.SIGTERM)
@@ -89,8 +85,7 @@ def test_sighup_reloads_the_log_level_and_telemetry_interval_and_names_what_need
 
 
 def test_one_line_per_event_with_no_timestamp_of_our_own_under_journald(tmp_path: Path) -> None:
-    config = tmp_path / "config.yaml"
-    write_config(config, "info", 5, free_port())
+    config = write_config(tmp_path, "info", 5, free_port())
     for journald in (False, True):
         process, output = start(config, **({"JOURNAL_STREAM": "8:12345"} if journald else {}))
         try:
@@ -103,8 +98,7 @@ def test_one_line_per_event_with_no_timestamp_of_our_own_under_journald(tmp_path
 
 
 def test_log_level_on_the_command_line_overrides_the_config(tmp_path: Path) -> None:
-    config = tmp_path / "config.yaml"
-    write_config(config, "info", 5, free_port())
+    config = write_config(tmp_path, "info", 5, free_port())
     process, output = start(config, "--log-level", "warning")
     try:
         first = output.wait_for("cannot reach the broker")  # a warning: shown
@@ -116,9 +110,8 @@ def test_log_level_on_the_command_line_overrides_the_config(tmp_path: Path) -> N
 
 
 def test_sighup_names_every_changed_key_dotted_not_its_section(tmp_path: Path) -> None:
-    config = tmp_path / "config.yaml"
     port = free_port()
-    write_config(config, "info", 5, port)
+    config = write_config(tmp_path, "info", 5, port)
     process, output = start(config)
     try:
         output.wait_for("edge-agent 0.1.0 on signal-test")

@@ -15,32 +15,20 @@ import pytest
 
 from edge_agent.agent import Agent
 from edge_agent.config import Config
-from edge_agent.domain import commands as cmd
 from edge_agent.domain.events import Recorded
 from edge_agent.domain.state import Stage
 from edge_agent.storage import StorageGuard
-from tests.agents import running
-from tests.brokers import free_port
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support import WAIT_S
+from tests.support.agents import running
+from tests.support.configs import agent_config
+from tests.support.orders import order
 
 
 def make_config(data_dir: Path, **limits: int) -> Config:
-    return Config(
-        device_id="fault-test",
-        data_dir=data_dir,
-        profile=ROOT / "device_profiles" / "simulated.yaml",
-        speed=50,
-        mqtt={"port": free_port()},
-        limits={"min_free_mb": 0, **limits},
-    )
+    return agent_config(data_dir, device_id="fault-test", speed=50, limits=limits)
 
 
-def order(order_id: str) -> cmd.SubmitOrder:
-    return cmd.SubmitOrder(order_id, "widget-a", 3, "WH1", 0, f"d-{order_id}")
-
-
-async def until(agent: Agent, condition: Callable[[], bool], timeout: float = 10) -> None:
+async def until(agent: Agent, condition: Callable[[], bool], timeout: float = WAIT_S) -> None:
     async with asyncio.timeout(timeout):
         while not condition():
             await asyncio.sleep(0.01)  # the fault path commits nothing: no commit to wait on
@@ -53,7 +41,7 @@ class Acks:
         self.acked: list[str] = []
 
     def offer(self, agent: Agent, order_id: str) -> None:
-        agent.offer(order(order_id), lambda records: self._ack(order_id, records))
+        agent.offer(order(order_id, 3), lambda records: self._ack(order_id, records))
 
     def _ack(self, order_id: str, records: list[Recorded]) -> None:
         self.acked.append(order_id)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -17,19 +16,11 @@ from pathlib import Path
 import pytest
 
 from edge_agent.sdnotify import Notifier
-from tests.brokers import free_port
+from tests.support import ROOT
+from tests.support.configs import config_file
+from tests.support.tools import tool
 
-ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "edge-agent.service"
-
-
-def systemd_analyze() -> str:
-    found = shutil.which("systemd-analyze")
-    if found is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("systemd-analyze is missing (.ci/run installs systemd)")
-        pytest.skip("systemd-analyze is not installed")
-    return found
 
 
 @pytest.fixture
@@ -72,7 +63,11 @@ def test_the_unit_has_what_a_gpio_service_under_systemd_needs() -> None:
 
 def test_systemd_analyze_verify_prints_no_warning(unit_copy: Path) -> None:
     result = subprocess.run(
-        [systemd_analyze(), "verify", str(unit_copy)], capture_output=True, text=True, check=False, timeout=60
+        [tool("systemd-analyze", "systemd"), "verify", str(unit_copy)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
     )
     # A misspelt directive only warns, so the output must be empty, not just the exit code 0.
     assert result.returncode == 0, result.stderr
@@ -82,7 +77,7 @@ def test_systemd_analyze_verify_prints_no_warning(unit_copy: Path) -> None:
 
 def test_systemd_analyze_security_scores_it_at_most_2(unit_copy: Path) -> None:
     result = subprocess.run(
-        [systemd_analyze(), "security", "--offline=yes", str(unit_copy)],
+        [tool("systemd-analyze", "systemd"), "security", "--offline=yes", str(unit_copy)],
         capture_output=True,
         text=True,
         check=False,
@@ -97,7 +92,9 @@ def test_a_misspelt_directive_is_caught(tmp_path: Path, unit_copy: Path) -> None
     broken = tmp_path / "broken" / "edge-agent.service"
     broken.parent.mkdir()
     broken.write_text(unit_copy.read_text(encoding="utf-8").replace("NoNewPrivileges", "NoNewPrivilege"), "utf-8")
-    result = subprocess.run([systemd_analyze(), "verify", str(broken)], capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [tool("systemd-analyze", "systemd"), "verify", str(broken)], capture_output=True, text=True, check=False
+    )
     assert "NoNewPrivilege" in result.stdout + result.stderr
 
 
@@ -150,12 +147,7 @@ def test_the_agent_reports_ready_pings_the_watchdog_and_stops_within_5_s(
     tmp_path: Path, notify_socket: tuple[socket.socket, str]
 ) -> None:
     sock, path = notify_socket
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        f"device_id: notify-test\ndata_dir: ./var\nprofile: {ROOT / 'device_profiles' / 'simulated.yaml'}\n"
-        f"mqtt: {{port: {free_port()}}}\nhttp: {{enabled: false}}\n",
-        encoding="utf-8",
-    )
+    config = config_file(tmp_path, device_id="notify-test")
     env = {**os.environ, "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000"}  # ping every 0.1 s
     process = subprocess.Popen(
         [sys.executable, "-m", "edge_agent", "run", "--config", str(config)],

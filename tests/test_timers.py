@@ -14,7 +14,8 @@ from edge_agent.domain.decide import decide
 from edge_agent.domain.outputs import desired_outputs
 from edge_agent.domain.state import Policy, Stage, State
 from edge_agent.errors import CommandRejected, InvalidEvent
-from tests.test_domain import PRODUCTS, STATIONS, T0, apply, submit
+from tests.support.orders import order
+from tests.support.plant import PRODUCTS, STATIONS, T0, apply
 
 POLICY = Policy(unit_timeout_s=10, transit_timeout_s=20, retries=2, backoff_s=1, backoff_max_s=1.5)
 
@@ -41,7 +42,7 @@ class Cell:
         return self.do(cmd.Tick(due), t)
 
     def building(self, order_id: str = "o1", qty: int = 3) -> None:
-        self.do(submit(order_id, qty=qty))
+        self.do(order(order_id, qty))
         self.do(cmd.QueueOrder(order_id))
         self.do(cmd.AssignStations())
 
@@ -136,15 +137,15 @@ def test_a_fault_fails_the_build_or_retries_it_per_policy() -> None:
 
 def test_validation_fails_an_unknown_product_or_a_quantity_out_of_range() -> None:
     cell = Cell()
-    cell.do(cmd.SubmitOrder("x", "sprocket", 1, "WH1", 0, "d"))
-    cell.do(cmd.SubmitOrder("y", "widget-a", 101, "WH1", 0, "d"))
+    cell.do(order("x", product="sprocket"))
+    cell.do(order("y", 101))
     assert cell.do(cmd.QueueOrder("x")) == [ev.OrderFailed("x", "product 'sprocket' is not made by this cell")]
     assert cell.do(cmd.QueueOrder("y")) == [ev.OrderFailed("y", "qty 101 is outside 1..100 for widget-a")]
 
 
 def test_workflow_steps_are_numbered_in_order() -> None:
     cell = Cell()
-    cell.do(submit("o1"))
+    cell.do(order("o1", 2))
     assert cell.do(cmd.CompleteStep("o1", "validate")) == [ev.StepCompleted("o1", 0, "validate")]
     assert cell.do(cmd.CompleteStep("o1", "send_to_factory")) == [ev.StepCompleted("o1", 1, "send_to_factory")]
     assert cell.state.work_items["o1"].steps_done == ("validate", "send_to_factory")

@@ -61,7 +61,7 @@ class Inbound:
 _READ_AHEAD_BYTES = 65536
 
 
-class _ReadAhead:
+class ReadAhead:
     """A plain TCP socket read ahead: one recv takes whatever has arrived, and paho's small
     reads are served from it. paho reads every packet's header a byte at a time (a system
     call each) and selects before every packet; under a stream of orders that was an eighth
@@ -97,14 +97,14 @@ class _ReadAhead:
         self._sock.close()
 
 
-class _Client(paho.Client):
+class ReadAheadClient(paho.Client):
     """paho's client, reading ahead. paho 2.x makes each connection's socket in
     `_create_socket`, a private method (hence paho-mqtt pinned below 3)."""
 
     def _create_socket(self) -> paho.SocketLike:
         sock = super()._create_socket()
         # Only a plain TCP socket: TLS and WebSocket ones have buffers of their own.
-        return _ReadAhead(sock) if type(sock) is socket.socket else sock
+        return ReadAhead(sock) if type(sock) is socket.socket else sock
 
 
 def backoff_s(attempt: int, rng: random.Random) -> float:
@@ -145,7 +145,7 @@ class Link:
         self.refusal: str | None = None
         self._turned_away = False  # this attempt was refused, not lost
         v5 = config.protocol == "5"
-        self._client = _Client(
+        self._client = ReadAheadClient(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,

@@ -20,9 +20,8 @@ from edge_agent.domain.outputs import desired_outputs
 from edge_agent.log.store import OUTBOX_CURSOR
 from edge_agent.mqtt.outbox import Outbox
 from edge_agent.mqtt.topics import Topics
-from tests.io_faults import Disk
-
-WAIT_S = 10.0  # generous: a loaded 2-core machine; a passing wait takes a fraction of this
+from tests.support import WAIT_S
+from tests.support.io_faults import Disk
 
 
 class Changes:

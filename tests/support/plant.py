@@ -1,21 +1,39 @@
-"""Drive a journal through realistic order lifecycles, for tests that need a log."""
+"""Drive the cell through realistic order lifecycles: a bare state, for the pure tests, or a
+journal, for tests that need a log."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 from edge_agent.clock import FakeClock
 from edge_agent.domain import commands as cmd
+from edge_agent.domain import events as ev
 from edge_agent.domain.decide import admit, decide
-from edge_agent.domain.events import InventoryIssued, Recorded
+from edge_agent.domain.evolve import fold
+from edge_agent.domain.state import State
 from edge_agent.log.journal import Journal
 from edge_agent.log.store import OUTBOX_CURSOR
+from tests.support.orders import order
 
 STATIONS = ("s1", "s2", "s3")
 PRODUCTS = (("widget-a", 100), ("gadget-b", 100))
+T0 = datetime(2026, 1, 1, tzinfo=UTC)  # when the pure tests decide, unless they say otherwise
 
 
-def run(journal: Journal, command: cmd.Command, clock: FakeClock | None = None) -> list[Recorded]:
+def record(state: State, events: list[ev.Event], at: datetime = T0) -> list[ev.Recorded]:
+    """`events` as the log would record them after `state`, at `at`."""
+    ts = at.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return [ev.Recorded(state.last_seq + i, ts, event) for i, event in enumerate(events, start=1)]
+
+
+def apply(state: State, command: cmd.Command, at: datetime = T0) -> tuple[State, list[ev.Recorded]]:
+    """Decide `command` on `state` at `at`; the state after its events, and the events."""
+    records = record(state, decide(state, command, at), at)
+    return fold(state, records), records
+
+
+def run(journal: Journal, command: cmd.Command, clock: FakeClock | None = None) -> list[ev.Recorded]:
     """Decide `command` on the journal's state (an order against its idempotency record)
     and commit the result."""
     if isinstance(command, cmd.SubmitOrder):
@@ -30,7 +48,7 @@ def produce(journal: Journal, orders: int, *, qty: int = 2, clock: FakeClock | N
     run(journal, cmd.ConfigurePlant(STATIONS, PRODUCTS), clock)
     for i in range(orders):
         order_id = f"{prefix}{i}"
-        run(journal, cmd.SubmitOrder(order_id, "widget-a", qty, "WH1", i % 3, f"digest-{order_id}"), clock)
+        run(journal, order(order_id, qty, priority=i % 3), clock)
         run(journal, cmd.QueueOrder(order_id), clock)
     while journal.state.work_items:
         if clock:
@@ -39,9 +57,9 @@ def produce(journal: Journal, orders: int, *, qty: int = 2, clock: FakeClock | N
         for station in STATIONS:
             run(journal, cmd.RecordUnit(station), clock)
         run(journal, cmd.StartShipment(), clock)
-        for record in run(journal, cmd.RecordArrival(), clock):
-            if isinstance(record.event, InventoryIssued):
-                run(journal, cmd.TidyUp(record.event.order_id), clock)
+        for recorded in run(journal, cmd.RecordArrival(), clock):
+            if isinstance(recorded.event, ev.InventoryIssued):
+                run(journal, cmd.TidyUp(recorded.event.order_id), clock)
 
 
 def make_log(path: Path, orders: int = 10, *, snapshot_every: int = 10, qty: int = 2, published: bool = True) -> Path:

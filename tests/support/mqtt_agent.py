@@ -1,6 +1,6 @@
 """The agent with its MQTT gateway in a child process, for the MQTT fault and chaos tests.
 
-Run as `python -m tests.mqtt_agent_process CONFIG [--crash-before-commit N | --crash-before-ack N]`
+Run as `python -m tests.support.mqtt_agent CONFIG [--crash-before-commit N | --crash-before-ack N]`
 from the project root. It runs `edge_agent.service.serve(config)` in-process
 until SIGINT / SIGTERM (an orderly stop, exit 0), logging to stderr at INFO.
 
@@ -118,7 +118,7 @@ def crash_before_ack(n: int) -> None:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m tests.mqtt_agent_process")
+    parser = argparse.ArgumentParser(prog="python -m tests.support.mqtt_agent")
     parser.add_argument("config", type=Path)
     crash = parser.add_mutually_exclusive_group()
     crash.add_argument("--crash-before-commit", type=int, metavar="N")

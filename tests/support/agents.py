@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
+from pathlib import Path
 
 import pytest
 
 from edge_agent.agent import Agent
+from edge_agent.errors import ConfigError
+from edge_agent.log.store import EventLog
+from tests.support import WAIT_S
 
 
 @asynccontextmanager
@@ -33,3 +38,17 @@ def next_line(proc: subprocess.Popen[str], who: str) -> str:
         stderr = proc.stderr.read() if proc.stderr else ""
         pytest.fail(f"the {who} stopped (exit {proc.returncode}):\n{stderr}")
     return line
+
+
+def wait_for_log(
+    path: Path, condition_type: str, process: subprocess.Popen[str], timeout: float = WAIT_S, count: int = 1
+) -> None:
+    """Poll the log (another process writes it) until `count` events of that type are there."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[1]
+        with suppress(ConfigError), EventLog(path, readonly=True) as log_:  # ConfigError: not made yet
+            if sum(1 for _ in log_.rows(type_=condition_type, limit=count)) >= count:
+                return
+        time.sleep(0.05)  # another process: SQLite offers nothing to wait on
+    raise AssertionError(f"no {condition_type} in {path} after {timeout} s")

@@ -1,6 +1,6 @@
 """A reader process for the concurrency tests: reads the log while another process writes.
 
-Run as `python -m tests.log_reader MODE PATH` from the project root.
+Run as `python -m tests.support.log_reader MODE PATH` from the project root.
 
 `follow`: reads the whole log again and again, each time through a fresh
 read-only `EventLog`, checking that the read is a consistent prefix (seqs 1, 2,

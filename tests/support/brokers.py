@@ -4,44 +4,14 @@ each on a free port of 127.0.0.1."""
 from __future__ import annotations
 
 import getpass
-import os
-import shutil
-import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def wait_for_port(port: int, timeout: float = 10.0) -> None:
-    """Until something accepts connections on 127.0.0.1:port."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.02)  # a separate process: nothing to wait on but the port itself
-    raise AssertionError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
-
-
-def mosquitto_binary() -> str:
-    """The mosquitto executable; without it the tests that need it fail under CI and skip elsewhere."""
-    found = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
-    if found is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("mosquitto is not installed (.ci/run installs it with apt-get)")
-        pytest.skip("mosquitto is not installed: apt-get install mosquitto mosquitto-clients")
-    return found
+from tests.support.ports import free_port, wait_for_port
+from tests.support.tools import tool
 
 
 @dataclass
@@ -72,7 +42,7 @@ class Mosquitto:
         )
         if self.defaults:
             self.config_file.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n", encoding="utf-8")
-        self.process = subprocess.Popen([mosquitto_binary(), "-c", str(self.config_file)])
+        self.process = subprocess.Popen([tool("mosquitto", "mosquitto"), "-c", str(self.config_file)])
         wait_for_port(self.port)
 
     def kill(self) -> None:

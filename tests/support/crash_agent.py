@@ -1,6 +1,6 @@
 """The whole agent in a child process, for the agent crash test.
 
-Run as `python -m tests.agent_process DATA_DIR [--speed S] [--lockstep] [--out FILE]`
+Run as `python -m tests.support.crash_agent DATA_DIR [--speed S] [--lockstep] [--out FILE]`
 from the project root. It runs the Agent on the simulated profile with its log
 in DATA_DIR and submits the same orders every time (same ids, same digests, so
 a restarted process submitting them again is a no-op), then:
@@ -31,34 +31,28 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.agent import Agent
-from edge_agent.config import Config
 from edge_agent.domain import commands as cmd
 from edge_agent.domain.state import State
 from edge_agent.log.journal import Commit
 from edge_agent.log.store import Row
+from tests.support.configs import agent_config
+from tests.support.orders import order
 
-ROOT = Path(__file__).resolve().parent.parent
-PROFILE = ROOT / "device_profiles" / "simulated.yaml"
 DEVICE_ID = "crash-cell"
 SNAPSHOT_EVERY = 10  # the smallest the config allows: recovery goes through snapshots
 
 
-def order(n: int, product: str, qty: int, priority: int) -> cmd.SubmitOrder:
-    order_id = f"order-{n:02d}"
-    return cmd.SubmitOrder(order_id, product, qty, "WH1", priority, f"{product}|{qty}|WH1|{priority}")
-
-
 # Nine orders for three stations, most of them more than one unit (so a build has a middle).
 ORDERS: tuple[cmd.SubmitOrder, ...] = (
-    order(1, "widget-a", 3, 0),
-    order(2, "gadget-b", 2, 1),
-    order(3, "widget-a", 2, 0),
-    order(4, "widget-a", 1, 2),
-    order(5, "gadget-b", 3, 0),
-    order(6, "widget-a", 2, 1),
-    order(7, "gadget-b", 1, 0),
-    order(8, "widget-a", 3, 0),
-    order(9, "gadget-b", 2, 2),
+    order("order-01", 3, product="widget-a", priority=0),
+    order("order-02", 2, product="gadget-b", priority=1),
+    order("order-03", 2, product="widget-a", priority=0),
+    order("order-04", 1, product="widget-a", priority=2),
+    order("order-05", 3, product="gadget-b", priority=0),
+    order("order-06", 2, product="widget-a", priority=1),
+    order("order-07", 1, product="gadget-b", priority=0),
+    order("order-08", 3, product="widget-a", priority=0),
+    order("order-09", 2, product="gadget-b", priority=2),
 )
 ORDER_IDS = frozenset(o.order_id for o in ORDERS)
 
@@ -101,13 +95,7 @@ def pin_history(pin: Any) -> list[tuple[float, bool]]:
 
 
 async def main(data_dir: Path, speed: float, lockstep: bool, out: Path | None) -> None:
-    config = Config(
-        data_dir=data_dir,
-        profile=PROFILE,
-        speed=speed,
-        device_id=DEVICE_ID,
-        log={"snapshot_every": SNAPSHOT_EVERY},
-    )
+    config = agent_config(data_dir, device_id=DEVICE_ID, speed=speed, log={"snapshot_every": SNAPSHOT_EVERY})
     async with Agent(config) as agent:
         # Recovered, and nothing resumed yet: what the outputs show now, before run().
         outputs = list(agent.devices.outputs)
@@ -140,7 +128,7 @@ async def main(data_dir: Path, speed: float, lockstep: bool, out: Path | None) -
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m tests.agent_process")
+    parser = argparse.ArgumentParser(prog="python -m tests.support.crash_agent")
     parser.add_argument("data_dir", type=Path)
     parser.add_argument("--speed", type=float, default=20.0)
     parser.add_argument("--lockstep", action="store_true")

@@ -1,6 +1,6 @@
 """A writer for the crash test: appends real order lifecycles until it is killed.
 
-Run as `python -m tests.crash_writer PATH SEED` from the project root. It opens
+Run as `python -m tests.support.crash_writer PATH SEED` from the project root. It opens
 the journal at PATH (synchronous=full, a snapshot every few events), prints
 `ready SEQ DIGEST` with the state it recovered, then drives the cell forever,
 printing `FIRST LAST` (flushed) after every append has committed. A line on
@@ -21,7 +21,8 @@ from edge_agent.domain import commands as cmd
 from edge_agent.domain.codec import state_to_dict
 from edge_agent.domain.state import CANCELLABLE_STAGES, FINISHED_STAGES, Stage, State
 from edge_agent.log.journal import Journal
-from tests.plant import PRODUCTS, STATIONS, run
+from tests.support.orders import order
+from tests.support.plant import PRODUCTS, STATIONS, run
 
 SNAPSHOT_EVERY = 25
 LIVE_ORDERS = 6  # work items kept alive (new orders top the cell up to this)
@@ -57,11 +58,11 @@ def cycle(journal: Journal, rng: random.Random) -> None:
     for _ in range(LIVE_ORDERS - len(journal.state.work_items)):
         order_id = f"c{journal.state.accepted}"  # every accepted order adds one: ids never repeat
         qty, priority = rng.randint(1, 3), rng.randint(0, 2)
-        commit(journal, cmd.SubmitOrder(order_id, "widget-a", qty, "WH1", priority, f"digest-{order_id}"))
+        commit(journal, order(order_id, qty, priority=priority))
     if rng.random() < 0.1:  # a conflicting duplicate of an order already seen
         known = "c0" if journal.state.accepted else None
         if known is not None:
-            commit(journal, cmd.SubmitOrder(known, "widget-b", 1, "WH1", 0, "another body"))
+            commit(journal, order(known, product="widget-b"))
     for item in list(journal.state.work_items.values()):
         if item.stage is Stage.NEW:
             commit(journal, cmd.QueueOrder(item.order_id))
