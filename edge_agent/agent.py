@@ -27,6 +27,7 @@ from edge_agent.domain.events import Recorded
 from edge_agent.domain.outputs import desired_outputs
 from edge_agent.domain.state import Policy, State
 from edge_agent.errors import LogError
+from edge_agent.hooks import NO_HOOKS, Hooks
 from edge_agent.lock import DataDirLock
 from edge_agent.log.journal import Commit, CommitObserver, Journal
 from edge_agent.log.store import Row
@@ -96,9 +97,11 @@ class Agent:
         profile: Profile | None = None,
         lock: DataDirLock | None = None,
         storage: StorageGuard | None = None,
+        hooks: Hooks = NO_HOOKS,
     ) -> None:
         """`lock`: the data folder's lock, held by the caller; without one the agent takes it.
-        `storage`: how the disk is watched (by default, as the config says)."""
+        `storage`: how the disk is watched (by default, as the config says); `hooks`: see
+        `edge_agent.hooks`."""
         self.config = config
         self._lock = lock
         self.profile = profile or load_profile(config.profile)
@@ -108,6 +111,7 @@ class Agent:
         self._wake = asyncio.Event()
         self._committed_event = asyncio.Event()  # set (and replaced) at every commit
         self._driving = False  # outputs follow the state only while running
+        self._hooks = hooks
         self.storage = storage or StorageGuard(config.data_dir, config.limits.min_free_mb)
         self.storage.add_observer(self._storage_changed)
         self._stack = AsyncExitStack()
@@ -285,8 +289,10 @@ class Agent:
         an order is rejected, so the sender knows and the broker holds nothing for us."""
         self.storage.check_space()
         batch = [self._orders.popleft() for _ in range(min(len(self._orders), ORDER_BATCH))]
+        orders = [offer.command for offer in batch]
+        self._hooks.deciding(orders)
         try:
-            records = self.workflow.execute_batch([offer.command for offer in batch])
+            records = self.workflow.execute_batch(orders)
         except LogError:
             self._orders.extendleft(reversed(batch))  # not acknowledged: taken again once the log works
             raise

@@ -24,6 +24,7 @@ from edge_agent.domain.moments import iso
 from edge_agent.domain.state import Stage
 from edge_agent.domain.view import state_view
 from edge_agent.errors import CommandRejected
+from edge_agent.hooks import NO_HOOKS, Hooks
 from edge_agent.log.store import OUTBOX_CURSOR
 from edge_agent.mqtt.inbound import CancelRefused, cancel_command, order_command
 from edge_agent.mqtt.link import Inbound, Link
@@ -65,21 +66,22 @@ class _Handoff:
 
 
 class Gateway:
-    def __init__(self, agent: Agent, config: Config) -> None:
+    def __init__(self, agent: Agent, config: Config, hooks: Hooks = NO_HOOKS) -> None:
         self._agent = agent
         self._config = config
+        self._hooks = hooks
         self._loop = asyncio.get_running_loop()
         self._started = agent.clock.monotonic()
         self.telemetry_interval_s = config.telemetry_interval_s  # SIGHUP may change it
         self._cancels: set[asyncio.Task[None]] = set()
         self.topics = Topics(config.mqtt.topic_prefix, config.device_id, config.mqtt.shared_group)
-        handoff = _Handoff(self._loop)
+        self._handoff = handoff = _Handoff(self._loop)
         self.link = Link(
             config.mqtt,
             config.device_id,
             self.topics,
             will=self._status("offline", will=True),
-            on_message=lambda message: handoff(self._received, message),
+            on_message=self._inbound,
             on_connection=lambda up: handoff(self._connection, up),
             on_published=lambda mid, refusal: handoff(self._published, (mid, refusal)),
         )
@@ -107,6 +109,13 @@ class Gateway:
             farewell = (self.topics.status, self._status("offline"))
             await asyncio.to_thread(self.link.stop, farewell)
 
+    # -- from paho ---------------------------------------------------------------
+
+    def _inbound(self, message: Inbound) -> None:
+        """On paho's thread: handed to the loop at once."""
+        self._hooks.received(message)
+        self._handoff(self._received, message)
+
     # -- from paho (already on the loop) ----------------------------------------
 
     def _connection(self, up: bool) -> None:
@@ -127,22 +136,22 @@ class Gateway:
             # Acknowledged once its outcome is committed; a duplicate (no records) too, and
             # nothing is sent again: how it went is on `events` and `inventory` already.
             # The service log tells the outcome from the commit (accepted, or why not).
-            self._agent.offer(order, lambda records: self.link.ack(message))
+            self._agent.offer(order, lambda records: self._ack(message))
         elif topic == self.topics.cancel:
             cancel = cancel_command(message.payload, max_bytes)
             if isinstance(cancel, CancelRefused):
                 self._refuse_cancel(cancel.order_id, cancel.reason)
-                self.link.ack(message)
+                self._ack(message)
             else:
                 task = self._loop.create_task(self._cancel(cancel, message))
                 self._cancels.add(task)  # the loop keeps only a weak reference to a task
                 task.add_done_callback(self._cancels.discard)
         elif topic == self.topics.rebirth:
             self._birth()
-            self.link.ack(message)
+            self._ack(message)
         else:  # an unknown command, or a retained message a broker sent unasked (amqtt does)
             log.log(logging.WARNING if "/cmd/" in topic else logging.DEBUG, "ignored a message on %s", topic)
-            self.link.ack(message)
+            self._ack(message)
 
     async def _cancel(self, cancel: cmd.CancelOrder, message: Inbound) -> None:
         """Decide the cancel, then acknowledge it whatever the outcome: a cancel left
@@ -155,6 +164,10 @@ class Gateway:
         except Exception as error:
             log.exception("cancel of order %r failed", cancel.order_id)
             self._refuse_cancel(cancel.order_id, f"cannot be applied: {error}")
+        self._ack(message)
+
+    def _ack(self, message: Inbound) -> None:
+        self._hooks.acking(message)
         self.link.ack(message)
 
     def _refuse_cancel(self, order_id: str | None, reason: str) -> None:

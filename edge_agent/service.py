@@ -22,6 +22,7 @@ from edge_agent.domain.state import Stage
 from edge_agent.errors import ConfigError
 from edge_agent.gateway import Gateway
 from edge_agent.health import HealthServer, Metrics
+from edge_agent.hooks import NO_HOOKS, Hooks
 from edge_agent.lock import DataDirLock
 from edge_agent.mqtt.broker import EmbeddedBroker
 from edge_agent.mqtt.link import check_credentials
@@ -37,7 +38,7 @@ def run_agent(config: Config, demo: int = 0, config_path: Path | None = None) ->
     asyncio.run(serve(config, demo, config_path))
 
 
-async def serve(config: Config, demo: int = 0, config_path: Path | None = None) -> None:
+async def serve(config: Config, demo: int = 0, config_path: Path | None = None, hooks: Hooks = NO_HOOKS) -> None:
     profile = load_profile(config.profile)  # a bad profile stops us before any pin or the log is touched
     check_files(config)  # so do a missing certificate and a password file others can read,
     check_credentials(config.mqtt)  # and a certificate, key or password the link could not use
@@ -61,8 +62,8 @@ async def serve(config: Config, demo: int = 0, config_path: Path | None = None) 
         check_ports(config)
         if config.mqtt.embedded:
             await stack.enter_async_context(EmbeddedBroker(config.mqtt.port, config.mqtt.host))
-        agent = await stack.enter_async_context(Agent(config, profile=profile, lock=lock))
-        gateway = Gateway(agent, config)
+        agent = await stack.enter_async_context(Agent(config, profile=profile, lock=lock, hooks=hooks))
+        gateway = Gateway(agent, config, hooks)
         if config.http.enabled:
             health = HealthServer(
                 config.http.bind, config.http.port, lambda: problems(agent, gateway), metrics(agent, gateway)

@@ -56,6 +56,7 @@ class Inbound:
     mid: int
     qos: int
     connection: int  # which connection it came on: a PUBACK belongs on that one only
+    dup: bool = False  # the broker says it sent this before (a redelivery)
 
 
 _READ_AHEAD_BYTES = 65536
@@ -272,7 +273,10 @@ class Link:
             self._on_connection(False)
 
     def _message(self, client: paho.Client, userdata: object, message: paho.MQTTMessage) -> None:
-        self._on_message(Inbound(message.topic, bytes(message.payload), message.mid, message.qos, self._connection))
+        inbound = Inbound(
+            message.topic, bytes(message.payload), message.mid, message.qos, self._connection, bool(message.dup)
+        )
+        self._on_message(inbound)
 
     def _published(self, client: paho.Client, userdata: object, mid: int, reason: ReasonCode, props: object) -> None:
         # MQTT 5 lets the broker refuse a QoS 1 publish (PUBACK reason >= 0x80, e.g. 0x87 Not

@@ -12,12 +12,11 @@ reached the agent and what it acknowledged:
   PUBACK is handed to paho;
 - `{"event": "crash", "before": "commit" | "ack", ...}` just before a SIGKILL.
 
-The crash modes patch, in this process only:
-- `--crash-before-commit N`: `Workflow.execute_batch` (the group commit of
-  inbound orders) kills the process, before committing, as soon as N orders in
-  all have reached it: the batch holding the Nth order is never committed and
-  nothing of it is acknowledged;
-- `--crash-before-ack N`: `Link.ack` kills the process on its Nth call, after the
+Reported and crashed through the agent's hooks (`edge_agent.hooks`):
+- `--crash-before-commit N`: the process dies before the group commit of
+  inbound orders as soon as N orders in all have reached it: the batch holding
+  the Nth order is never committed and nothing of it is acknowledged;
+- `--crash-before-ack N`: it dies at the Nth acknowledgement, after the
   order's outcome is committed and before its PUBACK leaves.
 """
 
@@ -31,18 +30,15 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as paho
-
 from edge_agent.config import load_config
 from edge_agent.domain import commands as cmd
-from edge_agent.domain.events import Recorded
-from edge_agent.mqtt.link import Inbound, Link
+from edge_agent.hooks import Hooks
+from edge_agent.mqtt.link import Inbound
 from edge_agent.service import serve
-from edge_agent.workflow.engine import Workflow
 
 _print_lock = threading.Lock()  # paho's thread and the event loop both report
 
@@ -68,53 +64,37 @@ def die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def observe() -> None:
-    """Report every inbound message and every acknowledgement on stdout."""
-    received = Link._message
-    acknowledge = Link.ack
-
-    def message(self: Link, client: paho.Client, userdata: object, message: paho.MQTTMessage) -> None:
-        payload = bytes(message.payload)
-        say("received", order_id=order_id_of(payload), topic=message.topic, mid=message.mid, dup=bool(message.dup))
-        received(self, client, userdata, message)
-
-    def ack(self: Link, message: Inbound) -> None:
-        say("acked", order_id=order_id_of(message.payload), mid=message.mid)
-        acknowledge(self, message)
-
-    Link._message = message  # type: ignore[method-assign]
-    Link.ack = ack  # type: ignore[method-assign]
+def received(message: Inbound) -> None:
+    say("received", order_id=order_id_of(message.payload), topic=message.topic, mid=message.mid, dup=message.dup)
 
 
-def crash_before_commit(n: int) -> None:
-    execute_batch = Workflow.execute_batch
-    offered = 0
-
-    def batch(self: Workflow, orders: Sequence[cmd.SubmitOrder | cmd.RejectOrder]) -> list[Recorded]:
-        nonlocal offered
-        offered += len(orders)
-        if offered >= n:
-            ids = [order.order_id for order in orders]
-            say("crash", before="commit", offered=offered, batch=ids)
-            die()
-        return execute_batch(self, orders)
-
-    Workflow.execute_batch = batch  # type: ignore[method-assign]
-
-
-def crash_before_ack(n: int) -> None:
-    acknowledge = Link.ack  # already the observing one: the crash comes before its `acked` line
+def acking(crash_at: int | None) -> Callable[[Inbound], None]:
+    """Report each acknowledgement; with `crash_at`, die before the PUBACK of that many."""
     calls = 0
 
-    def ack(self: Link, message: Inbound) -> None:
+    def ack(message: Inbound) -> None:
         nonlocal calls
         calls += 1
-        if calls >= n:
+        if crash_at is not None and calls >= crash_at:
             say("crash", before="ack", order_id=order_id_of(message.payload), mid=message.mid)
             die()
-        acknowledge(self, message)
+        say("acked", order_id=order_id_of(message.payload), mid=message.mid)
 
-    Link.ack = ack  # type: ignore[method-assign]
+    return ack
+
+
+def deciding(crash_at: int | None) -> Callable[[Sequence[cmd.SubmitOrder | cmd.RejectOrder]], None]:
+    """With `crash_at`, die before committing the group that holds that many orders in all."""
+    offered = 0
+
+    def decide(orders: Sequence[cmd.SubmitOrder | cmd.RejectOrder]) -> None:
+        nonlocal offered
+        offered += len(orders)
+        if crash_at is not None and offered >= crash_at:
+            say("crash", before="commit", offered=offered, batch=[order.order_id for order in orders])
+            die()
+
+    return decide
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -130,12 +110,8 @@ def main(argv: list[str]) -> None:
     args = parse_args(argv)
     config = load_config(args.config)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    observe()
-    if args.crash_before_commit is not None:
-        crash_before_commit(args.crash_before_commit)
-    if args.crash_before_ack is not None:
-        crash_before_ack(args.crash_before_ack)
-    asyncio.run(serve(config, 0, args.config))
+    hooks = Hooks(received, acking(args.crash_before_ack), deciding(args.crash_before_commit))
+    asyncio.run(serve(config, 0, args.config, hooks))
 
 
 if __name__ == "__main__":
