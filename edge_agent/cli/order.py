@@ -199,7 +199,8 @@ def cancel(
 async def _cancel(settings: Config, topics: Topics, follow: list[str], order_id: str, timeout: float) -> None:
     """Publish the cancel; if `follow` names topics (--wait), wait for the device's answer there."""
     async with session(settings.mqtt, follow, min(timeout, CONNECT_TIMEOUT_S)) as client:
-        await client.publish(topics.cancel, orjson.dumps({"order_id": order_id}), timeout_s=min(timeout, 30.0))
+        cancel = orjson.dumps({"order_id": order_id})
+        await client.publish(topics.cancel, cancel, timeout_s=min(timeout, 30.0), what="cancel")
         display.out.print(f"asked {topics.device_id} to cancel {order_id}", markup=False)
         if follow:
             await _follow_cancel(client, topics, order_id, timeout)

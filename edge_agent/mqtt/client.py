@@ -53,8 +53,8 @@ class PublishRefused(EdgeAgentError):
     """The broker answered a publish with a failure reason code (MQTT 5), such as an ACL's
     Not authorized (0x87): it does not deliver the message."""
 
-    def __init__(self, topic: str, reason: str) -> None:
-        super().__init__(f"the broker did not accept the order on {topic}: {reason}")
+    def __init__(self, what: str, topic: str, reason: str) -> None:
+        super().__init__(f"the broker did not accept the {what} on {topic}: {reason}")
         self.topic = topic
         self.reason = reason
 
@@ -179,20 +179,20 @@ class Session:
             async with asyncio.timeout(CLOSE_TIMEOUT_S):
                 await self._connection.aclose()
 
-    async def publish(self, topic: str, payload: bytes, timeout_s: float) -> None:
-        """Publish at QoS 1 and wait for the broker's acknowledgement; under MQTT 5 a
+    async def publish(self, topic: str, payload: bytes, timeout_s: float, what: str = "order") -> None:
+        """Publish `what` at QoS 1 and wait for the broker's acknowledgement; under MQTT 5 a
         refusal in it (PUBACK reason >= 0x80) is PublishRefused, not a success."""
         client = self.client
         client.puback = None
-        during = " before acknowledging the order"
+        during = f" before acknowledging the {what}"
         try:
             await self._unless_lost(client.publish(topic, payload, qos=1, timeout=timeout_s), during)
         except aiomqtt.MqttCodeError:  # paho could not send it: the connection is gone
             raise BrokerUnreachable(f"the broker at {self._where} closed the connection{during}") from None
         except aiomqtt.MqttError:
-            raise BrokerUnreachable(f"the broker did not acknowledge the order within {timeout_s:g} s") from None
+            raise BrokerUnreachable(f"the broker did not acknowledge the {what} within {timeout_s:g} s") from None
         if client.puback is not None and client.puback.is_failure:
-            raise PublishRefused(topic, describe(client.puback))
+            raise PublishRefused(what, topic, describe(client.puback))
 
     async def received(self, timeout_s: float) -> AsyncIterator[tuple[str, Any]]:
         """(topic, JSON payload) of each message on the followed topics, for `timeout_s`
