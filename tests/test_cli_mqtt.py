@@ -95,13 +95,21 @@ def test_an_order_or_cancel_the_broker_refuses_is_not_reported_as_sent(tmp_path:
 
 
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
-def test_a_wrong_password_is_one_line_with_the_brokers_reason(tmp_path: Path, protocol: str) -> None:
+def test_the_right_password_is_let_in_and_a_wrong_one_is_one_line_with_the_brokers_reason(
+    tmp_path: Path, protocol: str
+) -> None:
     users = tmp_path / "mosquitto-passwords"
     run(tool("mosquitto_passwd"), "-b", "-c", str(users), "cell", "cell-secret", cwd=tmp_path)
-    wrong = tmp_path / "wrong-password"
+    right, wrong = tmp_path / "right-password", tmp_path / "wrong-password"
+    right.write_text("cell-secret\n", encoding="utf-8")
     wrong.write_text("not-the-secret\n", encoding="utf-8")
-    wrong.chmod(0o600)
+    for secret in (right, wrong):
+        secret.chmod(0o600)  # a password file others can read is refused before any connection
     with mosquitto(tmp_path / "mosquitto", f"password_file {users}\nallow_anonymous false") as broker:
+        ours = config_for(tmp_path / "ours", broker.port, protocol=protocol, username="cell", password_file=str(right))
+        sent = order_cli(ours, *SUBMIT, "--order-id", "let-in")
+        assert sent.returncode == 0, sent.stderr
+        assert f"submitted let-in to {PREFIX}/orders" in sent.stdout
         config = config_for(tmp_path, broker.port, protocol=protocol, username="cell", password_file=str(wrong))
         for args in (SUBMIT, ("order", "cancel", "X", "--wait")):
             refused = order_cli(config, *args)
