@@ -15,6 +15,7 @@ import math
 import uuid
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
+from functools import cached_property
 from typing import Any, TypeVar
 
 import aiomqtt
@@ -66,10 +67,11 @@ class _Client(aiomqtt.Client):
     a PUBACK or SUBACK would last until its timeout). Both come through aiomqtt's private
     paho callbacks (hence aiomqtt pinned below 3)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.puback: ReasonCode | None = None
-        self.lost = asyncio.Event()
+    puback: ReasonCode | None = None
+
+    @cached_property
+    def lost(self) -> asyncio.Event:
+        return asyncio.Event()
 
     def _on_publish(
         self, client: paho.Client, userdata: Any, mid: int, reason_code: ReasonCode, properties: Properties
