@@ -7,7 +7,6 @@ script does, in a child process; each case ends in one line on stderr and its ex
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import pytest
 
 from tests.brokers import Mosquitto, mosquitto
 from tests.mqtt_rig import PREFIX, agent_config
+from tests.test_cli import subprocess_env
 from tests.test_mqtt_faults import make_pki, run, tls_listener, tool
 
 pytestmark = pytest.mark.slow
@@ -39,8 +39,7 @@ def order_command(config: Path, *args: str) -> list[str]:
 
 
 def cli_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
-    return {**env, "PYTHONUNBUFFERED": "1"}  # its "asked ..." line arrives as it is printed
+    return subprocess_env(PYTHONUNBUFFERED="1")  # its "asked ..." line arrives as it is printed
 
 
 def order_cli(config: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -61,10 +60,10 @@ def config_for(folder: Path, port: int, **mqtt: Any) -> Path:
     return agent_config(folder / "cli", port, DEVICE, **mqtt)
 
 
-def publish(port: int, topic: str, *lines: bytes, retain: bool = False, protocol: str = "mqttv5") -> None:
+def mosquitto_pub(port: int, topic: str, *lines: bytes, retain: bool = False) -> None:
     """Each of `lines` as one message (QoS 1), with the Mosquitto client."""
     flags = ["-r"] if retain else []
-    command = [tool("mosquitto_pub"), "-p", str(port), "-V", protocol, "-q", "1", *flags, "-t", topic, "-l"]
+    command = [tool("mosquitto_pub"), "-p", str(port), "-V", "mqttv5", "-q", "1", *flags, "-t", topic, "-l"]
     done = subprocess.run(command, input=b"\n".join(lines) + b"\n", capture_output=True, timeout=30, check=False)
     assert done.returncode == 0, done.stderr
 
@@ -206,7 +205,7 @@ def test_a_broker_restarted_while_the_cli_waits_is_connected_to_again(
     answer = json.dumps({"order_id": "X", "reason": NOT_LIVE}).encode()
     deadline = time.monotonic() + 30
     while waiting.poll() is None and time.monotonic() < deadline:
-        publish(mosquitto_broker.port, REJECTED, answer)  # again until it is heard: once it has subscribed again
+        mosquitto_pub(mosquitto_broker.port, REJECTED, answer)  # again until it is heard: once it has subscribed again
         try:
             waiting.wait(0.5)
         except subprocess.TimeoutExpired:
@@ -223,12 +222,12 @@ def test_a_broker_restarted_while_the_cli_waits_is_connected_to_again(
 def test_a_retained_message_on_a_followed_topic_is_not_the_devices_answer(
     tmp_path: Path, mosquitto_broker: Mosquitto, protocol: str
 ) -> None:
-    """The agent retains no event: a retained one is stale or foreign, however well it fits,
-    and a big one is not even sent (MQTT 5) or skipped."""
+    """The agent retains none of these: a retained message is stale or foreign, however
+    well it fits and however big."""
     port = mosquitto_broker.port
     forged = {"device_id": DEVICE, "seq": 1, "type": "OrderCancelled", "subject": "X", "data": {}}
-    publish(port, EVENTS, json.dumps({**forged, "pad": "x" * 8_000_000}).encode(), retain=True)
-    publish(port, REJECTED, json.dumps({"order_id": "X", "reason": NOT_LIVE}).encode(), retain=True)
+    mosquitto_pub(port, EVENTS, json.dumps({**forged, "pad": "x" * 8_000_000}).encode(), retain=True)
+    mosquitto_pub(port, REJECTED, json.dumps({"order_id": "X", "reason": NOT_LIVE}).encode(), retain=True)
     config = config_for(tmp_path, port, protocol=protocol)
     result = order_cli(config, "order", "cancel", "X", "--wait", "--timeout", "1")
     assert result.returncode == 1, result.stdout
@@ -245,7 +244,7 @@ def test_messages_that_are_not_json_objects_on_a_followed_topic_are_passed_over(
     assert waiting.stdout is not None
     assert waiting.stdout.readline() == f"asked {DEVICE} to cancel X\n"  # subscribed, then published
     noise = [b"\xff\xfe not UTF-8", b"{not json", b"null", b"[1, 2]", b'"X"', b"{}", b'{"order_id": ["X"]}']
-    publish(mosquitto_broker.port, REJECTED, *noise, json.dumps({"order_id": "X", "reason": NOT_LIVE}).encode())
+    mosquitto_pub(mosquitto_broker.port, REJECTED, *noise, json.dumps({"order_id": "X", "reason": NOT_LIVE}).encode())
     _, err = waiting.communicate(timeout=60)
     assert waiting.returncode == 1, err
     assert err.strip() == f"error: order X: {NOT_LIVE}"
