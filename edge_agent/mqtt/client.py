@@ -60,18 +60,36 @@ class PublishRefused(EdgeAgentError):
         self.reason = reason
 
 
+class _Lost(Exception):
+    """The connection went while a step waited for the broker."""
+
+
 class _Client(aiomqtt.Client):
     """aiomqtt's client, keeping what aiomqtt 2.x does not pass on: the reason code of the
     broker's last PUBACK (under MQTT 5 a broker refuses a publish there and only there), and
     that the connection is gone (aiomqtt says so only to a reader of `messages`; a wait for
-    a PUBACK or SUBACK would last until its timeout). Both come through aiomqtt's private
-    paho callbacks (hence aiomqtt pinned below 3)."""
+    a PUBACK or SUBACK would last until its timeout), and the CONNACK's reason code (paho
+    may report a refusal and the connection it then closes before aiomqtt's connect has
+    started to wait for either). All come through aiomqtt's private paho callbacks (hence
+    aiomqtt pinned below 3)."""
 
+    connack: ReasonCode | None = None
     puback: ReasonCode | None = None
 
     @cached_property
     def lost(self) -> asyncio.Event:
         return asyncio.Event()
+
+    def _on_connect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: paho.ConnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None = None,
+    ) -> None:
+        self.connack = reason_code
+        super()._on_connect(client, userdata, flags, reason_code, properties)
 
     def _on_publish(
         self, client: paho.Client, userdata: Any, mid: int, reason_code: ReasonCode, properties: Properties
@@ -147,9 +165,9 @@ class Session:
                     granted = await self._unless_lost(client.subscribe(self._topics()))
         except TimeoutError:
             raise BrokerUnreachable(f"no answer from the broker at {self._where}") from None
-        except aiomqtt.MqttCodeError as error:  # a CONNACK that refuses, or the connection lost
-            if isinstance(error.rc, ReasonCode) and error.rc.is_failure:
-                raise BrokerUnreachable(f"the broker at {self._where} refused: {error.rc}") from None
+        except (_Lost, aiomqtt.MqttCodeError):  # a CONNACK that refuses (and hangs up), or the connection lost
+            if client.connack is not None and client.connack.is_failure:
+                raise BrokerUnreachable(f"the broker at {self._where} refused: {client.connack}") from None
             raise BrokerUnreachable(f"the broker at {self._where} closed the connection") from None
         except aiomqtt.MqttError as error:  # the socket could not be opened (paho's OSError)
             raise BrokerUnreachable(f"cannot reach the broker at {self._where}: {error}") from None
@@ -162,8 +180,8 @@ class Session:
             return [(topic, _FRESH_ONLY) for topic in self._subscribe]
         return [(topic, 1) for topic in self._subscribe]
 
-    async def _unless_lost(self, step: Awaitable[T], during: str = "") -> T:
-        """`step`'s result, or BrokerUnreachable as soon as the connection is gone."""
+    async def _unless_lost(self, step: Awaitable[T]) -> T:
+        """`step`'s result, or _Lost as soon as the connection is gone."""
         doing = asyncio.ensure_future(step)
         gone = asyncio.ensure_future(self.client.lost.wait())
         try:
@@ -172,7 +190,7 @@ class Session:
             for task in (doing, gone):
                 task.cancel()
         if not doing.done() or doing.cancelled():
-            raise BrokerUnreachable(f"the broker at {self._where} closed the connection{during}")
+            raise _Lost
         return doing.result()
 
     async def close(self) -> None:
@@ -186,11 +204,11 @@ class Session:
         refusal in it (PUBACK reason >= 0x80) is PublishRefused, not a success."""
         client = self.client
         client.puback = None
-        during = f" before acknowledging the {what}"
         try:
-            await self._unless_lost(client.publish(topic, payload, qos=1, timeout=timeout_s), during)
-        except aiomqtt.MqttCodeError:  # paho could not send it: the connection is gone
-            raise BrokerUnreachable(f"the broker at {self._where} closed the connection{during}") from None
+            await self._unless_lost(client.publish(topic, payload, qos=1, timeout=timeout_s))
+        except (_Lost, aiomqtt.MqttCodeError):  # gone before the PUBACK, or (paho) before it was sent
+            closed = f"the broker at {self._where} closed the connection"
+            raise BrokerUnreachable(f"{closed} before acknowledging the {what}") from None
         except aiomqtt.MqttError:
             raise BrokerUnreachable(f"the broker did not acknowledge the {what} within {timeout_s:g} s") from None
         if client.puback is not None and client.puback.is_failure:
