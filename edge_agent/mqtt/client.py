@@ -112,8 +112,13 @@ class _Client(aiomqtt.Client):
 def _quietly(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
     """The loop's handler of errors nobody awaits: aiomqtt leaves some once the broker has
     closed the connection (a disconnection nobody read, a socket closed before paho's write
-    callback ran). The CLI's one error line says what happened; these go to the debug log."""
-    log.debug("%s", context.get("exception") or context.get("message"))
+    callback ran). The CLI's one error line says what happened; these go to the debug log,
+    anything else to asyncio's own handler."""
+    error = context.get("exception")
+    if isinstance(error, aiomqtt.MqttError | OSError):
+        log.debug("%s: %s", context.get("message"), error)
+    else:
+        loop.default_exception_handler(context)
 
 
 class Session:
