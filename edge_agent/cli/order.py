@@ -3,12 +3,11 @@ configured broker, and follow what becomes of it."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import sqlite3
-import time
 import uuid
-from collections.abc import Iterator
 from typing import Annotated, Any
 
 import orjson
@@ -24,7 +23,7 @@ from edge_agent.domain.decide import CONFLICT_REASON
 from edge_agent.errors import ConfigError, EdgeAgentError
 from edge_agent.log.schema import CANCELLED, FAILED
 from edge_agent.log.store import EventLog
-from edge_agent.mqtt.client import Session, session
+from edge_agent.mqtt.client import CONNECT_TIMEOUT_S, Session, session
 from edge_agent.mqtt.inbound import CancelPayload, OrderPayload, describe
 from edge_agent.mqtt.topics import Topics
 
@@ -99,22 +98,19 @@ def submit(
         raise ConfigError(describe(error), key=field) from error
     topic = f"{prefix}/{device}/orders" if device is not None else f"{prefix}/orders"
     follow = [f"{prefix}/{device or '+'}/events"] if wait else []
-    with session(settings.mqtt, follow) as client:
-        client.publish(topic, orjson.dumps(body), timeout_s=min(timeout, 30.0))
-        display.out.print(f"submitted {order_id} to {topic}", markup=False)
+    asyncio.run(_submit(settings, topic, follow, body, device, timeout))
+
+
+async def _submit(
+    settings: Config, topic: str, follow: list[str], body: dict[str, Any], device: str | None, timeout: float
+) -> None:
+    """Publish the order; if `follow` names topics (--wait), follow it there."""
+    async with session(settings.mqtt, follow, min(timeout, CONNECT_TIMEOUT_S)) as client:
+        await client.publish(topic, orjson.dumps(body), timeout_s=min(timeout, 30.0))
+        display.out.print(f"submitted {body['order_id']} to {topic}", markup=False)
         # A device answers nothing to an order id it has taken: if its log is here, ask it.
-        if wait and not _answered_by_the_log(settings, device, body):
-            _follow(client, order_id, timeout)
-
-
-def _received(client: Session, timeout: float) -> Iterator[tuple[str, Any]]:
-    """(topic, decoded body) of each message the session follows, for `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while (left := deadline - time.monotonic()) > 0:
-        received = client.next_event(left)
-        if received is None:
-            return
-        yield received
+        if follow and not _answered_by_the_log(settings, device, body):
+            await _follow(client, body["order_id"], timeout)
 
 
 def _answered_by_the_log(settings: Config, device: str | None, body: dict[str, Any]) -> bool:
@@ -152,9 +148,9 @@ def _answered_by_the_log(settings: Config, device: str | None, body: dict[str, A
     return True
 
 
-def _follow(client: Session, order_id: str, timeout: float) -> None:
+async def _follow(client: Session, order_id: str, timeout: float) -> None:
     heard = False
-    for _, event in _received(client, timeout):
+    async for _, event in client.received(timeout):
         if not isinstance(event, dict) or event.get("subject") != order_id:
             continue
         heard = True
@@ -198,16 +194,22 @@ def cancel(
     device = settings.device_id if device is None else device
     topics = Topics(settings.mqtt.topic_prefix, device)
     follow = [topics.events, topics.rejected] if wait else []
-    with session(settings.mqtt, follow) as client:
-        client.publish(topics.cancel, orjson.dumps({"order_id": order_id}), timeout_s=min(timeout, 30.0))
-        display.out.print(f"asked {device} to cancel {order_id}", markup=False)
-        if wait:
-            _follow_cancel(client, topics, order_id, timeout)
+    asyncio.run(_cancel(settings, topics, follow, order_id, timeout))
 
 
-def _follow_cancel(client: Session, topics: Topics, order_id: str, timeout: float) -> None:
+async def _cancel(settings: Config, topics: Topics, follow: list[str], order_id: str, timeout: float) -> None:
+    """Publish the cancel; if `follow` names topics (--wait), wait for the device's answer there."""
+    async with session(settings.mqtt, follow, min(timeout, CONNECT_TIMEOUT_S)) as client:
+        cancel = orjson.dumps({"order_id": order_id})
+        await client.publish(topics.cancel, cancel, timeout_s=min(timeout, 30.0), what="cancel")
+        display.out.print(f"asked {topics.device_id} to cancel {order_id}", markup=False)
+        if follow:
+            await _follow_cancel(client, topics, order_id, timeout)
+
+
+async def _follow_cancel(client: Session, topics: Topics, order_id: str, timeout: float) -> None:
     """Until the device logs the cancel (exit 0) or answers that it cannot apply (exit 1)."""
-    for topic, body in _received(client, timeout):
+    async for topic, body in client.received(timeout):
         if not isinstance(body, dict) or order_id not in (body.get("subject"), body.get("order_id")):
             continue
         if topic == topics.events and body.get("type") == ev.OrderCancelled.__name__:
