@@ -43,6 +43,7 @@ from edge_agent.lock import LOCK_NAME, DataDirLock, holder
 from edge_agent.log.journal import Journal, replay
 from edge_agent.log.store import OUTBOX_CURSOR, Base, EventLog
 from tests.support import PROFILE, WAIT_S
+from tests.support.agents import subprocess_env
 from tests.support.orders import order
 from tests.support.plant import PRODUCTS, STATIONS, make_log, run
 
@@ -144,17 +145,6 @@ def cell(tmp_path: Path) -> Cell:
 def cli(*args: str | Path, env: dict[str, str | None] | None = None) -> Result:
     """The app in-process (exceptions propagate, so a crash shows its traceback)."""
     return RUNNER.invoke(app, [str(a) for a in args], env=env, catch_exceptions=False)
-
-
-def subprocess_env(**extra: str) -> dict[str, str]:
-    """This environment minus what changes the CLI's behaviour (config, terminal detection)."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("EDGE_AGENT_") and k not in {"TTY_COMPATIBLE", "TTY_INTERACTIVE", "FORCE_COLOR"}
-    }
-    env.update(extra)
-    return env
 
 
 def agent(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

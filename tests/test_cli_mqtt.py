@@ -19,10 +19,12 @@ from typing import Any
 
 import pytest
 
-from tests.brokers import Mosquitto, mosquitto
-from tests.mqtt_rig import PREFIX, agent_config
-from tests.test_cli import subprocess_env
-from tests.test_mqtt_faults import make_pki, run, tls_listener, tool
+from tests.support.agents import subprocess_env
+from tests.support.brokers import Mosquitto, mosquitto
+from tests.support.mqtt_rig import agent_config
+from tests.support.peer import PREFIX
+from tests.support.pki import make_pki, run, tls_listener
+from tests.support.tools import tool
 
 pytestmark = pytest.mark.slow
 
@@ -63,7 +65,19 @@ def config_for(folder: Path, port: int, **mqtt: Any) -> Path:
 def mosquitto_pub(port: int, topic: str, *lines: bytes, retain: bool = False) -> None:
     """Each of `lines` as one message (QoS 1), with the Mosquitto client."""
     flags = ["-r"] if retain else []
-    command = [tool("mosquitto_pub"), "-p", str(port), "-V", "mqttv5", "-q", "1", *flags, "-t", topic, "-l"]
+    command = [
+        tool("mosquitto_pub", "mosquitto-clients"),
+        "-p",
+        str(port),
+        "-V",
+        "mqttv5",
+        "-q",
+        "1",
+        *flags,
+        "-t",
+        topic,
+        "-l",
+    ]
     done = subprocess.run(command, input=b"\n".join(lines) + b"\n", capture_output=True, timeout=30, check=False)
     assert done.returncode == 0, done.stderr
 
@@ -98,7 +112,7 @@ def test_the_right_password_is_let_in_and_a_wrong_one_is_one_line_with_the_broke
     tmp_path: Path, protocol: str
 ) -> None:
     users = tmp_path / "mosquitto-passwords"
-    run(tool("mosquitto_passwd"), "-b", "-c", str(users), "cell", "cell-secret", cwd=tmp_path)
+    run(tool("mosquitto_passwd", "mosquitto"), "-b", "-c", str(users), "cell", "cell-secret", cwd=tmp_path)
     right, wrong = tmp_path / "right-password", tmp_path / "wrong-password"
     right.write_text("cell-secret\n", encoding="utf-8")
     wrong.write_text("not-the-secret\n", encoding="utf-8")

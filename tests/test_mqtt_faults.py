@@ -40,7 +40,7 @@ from tests.support.mqtt_rig import (
 )
 from tests.support.orders import PRODUCT_IDS, order, order_payload
 from tests.support.peer import PREFIX, Peer, status_topic
-from tests.support.pki import make_pki, run
+from tests.support.pki import make_pki, run, tls_listener
 from tests.support.ports import free_port
 from tests.support.tools import tool
 
@@ -295,12 +295,6 @@ def broker_errors(broker: Mosquitto) -> str:
 
 def refused_thrice(agent: AgentProcess) -> Callable[[], bool]:
     return lambda: agent.log_text().count(REFUSED) >= 3
-
-
-def tls_listener(pki: tuple[Path, Path, Path]) -> str:
-    """Mosquitto's settings for TLS on the listener its helper writes."""
-    ca, cert, key = pki
-    return f"cafile {ca}\ncertfile {cert}\nkeyfile {key}\n"
 
 
 def test_tls_and_password_let_the_right_agent_in_and_keep_the_others_out(tmp_path: Path, agents: Agents) -> None:

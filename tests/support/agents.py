@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import time
 from collections.abc import AsyncIterator
@@ -52,3 +53,14 @@ def wait_for_log(
                 return
         time.sleep(0.05)  # another process: SQLite offers nothing to wait on
     raise AssertionError(f"no {condition_type} in {path} after {timeout} s")
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """This environment minus what changes the CLI's behaviour (config, terminal detection)."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("EDGE_AGENT_") and k not in {"TTY_COMPATIBLE", "TTY_INTERACTIVE", "FORCE_COLOR"}
+    }
+    env.update(extra)
+    return env

@@ -39,3 +39,9 @@ def make_pki(folder: Path) -> tuple[Path, Path, Path]:
         cwd=folder,
     )  # fmt: skip
     return folder / "ca.crt", folder / "server.crt", folder / "server.key"
+
+
+def tls_listener(pki: tuple[Path, Path, Path]) -> str:
+    """Mosquitto's settings for TLS on the listener its helper writes."""
+    ca, cert, key = pki
+    return f"cafile {ca}\ncertfile {cert}\nkeyfile {key}\n"
