@@ -205,15 +205,21 @@ def test_a_broker_that_hangs_up_after_its_connack_is_one_line_at_once(tmp_path: 
         assert the_error(waited) == closed
 
 
-def test_a_broker_restarted_while_the_cli_waits_is_connected_to_again(
-    tmp_path: Path, mosquitto_broker: Mosquitto, children: list[subprocess.Popen[str]]
-) -> None:
-    config = config_for(tmp_path, mosquitto_broker.port)
+def waiting_cancel(config: Path, children: list[subprocess.Popen[str]]) -> subprocess.Popen[str]:
+    """`order cancel X --wait` running, once it has subscribed and published its cancel."""
     command = order_command(config, "order", "cancel", "X", "--wait", "--timeout", "60")
     waiting = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
     children.append(waiting)
     assert waiting.stdout is not None
-    assert waiting.stdout.readline() == f"asked {DEVICE} to cancel X\n"  # subscribed, then published
+    assert waiting.stdout.readline() == f"asked {DEVICE} to cancel X\n"
+    return waiting
+
+
+def test_a_broker_restarted_while_the_cli_waits_is_connected_to_again(
+    tmp_path: Path, mosquitto_broker: Mosquitto, children: list[subprocess.Popen[str]]
+) -> None:
+    config = config_for(tmp_path, mosquitto_broker.port)
+    waiting = waiting_cancel(config, children)
     mosquitto_broker.kill()
     mosquitto_broker.start()
     answer = json.dumps({"order_id": "X", "reason": NOT_LIVE}).encode()
@@ -252,11 +258,7 @@ def test_messages_that_are_not_json_objects_on_a_followed_topic_are_passed_over(
     tmp_path: Path, mosquitto_broker: Mosquitto, children: list[subprocess.Popen[str]]
 ) -> None:
     config = config_for(tmp_path, mosquitto_broker.port)
-    command = order_command(config, "order", "cancel", "X", "--wait", "--timeout", "60")
-    waiting = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
-    children.append(waiting)
-    assert waiting.stdout is not None
-    assert waiting.stdout.readline() == f"asked {DEVICE} to cancel X\n"  # subscribed, then published
+    waiting = waiting_cancel(config, children)
     noise = [b"\xff\xfe not UTF-8", b"{not json", b"null", b"[1, 2]", b'"X"', b"{}", b'{"order_id": ["X"]}']
     mosquitto_pub(mosquitto_broker.port, REJECTED, *noise, json.dumps({"order_id": "X", "reason": NOT_LIVE}).encode())
     _, err = waiting.communicate(timeout=60)
