@@ -29,7 +29,9 @@ from edge_agent.domain.state import Policy, State
 from edge_agent.errors import LogError
 from edge_agent.hooks import NO_HOOKS, Hooks
 from edge_agent.lock import DataDirLock
+from edge_agent.log.compact import Retention
 from edge_agent.log.journal import Commit, CommitObserver, Journal
+from edge_agent.log.retention import Budget, Keeper
 from edge_agent.log.store import Row
 from edge_agent.storage import StorageGuard
 from edge_agent.workflow.engine import Workflow
@@ -119,6 +121,7 @@ class Agent:
         self.journal: Journal
         self.workflow: Workflow
         self.simulator: Simulator | None = None
+        self.retention: Keeper
 
     async def __aenter__(self) -> Agent:
         try:
@@ -144,6 +147,11 @@ class Agent:
             clock=self.clock,
         )
         self._stack.callback(self.journal.close)
+        kept = self.config.log
+        budget = Budget(Retention(kept.retention), kept.max_mb, kept.keep_days, kept.archive_max_mb)
+        self.retention = Keeper(
+            self.journal.log, budget, self.config.data_dir / "archive", self.clock, writable=lambda: self.fault is None
+        )
         self.workflow = Workflow(self.journal, self.clock, max_open_items=self.config.limits.max_open_items)
         self.workflow.check()
         self.journal.add_observer(self._committed)
@@ -219,6 +227,7 @@ class Agent:
         self.devices.apply(desired_outputs(self.state))
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(self._control(), name="control")
+            tasks.create_task(self.retention.run(), name="retention")
             if self.simulator is not None:
                 tasks.create_task(self.simulator.run(), name="simulator")
 

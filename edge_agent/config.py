@@ -90,6 +90,18 @@ class LogConfig(_Section):
     synchronous: Literal["full", "normal"] = "full"
     snapshot_every: int = Field(1000, ge=10)
     retention: Literal["keep", "archive", "drop"] = "keep"
+    # Kept by the agent in the background (edge_agent.log.retention); null: no bound.
+    max_mb: float | None = Field(None, gt=0)
+    keep_days: float | None = Field(None, gt=0)
+    archive_max_mb: float | None = Field(None, gt=0)
+
+    @field_validator("max_mb", "keep_days")
+    @classmethod
+    def _bound_needs_removal(cls, value: float | None, info: ValidationInfo) -> float | None:
+        # `keep` never removes an event: a bound it cannot honour would be a silent lie.
+        if value is not None and info.data.get("retention") == "keep":
+            raise ValueError("needs log.retention archive or drop (log.retention: keep never removes an event)")
+        return value
 
 
 class LimitsConfig(_Section):

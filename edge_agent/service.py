@@ -146,6 +146,10 @@ def metrics(agent: Agent, gateway: Gateway) -> Metrics:
             "orders_rejected": state.rejected,
             "mqtt_reconnects": gateway.link.reconnects,
             "publish_refused": gateway.link.refused,
+            "log_compactions": agent.retention.counts.compactions,
+            "log_events_removed": agent.retention.counts.events_removed,
+            "log_archives_removed": agent.retention.counts.archives_removed,
+            "log_checkpoints_busy": agent.retention.counts.checkpoints_busy,
         }
 
     def gauges() -> dict[str, float]:
@@ -157,6 +161,7 @@ def metrics(agent: Agent, gateway: Gateway) -> Metrics:
             "outbox_lag": state.last_seq - gateway.outbox.acked,
             "estop": int(state.estop),
             "mqtt_connected": int(gateway.link.connected),
+            **_log_sizes(agent),
         }
 
     def stages() -> dict[str, int]:
@@ -167,6 +172,12 @@ def metrics(agent: Agent, gateway: Gateway) -> Metrics:
     result = Metrics(counters, gauges, stages)
     agent.add_observer(lambda commit: result.commit_seconds.observe(commit.seconds))
     return result
+
+
+def _log_sizes(agent: Agent) -> dict[str, float]:
+    """The disk the log takes, read from the files (the scrape's thread never touches SQLite)."""
+    db, wal = agent.journal.log.sizes()
+    return {"log_bytes": db, "log_wal_bytes": wal, "log_archive_bytes": agent.retention.archive_bytes()}
 
 
 def reload(config: Config, path: Path | None, gateway: Gateway | None) -> Config:

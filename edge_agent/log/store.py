@@ -40,6 +40,8 @@ GENESIS_HASH = "0" * 64
 OUTBOX_CURSOR = "outbox"  # the MQTT outbox: events up to here are acknowledged by the broker
 Synchronous = Literal["full", "normal"]
 _READ_BATCH = 5000
+WAL_LIMIT_BYTES = 1 << 20  # the WAL file is truncated to this whenever a checkpoint lets it start over
+CUT_SLICE_EVENTS = 2000  # a cut removes at most this many events per transaction (or one snapshot interval)
 _MAX_IDS_PER_QUERY = 500  # bound parameters per `known_orders` query: below SQLite's oldest limit of 999
 
 
@@ -174,6 +176,7 @@ class EventLog:
             if db.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
                 raise LogError(f"{path}: the file system does not support WAL mode")
             db.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+            db.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT_BYTES}")  # a reset WAL is cut back to this
             migrate(db, iso(self._clock.now()))
             if not labelled:  # a log from before logs said what they are
                 db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
@@ -399,19 +402,89 @@ class EventLog:
 
     def cut(self, seq: int, archive: str | None) -> int:
         """Remove events up to `seq` (a snapshot's seq) and older snapshots; the
-        log then starts after `seq`. Returns how many events were removed."""
+        log then starts after `seq`. Returns how many events were removed.
+
+        In slices (`cut_slice`), each its own short transaction, then the freed
+        pages are given back and the WAL emptied: for a process that holds the
+        log alone (`log compact`); the agent runs the slices itself, between commits."""
+        removed = 0
+        while self.base().seq < seq:
+            removed += self.cut_slice(seq, archive)
+        self.vacuum()
+        self.checkpoint()
+        return removed
+
+    def cut_slice(self, seq: int, archive: str | None, max_events: int = CUT_SLICE_EVENTS) -> int:
+        """One step of a cut towards `seq` (a snapshot's seq): the base moves to the newest
+        snapshot within `max_events` of it (or to the next snapshot, if none is that close),
+        and the events and snapshots before it go, in one transaction. The base is a
+        snapshot after every step, so a process that dies between two leaves a log that is
+        whole (it verifies and starts as after any compaction). Returns the events removed."""
         with self.transaction():
-            row = self._db.execute("SELECT hash FROM events WHERE seq = ?", (seq,)).fetchone()
+            base = self.base()
+            if seq <= base.seq:
+                return 0
+            if self._db.execute("SELECT 1 FROM snapshots WHERE seq = ?", (seq,)).fetchone() is None:
+                raise LogError(f"no snapshot at seq {seq} to cut the log at")
+            (step,) = self._db.execute(
+                "SELECT coalesce(max(seq), (SELECT min(seq) FROM snapshots WHERE seq > ?)) "
+                "FROM snapshots WHERE seq > ? AND seq <= ?",
+                (base.seq, base.seq, min(seq, base.seq + max_events)),
+            ).fetchone()
+            row = self._db.execute("SELECT hash FROM events WHERE seq = ?", (step,)).fetchone()
             if row is None:
-                raise LogError(f"no event {seq} to cut the log at")
-            removed = self._db.execute("DELETE FROM events WHERE seq <= ?", (seq,)).rowcount
-            self._db.execute("DELETE FROM snapshots WHERE seq < ?", (seq,))
+                raise LogError(f"no event {step} to cut the log at")
+            removed = self._db.execute("DELETE FROM events WHERE seq <= ?", (step,)).rowcount
+            self._db.execute("DELETE FROM snapshots WHERE seq < ?", (step,))
             self._db.execute(
-                "INSERT OR REPLACE INTO log_base (id, seq, hash, archive) VALUES (1, ?, ?, ?)", (seq, row[0], archive)
+                "INSERT OR REPLACE INTO log_base (id, seq, hash, archive) VALUES (1, ?, ?, ?)", (step, row[0], archive)
             )
-        self._db.execute("PRAGMA incremental_vacuum")
-        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return int(removed)
+
+    def vacuum(self, pages: int | None = None) -> int:
+        """Give back to the file system up to `pages` free pages (all: None), if the log was
+        made to (auto_vacuum incremental, since logs were created so); the free pages left."""
+        self._db.execute("PRAGMA incremental_vacuum" if pages is None else f"PRAGMA incremental_vacuum({int(pages)})")
+        (free,) = self._db.execute("PRAGMA freelist_count").fetchone()
+        return int(free)
+
+    def checkpoint(self, *, wait: bool = True) -> bool:
+        """Copy the WAL into the file and empty it (`wal_checkpoint(TRUNCATE)`); whether it
+        could. Without `wait`, a reader in the middle of a read makes it give up at once
+        instead of waiting for it (up to the busy timeout), so the caller is never held."""
+        (timeout,) = self._db.execute("PRAGMA busy_timeout").fetchone()
+        if not wait:
+            self._db.execute("PRAGMA busy_timeout = 0")
+        try:
+            (busy, _, _) = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        finally:
+            self._db.execute(f"PRAGMA busy_timeout = {int(timeout)}")
+        return not busy
+
+    def used_bytes(self) -> int:
+        """The bytes of the log's pages in use (its file, less the free pages it may reuse)."""
+        (pages,) = self._db.execute("PRAGMA page_count").fetchone()
+        (free,) = self._db.execute("PRAGMA freelist_count").fetchone()
+        (size,) = self._db.execute("PRAGMA page_size").fetchone()
+        return int((pages - free) * size)
+
+    def last_seq_older_than(self, ts: str) -> int:
+        """The last seq of the events stamped at or before `ts`, counted from the start: the
+        first event after `ts` ends them. Reads from the oldest on, so it costs in proportion
+        to the old events, not to the log (`last_seq_until` reads it all)."""
+        row = self._db.execute("SELECT seq FROM events WHERE ts > ? ORDER BY seq LIMIT 1", (ts,)).fetchone()
+        return int(row[0]) - 1 if row is not None else self.head().seq
+
+    def sizes(self) -> tuple[int, int]:
+        """The bytes of the log's file and of its WAL, as they are on disk now."""
+        return _size(self.path), _size(self.path.with_name(self.path.name + "-wal"))
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 _COLUMNS = 6
