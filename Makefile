@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 CONFIG ?= config.yaml
 DEMO_ORDERS ?= 6
 
-.PHONY: run test test-fast lint bench clean
+.PHONY: run test test-fast lint bench soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ test-fast: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(BIN)/python -m benchmarks.bench
+
+# A simulated year: months of orders through the simulated cell with retention on (README: "Retention").
+SOAK_ORDERS ?= 100000
+soak: $(VENV)/.installed
+	$(BIN)/python -m tests.support.soak --orders $(SOAK_ORDERS)
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check edge_agent tests benchmarks

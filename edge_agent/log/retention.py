@@ -66,6 +66,7 @@ class RetentionCounts:
     archives_removed: int = 0
     checkpoints: int = 0
     checkpoints_busy: int = 0  # a reader was in the middle of a read
+    longest_step_s: float = 0.0  # the longest a step held the event loop (and so a commit)
 
 
 class Keeper:
@@ -97,6 +98,7 @@ class Keeper:
         self.counts = RetentionCounts()
         self._last_head = -1
         self._wal_warned = WAL_WARN_BYTES
+        self._over_warned = self._max_bytes or 0
 
     async def run(self) -> None:
         while True:
@@ -113,6 +115,7 @@ class Keeper:
         due = self._due()
         if due is not None:
             await self._compact(due)
+        self._over_budget()
         if self._archive_max is not None:
             self.counts.archives_removed += len(prune_archives(self.archive_dir, self._archive_max))
         self._bound_wal()
@@ -133,12 +136,12 @@ class Keeper:
         archive = str(due.archive) if due.archive is not None else None
         removed = 0
         while self._log.base().seq < due.to_seq:
-            removed += self._log.cut_slice(due.to_seq, archive, self._slice_events)
+            removed += self._step(lambda: self._log.cut_slice(due.to_seq, archive, self._slice_events))
             await asyncio.sleep(0)  # a commit waiting goes first
-        free = self._log.vacuum(VACUUM_PAGES)
+        free = self._step(lambda: self._log.vacuum(VACUUM_PAGES))
         while free:  # a log made before incremental vacuum keeps its free pages: stop when none go
             await asyncio.sleep(0)
-            before, free = free, self._log.vacuum(VACUUM_PAGES)
+            before, free = free, self._step(lambda: self._log.vacuum(VACUUM_PAGES))
             if free >= before:
                 break
         self.counts.compactions += 1
@@ -152,6 +155,30 @@ class Keeper:
             f", archived to {due.archive}" if due.archive is not None else "",
             time.monotonic() - started,
         )
+
+    def _step(self, step: Callable[[], int]) -> int:
+        started = time.perf_counter()
+        try:
+            return step()
+        finally:
+            self.counts.longest_step_s = max(self.counts.longest_step_s, time.perf_counter() - started)
+
+    def _over_budget(self) -> None:
+        """Say so (once, and again if it doubles) when compaction cannot keep the log under
+        max_mb: what is left is events the broker has not acknowledged, or the idempotency
+        record of every order ever taken, which no compaction removes."""
+        if self._max_bytes is None:
+            return
+        used = self._log.used_bytes()
+        if used > self._over_warned:
+            self._over_warned = used * 2
+            log.warning(
+                "the log holds %.1f MB after compaction, over log.max_mb (%.1f MB): the rest is events the broker "
+                "has not acknowledged (from seq %d on) and the record of every order taken",
+                used / MB,
+                self._max_bytes / MB,
+                self._log.base().seq + 1,
+            )
 
     def _bound_wal(self) -> None:
         head = self._log.head().seq

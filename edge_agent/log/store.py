@@ -41,7 +41,7 @@ OUTBOX_CURSOR = "outbox"  # the MQTT outbox: events up to here are acknowledged 
 Synchronous = Literal["full", "normal"]
 _READ_BATCH = 5000
 WAL_LIMIT_BYTES = 1 << 20  # the WAL file is truncated to this whenever a checkpoint lets it start over
-CUT_SLICE_EVENTS = 2000  # a cut removes at most this many events per transaction (or one snapshot interval)
+CUT_SLICE_EVENTS = 1000  # a cut removes at most this many events per transaction (or one snapshot interval)
 _MAX_IDS_PER_QUERY = 500  # bound parameters per `known_orders` query: below SQLite's oldest limit of 999
 
 
