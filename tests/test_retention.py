@@ -6,19 +6,24 @@ from __future__ import annotations
 import asyncio
 import gzip
 import logging
+import re
 import sqlite3
 import time
+import urllib.request
 from datetime import timedelta
 from pathlib import Path
 
 import orjson
 import pytest
 
+from edge_agent import service
 from edge_agent.agent import Agent
 from edge_agent.clock import FakeClock
 from edge_agent.config import load_config
 from edge_agent.domain.moments import iso
 from edge_agent.errors import ConfigError
+from edge_agent.gateway import Gateway
+from edge_agent.health import HealthServer
 from edge_agent.log.compact import Retention, compact, plan, write_archive
 from edge_agent.log.journal import Journal, replay
 from edge_agent.log.retention import Budget, Keeper
@@ -201,21 +206,39 @@ def test_when_idle_the_wal_is_emptied_without_waiting_for_a_reader(tmp_path: Pat
         assert journal.log.sizes()[1] == 0
 
 
-def test_the_agent_runs_retention_in_the_background(tmp_path: Path) -> None:
+def test_the_agent_runs_retention_in_the_background_and_metrics_count_what_it_did(tmp_path: Path) -> None:
     config = agent_config(
-        tmp_path / "data", speed=1000, log={"retention": "drop", "max_mb": 0.001, "snapshot_every": 10}
+        tmp_path / "data", speed=1000, log={"retention": "archive", "max_mb": 0.001, "snapshot_every": 10}
     )
 
+    def scrape(url: str) -> str:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return bytes(response.read()).decode()
+
     async def scenario() -> None:
-        async with Agent(config) as agent, running(agent):
-            for n in range(10):
-                await agent.submit(order(f"bg-{n}"))
-            await agent.wait_until(lambda state: not state.work_items)
-            agent.save_cursor(OUTBOX_CURSOR, agent.state.last_seq)  # as the outbox does once the broker has all
-            async with asyncio.timeout(10):
-                while agent.retention.counts.compactions == 0:  # it looks every second: nothing to await
-                    await asyncio.sleep(0.1)
-            assert agent.journal.log.base().seq > 0
-            assert verify(agent.journal.log).fault is None
+        async with Agent(config) as agent:
+            gateway = Gateway(agent, config)  # no broker: only for what /metrics reads of it
+            server = HealthServer("127.0.0.1", 0, lambda: [], service.metrics(agent, gateway))
+            server.start()
+            try:
+                async with running(agent):
+                    for n in range(10):
+                        await agent.submit(order(f"bg-{n}"))
+                    await agent.wait_until(lambda state: not state.work_items)
+                    agent.save_cursor(OUTBOX_CURSOR, agent.state.last_seq)  # as the outbox does once all is delivered
+                    async with asyncio.timeout(10):
+                        while agent.retention.counts.compactions == 0:  # it looks every second: nothing to await
+                            await asyncio.sleep(0.1)
+                    base = agent.journal.log.base().seq
+                    assert base > 0
+                    assert verify(agent.journal.log).fault is None
+                    metrics = await asyncio.to_thread(scrape, f"http://127.0.0.1:{server.port}/metrics")
+            finally:
+                server.stop()
+        assert "edge_agent_log_compactions_total 1.0" in metrics
+        assert f"edge_agent_log_events_removed_total {base}.0" in metrics
+        for gauge in ("log_bytes", "log_archive_bytes"):
+            assert float(re.findall(rf"^edge_agent_{gauge} (\S+)$", metrics, re.MULTILINE)[0]) > 0, gauge
+        assert re.search(r"^edge_agent_log_wal_bytes \S+$", metrics, re.MULTILINE)
 
     asyncio.run(scenario())

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from pathlib import Path
 
 from edge_agent.clock import Clock
 from edge_agent.domain.moments import iso
-from edge_agent.errors import LogError
+from edge_agent.errors import EdgeAgentError
 from edge_agent.log.compact import Plan, Retention, archives, plan, prune_archives, write_archive
 from edge_agent.log.store import CUT_SLICE_EVENTS, EventLog
 
@@ -107,7 +108,7 @@ class Keeper:
                 continue  # the storage fault's own probe says when the disk is back
             try:
                 await self.tend()
-            except LogError as error:
+            except (EdgeAgentError, OSError, sqlite3.Error) as error:  # a full or failing disk: not the agent's end
                 log.warning("retention: %s; tried again in %.0f s", error, self._check_s)
 
     async def tend(self) -> None:
@@ -173,11 +174,11 @@ class Keeper:
         if used > self._over_warned:
             self._over_warned = used * 2
             log.warning(
-                "the log holds %.1f MB after compaction, over log.max_mb (%.1f MB): the rest is events the broker "
-                "has not acknowledged (from seq %d on) and the record of every order taken",
+                "the log holds %.1f MB after compaction, over log.max_mb (%.1f MB): %d events since the last "
+                "snapshot the broker has acknowledged, and the record of every order ever taken",
                 used / MB,
                 self._max_bytes / MB,
-                self._log.base().seq + 1,
+                self._log.count(self._log.base().seq + 1),
             )
 
     def _bound_wal(self) -> None:

@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -53,6 +54,7 @@ class Sample:
     db_bytes: int
     wal_bytes: int
     archive_bytes: int
+    record_bytes: int  # of the file, the idempotency record (table `orders`): every order ever taken
     rss_mb: float
     fds: int
     threads: int
@@ -91,6 +93,9 @@ class Soak:
             "longest_retention_step_ms": round(self.longest_step_ms, 2),
             "db_mb_max": _mb(max(s.db_bytes for s in self.samples)),
             "db_mb_end": _mb(self.samples[-1].db_bytes),
+            "db_less_record_mb_max": _mb(max(s.db_bytes - s.record_bytes for s in self.samples)),
+            "record_mb_end": _mb(self.samples[-1].record_bytes),
+            "record_bytes_per_order": round(self.samples[-1].record_bytes / self.samples[-1].orders),
             "wal_mb_max": _mb(max(s.wal_bytes for s in self.samples)),
             "archive_mb_max": _mb(max(s.archive_bytes for s in self.samples)),
             "rss_mb_steady": [steady[0].rss_mb, steady[-1].rss_mb],
@@ -124,10 +129,24 @@ def _sample(agent: Agent, orders: int, started: float) -> Sample:
         db,
         wal,
         agent.retention.archive_bytes(),
+        _record_bytes(agent.config.events_db),
         round(proc_rss_mb(os.getpid()), 1),
         sum(1 for _ in Path("/proc/self/fd").iterdir()),
         threading.active_count(),
     )
+
+
+def _record_bytes(path: Path) -> int:
+    """The pages of the idempotency record, which retention does not touch (SQLite's dbstat,
+    where it is compiled in; 0 where not)."""
+    db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        (size,) = db.execute("SELECT coalesce(sum(pgsize), 0) FROM dbstat WHERE name LIKE '%orders%'").fetchone()
+        return int(size)
+    except sqlite3.OperationalError:
+        return 0
+    finally:
+        db.close()
 
 
 async def _lateness(late_ms: list[float]) -> None:
