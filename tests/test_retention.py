@@ -10,6 +10,7 @@ import re
 import sqlite3
 import time
 import urllib.request
+from contextlib import suppress
 from datetime import timedelta
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from edge_agent.log.store import OUTBOX_CURSOR, EventLog
 from edge_agent.log.verify import verify
 from tests.support.agents import running
 from tests.support.configs import agent_config, config_file
+from tests.support.io_faults import Disk, faulty_disk
 from tests.support.orders import order
 from tests.support.plant import make_log, produce
 
@@ -242,3 +244,41 @@ def test_the_agent_runs_retention_in_the_background_and_metrics_count_what_it_di
         assert re.search(r"^edge_agent_log_wal_bytes \S+$", metrics, re.MULTILINE)
 
     asyncio.run(scenario())
+
+
+def test_a_failing_disk_during_retention_is_logged_and_tried_again_and_leaves_a_whole_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="edge_agent.log.retention")
+    disk = Disk()
+    path = tmp_path / "events.db"
+
+    async def scenario() -> None:
+        with faulty_disk(disk, path), Journal.open(path, snapshot_every=10) as journal:
+            produce(journal, 30)
+            journal.log.save_cursor(OUTBOX_CURSOR, journal.state.last_seq)
+            kept = Keeper(
+                journal.log,
+                Budget(Retention.archive, max_mb=0.001),
+                tmp_path / "archive",
+                FakeClock(),
+                check_s=0.01,
+                slice_events=10,
+            )
+            disk.break_now()
+            task = asyncio.create_task(kept.run())
+            async with asyncio.timeout(10):
+                while disk.refused < 3:  # three looks at the log, each refused by the disk
+                    await asyncio.sleep(0.01)
+                assert not task.done()
+                disk.heal()
+                while kept.counts.compactions == 0:
+                    await asyncio.sleep(0.01)
+            task.cancel()
+            with suppress(asyncio.CancelledError):
+                await task
+            assert verify(journal.log).fault is None
+
+    asyncio.run(scenario())
+    assert "retention: " in caplog.text
+    assert "tried again" in caplog.text
