@@ -10,7 +10,7 @@ compresses without writing to the log, is written on a thread, through a
 connection of its own. The README has the measurements behind this.
 
 Every `CHECK_S` it looks at the log:
-- past three quarters of `max_mb` (its pages in use), or holding events older
+- past half of `max_mb` (its pages in use), or holding events older
   than `keep_days`, it compacts (`edge_agent.log.compact`: never past the outbox
   cursor), in slices; the freed pages go back to the file system in slices too;
 - idle since the last look, it empties the WAL (`wal_checkpoint(TRUNCATE)`),
@@ -42,7 +42,7 @@ from edge_agent.log.store import CUT_SLICE_EVENTS, EventLog
 log = logging.getLogger(__name__)
 
 CHECK_S = 1.0  # between two looks at the log
-HIGH_WATER = 0.75  # of max_mb: compaction starts here, so that the log stays under max_mb meanwhile
+HIGH_WATER = 0.5  # of max_mb: compaction starts here, so that what comes until it is done stays under max_mb
 VACUUM_PAGES = 256  # free pages given back to the file system per step (1 MB of 4 KB pages)
 WAL_WARN_BYTES = 64 << 20  # a WAL this large means a reader has held the log open for a long time
 MB = 1 << 20
