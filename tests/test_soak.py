@@ -25,8 +25,8 @@ def test_a_short_simulated_year_keeps_the_log_within_its_budget_and_the_process_
     # The events' part of the file (the idempotency record grows with every order: README).
     # At the soak's pace, some 20,000 times a real cell's, what arrives while a compaction
     # is due (a look every second, the outbox's acknowledgements saved every second) adds
-    # up to a quarter of the budget; at a real cell's, nothing measurable.
-    assert all(s.db_bytes - s.record_bytes <= 1.25 * MAX_MB * (1 << 20) for s in run.samples), figures
+    # up to half of the budget again; at a real cell's, nothing measurable.
+    assert all(s.db_bytes - s.record_bytes <= 1.5 * MAX_MB * (1 << 20) for s in run.samples), figures
     assert all(s.wal_bytes <= WAL_BOUND_MB * (1 << 20) for s in run.samples), figures
     assert all(s.archive_bytes <= 2 * MAX_MB * (1 << 20) for s in run.samples), figures
     steady = run.samples[len(run.samples) // 3 :]
