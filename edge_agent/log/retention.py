@@ -67,7 +67,7 @@ class RetentionCounts:
     archives_removed: int = 0
     checkpoints: int = 0
     checkpoints_busy: int = 0  # a reader was in the middle of a read
-    longest_step_s: float = 0.0  # the longest a step held the event loop (and so a commit)
+    longest_step_s: float = 0.0  # the longest a step (slice, vacuum, checkpoint) held the event loop
 
 
 class Keeper:
@@ -186,7 +186,7 @@ class Keeper:
         idle, self._last_head = head == self._last_head, head
         _, wal = self._log.sizes()
         if idle and wal > 0:
-            if self._log.checkpoint(wait=False):
+            if self._step(lambda: int(self._log.checkpoint(wait=False))):
                 self.counts.checkpoints += 1
                 self._wal_warned = WAL_WARN_BYTES
                 return
