@@ -8,6 +8,8 @@ import gzip
 import logging
 import re
 import sqlite3
+import subprocess
+import sys
 import time
 import urllib.request
 from contextlib import suppress
@@ -30,7 +32,8 @@ from edge_agent.log.journal import Journal, replay
 from edge_agent.log.retention import Budget, Keeper
 from edge_agent.log.store import OUTBOX_CURSOR, EventLog
 from edge_agent.log.verify import verify
-from tests.support.agents import running
+from tests.support import ROOT
+from tests.support.agents import next_line, running
 from tests.support.configs import agent_config, config_file
 from tests.support.io_faults import Disk, faulty_disk
 from tests.support.orders import order
@@ -106,6 +109,48 @@ def test_a_cut_stopped_between_slices_leaves_a_whole_log_and_is_finished_without
         left = [row.hash for row in log_.rows()]
     assert [path.name for path in archive_dir.iterdir()] == [planned.archive.name]  # type: ignore[union-attr]
     assert [event["hash"] for event in archived(archive_dir)] + left == everything
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("slices", [1, 3, 6])
+def test_a_compaction_killed_between_slices_leaves_a_whole_log_finished_by_the_next(
+    tmp_path: Path, children: list[subprocess.Popen[str]], slices: int
+) -> None:
+    db = make_log(tmp_path / "events.db", orders=40, snapshot_every=20)
+    with EventLog(db) as log_:
+        everything = [row.hash for row in log_.rows()]
+        state = replay(log_)
+    compactor = subprocess.Popen(
+        [sys.executable, "-m", "tests.support.crash_compactor", str(db)],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    children.append(compactor)
+    _, first, last = next_line(compactor, "compactor").split()
+    for _ in range(slices):
+        _, base = next_line(compactor, "compactor").split()
+        assert compactor.stdin is not None
+        compactor.stdin.write("\n")
+        compactor.stdin.flush()
+    _, base = next_line(compactor, "compactor").split()  # one more slice committed; then it waits
+    compactor.kill()  # between two slices
+    compactor.wait()
+    assert 0 < int(base) < int(last)
+    with EventLog(db) as log_:
+        assert log_.base().seq == int(base)
+        assert verify(log_).fault is None
+        assert replay(log_) == state
+    with Journal.open(db) as journal:
+        assert journal.state == state
+    with EventLog(db) as log_:
+        result = compact(log_, Retention.archive, tmp_path / "archive")  # finishes the cut
+        assert result.up_to_seq == int(last)
+        left = [row.hash for row in log_.rows()]
+    assert len(list((tmp_path / "archive").iterdir())) == 1  # not archived twice
+    assert [event["hash"] for event in archived(tmp_path / "archive")] + left == everything
+    assert int(first) == 1
 
 
 # -- the background policy -----------------------------------------------------------
