@@ -13,8 +13,13 @@ connection (the standard library's, another process) then takes over those files
 
 `Power.connect` is an `EventLog` connection factory: the real log code runs on it
 through `ApswConnection`, the part of `sqlite3.Connection` the log uses, on apsw.
-`Power.files` gives `write_atomically` the same cut for plain files (fsync, rename,
-folder fsync).
+`Power.files` gives `write_atomically` the same cut for plain files: a file not
+fsynced keeps a prefix of its pieces, and a rename not followed by an fsync of its
+folder may be undone. Simplifications, each on the side SQLite and `write_atomically`
+do not rely on: creating and deleting a file take effect at once (SQLite deletes a
+WAL only once the database holds all of it), a plain file is known from its first
+fsync or rename, and a rename over an existing file, undone, does not bring that
+file back.
 """
 
 # ruff: noqa: N802 (the VFS methods have SQLite's names: xOpen, xRead, ...)
@@ -98,7 +103,7 @@ class Power:
         self.cut = True
         for name, volatile in self._files.items():
             pieces = list(_pieces(volatile.pending))
-            kept = self._rng.choice((0, self._rng.randint(0, len(pieces))))  # half lost whole, half torn
+            kept = self._rng.choice((0, self._rng.randint(0, len(pieces))))  # half lost, half a prefix (or all)
             _apply(name, pieces[:kept])
         for src, dst in reversed(self._renames):
             if self._rng.random() < 0.5:  # the folder was not fsynced since: the rename may not have landed
