@@ -1,16 +1,20 @@
 """Power cuts, not process kills: what the disk holds when the power goes out mid-write.
 
 The log runs on `tests/support/power.py`'s disk, where writes since the last fsync
-are lost or torn at the cut. Each run opens the log as the agent does (the real
-`EventLog`, `Journal` and `Workflow`), recovers it, and commits orders (taken as a
-group and acknowledged once committed, as `Agent` does: the broker delivers again
-what was never acknowledged) and e-stop changes until the power is cut after a
-random number of I/O operations. After every cut the standard library's SQLite
-(another library than apsw's, the same files) checks what is left: `PRAGMA
-integrity_check`, the hash chain (`log verify`), and every commit that returned,
-and so was acted on, still there. With `synchronous=full` none may be missing, and
-at the end the real `Agent` takes the log over and finishes every accepted order
-exactly once. With `normal` some are lost: why `full` is the default.
+are lost or torn at the cut, after a random number of I/O operations. Two writers:
+
+- the whole `Agent` (its log routed to that disk, as it opens its own), the simulated
+  cell building orders offered through `Agent.offer`, whose callback is the MQTT
+  acknowledgement: the broker delivers again, at the next run, what never was;
+- its log code alone (`EventLog`, `Journal`, `Workflow`, the orders taken as a group
+  as `Agent` takes them), dense in commits, snapshots and checkpoints.
+
+After every cut the standard library's SQLite (another library than apsw's, the same
+files) checks what is left: `PRAGMA integrity_check`, the hash chain (`log verify`),
+every commit that returned (and so was acted on) and every acknowledged order still
+there. With `synchronous=full` none may be missing, and at the end the agent takes the
+log over and builds every order exactly once. With `normal` some are lost: why `full`
+is the default.
 
 A compaction with `--retention archive` is cut at each of its I/O operations in
 turn: the log's old events are never gone without their archive, complete.
@@ -35,6 +39,7 @@ import pytest
 from edge_agent import __version__
 from edge_agent.agent import Agent, plant_command
 from edge_agent.clock import SystemClock
+from edge_agent.config import Config
 from edge_agent.devices.profile import load_profile
 from edge_agent.domain import commands as cmd
 from edge_agent.domain.events import Recorded
@@ -48,12 +53,16 @@ from tests.support import PROFILE, WAIT_S
 from tests.support.agents import running
 from tests.support.configs import agent_config
 from tests.support.orders import order
-from tests.support.power import Power, PowerCut
+from tests.support.power import Power, PowerCut, routing
 
 CUTS = 300
 MAX_ORDERS = 40  # over all the runs: the agent then builds them all
 MAX_OPERATIONS = 90  # a run is cut within this many I/O operations (a commit takes about seven)
 SNAPSHOT_EVERY = 5  # snapshots often, so that cuts land in them too
+AGENT_CUTS = 300
+AGENT_ORDERS = 150  # about one for every two runs: the cuts land among orders being built
+AGENT_MAX_OPERATIONS = 100
+SPEED = 50  # the simulated cell: a unit in 0.02 s, a transit in 0.06 s
 CHECKPOINT_PAGES = 20  # and checkpoints (SQLite's default is 1000 pages), which write the database file
 
 
@@ -69,6 +78,7 @@ class Cell:
     committed: list[Recorded] = field(default_factory=list)  # the last event of each commit
     acknowledged: set[str] = field(default_factory=set)
     unacknowledged: deque[cmd.SubmitOrder] = field(default_factory=deque)
+    orders: int = MAX_ORDERS  # to send over all the runs
     sent: int = 0
 
     def run_until_cut(self) -> None:
@@ -92,6 +102,65 @@ class Cell:
     def _committed(self, commit: Commit) -> None:
         self.committed.append(commit.records[-1])
 
+    async def run_agent_until_cut(self, config: Config) -> None:
+        """One run of the whole agent (the control loop, the simulated machine, orders offered
+        and acknowledged through `Agent.offer`) until the power is cut."""
+        cut_after = self.rng.randint(1, AGENT_MAX_OPERATIONS)
+        with Power(self.rng, cut_after) as power, routing(config.events_db, partial(checkpointing, power)):
+            try:
+                async with Agent(config) as agent:
+                    await self._drive(agent, power)
+            except Exception:  # the cut, wherever it met the agent (at start, in a commit, at stop)
+                if not power.cut:
+                    raise
+            assert power.cut, "the run ended without a power cut"
+
+    async def _drive(self, agent: Agent, power: Power) -> None:
+        faulted = asyncio.Event()  # a commit failed: the agent now only tries the disk again
+        agent.storage.add_observer(lambda fault: faulted.set() if fault else None)
+        changed = asyncio.Event()  # a commit or an acknowledgement
+        agent.add_observer(partial(self._agent_committed, agent, changed))
+        for waiting in list(self.unacknowledged):  # the broker delivers them again
+            self._offer(agent, waiting, changed)
+        run = asyncio.create_task(agent.run())
+        waits = [asyncio.create_task(faulted.wait()), asyncio.create_task(self._feed(agent, changed))]
+        await asyncio.wait([run, *waits], return_when=asyncio.FIRST_COMPLETED)
+        power.cut_now()  # if every order was built first, the power goes out while the cell waits
+        for task in (run, *waits):
+            task.cancel()
+        await asyncio.gather(run, *waits, return_exceptions=True)
+
+    async def _feed(self, agent: Agent, changed: asyncio.Event) -> None:
+        """Another order whenever the cell is idle; returns once every order is built."""
+        while True:
+            changed.clear()
+            if not agent.state.work_items and not self.unacknowledged:
+                if self.sent == self.orders:
+                    return
+                self._new_order(agent, changed)
+            await changed.wait()
+
+    def _agent_committed(self, agent: Agent, changed: asyncio.Event, commit: Commit) -> None:
+        self._committed(commit)
+        changed.set()
+        if self.rng.random() < 0.2:  # orders arrive while the cell works
+            self._new_order(agent, changed)
+
+    def _new_order(self, agent: Agent, changed: asyncio.Event) -> None:
+        if self.sent < self.orders:
+            self.unacknowledged.append(order(f"order-{self.sent:03d}", 1 + self.sent % 3))
+            self.sent += 1
+            self._offer(agent, self.unacknowledged[-1], changed)
+
+    def _offer(self, agent: Agent, offered: cmd.SubmitOrder, changed: asyncio.Event) -> None:
+        def acknowledge(events: list[Recorded]) -> None:  # the MQTT acknowledgement
+            self.acknowledged.add(offered.order_id)
+            with suppress(ValueError):
+                self.unacknowledged.remove(offered)
+            changed.set()
+
+        agent.offer(offered, acknowledge)
+
     def _work(self, workflow: Workflow) -> None:
         """What the agent does at start, then orders and e-stop changes until the power goes out."""
         workflow.check()
@@ -109,7 +178,7 @@ class Cell:
         raise AssertionError("no power cut after 10000 commits")
 
     def _orders(self, workflow: Workflow) -> None:
-        if self.sent < MAX_ORDERS:
+        if self.sent < self.orders:
             self.unacknowledged.append(order(f"order-{self.sent:03d}", 1 + self.sent % 3))
             self.sent += 1
         batch = list(self.unacknowledged)
@@ -180,26 +249,47 @@ def test_no_committed_event_is_lost_to_a_power_cut_with_synchronous_full(tmp_pat
         assert not orders_lost, f"seed {seed}, cut {cut + 1}: acknowledged, then lost: {orders_lost}"
     print(f"synchronous=full: {CUTS} cuts, {len(cell.committed)} commits, {len(cell.acknowledged)} orders, none lost")
     assert len(cell.committed) > 5 * CUTS  # the cuts landed among real work, not only at start-up
-    assert cell.sent == MAX_ORDERS
+    assert cell.sent == cell.orders
 
     # The agent takes the log over (the standard library's SQLite again) and the broker
     # delivers again the orders never acknowledged: every order is built exactly once.
     asyncio.run(finish(cell))
-    with EventLog(cell.path, readonly=True) as log_:
-        assert verify(log_).fault is None
-        accepted, ended = accepted_once((row.type, row.subject) for row in log_.rows())
-    orders = {f"order-{n:03d}" for n in range(MAX_ORDERS)}
-    assert accepted == dict.fromkeys(orders, 1)
-    assert ended == dict.fromkeys(orders, 1)
+    assert_built_once(cell)
 
 
 async def finish(cell: Cell) -> None:
-    config = agent_config(cell.path.parent, speed=50, log={"snapshot_every": 10})
+    config = agent_config(cell.path.parent, speed=SPEED, log={"snapshot_every": 10})
     async with Agent(config) as agent, running(agent):
         async with asyncio.timeout(WAIT_S):
             for redelivered in cell.unacknowledged:
                 await agent.submit(redelivered)
-            await agent.wait_until(lambda state: state.accepted == MAX_ORDERS and not state.work_items)
+            await agent.wait_until(lambda state: state.accepted == cell.orders and not state.work_items)
+
+
+def assert_built_once(cell: Cell) -> None:
+    """Every order sent accepted once and ended once, and the log intact."""
+    with EventLog(cell.path, readonly=True) as log_:
+        assert verify(log_).fault is None
+        accepted, ended = accepted_once((row.type, row.subject) for row in log_.rows())
+    orders = {f"order-{n:03d}" for n in range(cell.orders)}
+    assert accepted == dict.fromkeys(orders, 1)
+    assert ended == dict.fromkeys(orders, 1)
+
+
+@pytest.mark.chaos
+def test_the_agent_loses_no_acknowledged_order_to_power_cuts(tmp_path: Path) -> None:
+    seed = chaos_seed()
+    cell = new_cell(tmp_path, "full", seed)
+    cell.orders = AGENT_ORDERS
+    config = agent_config(cell.path.parent, speed=SPEED, log={"snapshot_every": 10})
+    for cut in range(AGENT_CUTS):
+        asyncio.run(cell.run_agent_until_cut(config))
+        lost, orders_lost = cell.lost()
+        assert not lost, f"seed {seed}, cut {cut + 1}: committed and acted on, then lost: {lost}"
+        assert not orders_lost, f"seed {seed}, cut {cut + 1}: acknowledged, then lost: {orders_lost}"
+    print(f"the agent: {AGENT_CUTS} cuts, {len(cell.committed)} commits, {len(cell.acknowledged)} orders, none lost")
+    asyncio.run(finish(cell))
+    assert_built_once(cell)
 
 
 def test_synchronous_normal_loses_committed_events_to_power_cuts(tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ import os
 import random
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self, TypeVar
@@ -37,6 +38,7 @@ from typing import Any, Self, TypeVar
 import apsw
 
 from edge_agent.files import FileSystem, fsync_dir
+from edge_agent.log.store import Connect
 
 PIECE = 4096  # what the disk writes at once: a torn write keeps whole pieces
 _MAIN_OR_WAL = apsw.SQLITE_OPEN_MAIN_DB | apsw.SQLITE_OPEN_WAL
@@ -99,6 +101,11 @@ class Power:
                 self._lose_unsynced()
                 raise PowerCut(f"power cut before I/O operation {self.operations}")
 
+    def cut_now(self) -> None:
+        """Cut the power now, between two operations (an idle moment is a moment too)."""
+        if not self.cut:
+            self._lose_unsynced()
+
     def _lose_unsynced(self) -> None:
         self.cut = True
         for name, volatile in self._files.items():
@@ -153,6 +160,29 @@ class Power:
             self._renames = [(src, dst) for src, dst in self._renames if src.parent != folder]
 
         return FileSystem(fsync=fsync, replace=replace, fsync_dir=sync_dir)
+
+
+@contextmanager
+def routing(path: Path, connect: Connect) -> Iterator[None]:
+    """While the block runs, the log at `path`, opened for writing by code that makes its
+    own connection (the `Agent`: it opens its log by `Journal.open`, which takes no
+    connection factory), is opened by `connect`: the standard library's `sqlite3.connect`
+    is routed for that one file (as `io_faults.faulty_disk` routes it to a failing disk).
+    Read-only connections (by URI) and other files are left alone."""
+    real_connect = sqlite3.connect
+    target = path.resolve()
+
+    def route(database: Any, *args: Any, **kwargs: Any) -> sqlite3.Connection:
+        if isinstance(database, Path) and database.resolve() == target:
+            return connect(database)
+        db: sqlite3.Connection = real_connect(database, *args, **kwargs)
+        return db
+
+    sqlite3.connect = route  # type: ignore[assignment]  # the store calls sqlite3.connect
+    try:
+        yield
+    finally:
+        sqlite3.connect = real_connect
 
 
 def _pieces(pending: Sequence[tuple[int, bytes | None]]) -> Iterator[tuple[int, bytes | None]]:
