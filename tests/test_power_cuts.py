@@ -42,7 +42,8 @@ from edge_agent.clock import SystemClock
 from edge_agent.config import Config
 from edge_agent.devices.profile import load_profile
 from edge_agent.domain import commands as cmd
-from edge_agent.domain.events import Recorded
+from edge_agent.domain.events import InventoryIssued, Recorded
+from edge_agent.domain.state import inventory_id
 from edge_agent.log import archive
 from edge_agent.log.compact import Retention, compact
 from edge_agent.log.journal import Commit, Journal, replay
@@ -267,10 +268,15 @@ async def finish(cell: Cell) -> None:
 
 
 def assert_built_once(cell: Cell) -> None:
-    """Every order sent accepted once and ended once, and the log intact."""
+    """Every order sent accepted once and ended once, inventory ids without a gap or a
+    repeat (SPEC: a power cut at any moment), and the log intact."""
     with EventLog(cell.path, readonly=True) as log_:
         assert verify(log_).fault is None
         accepted, ended = accepted_once((row.type, row.subject) for row in log_.rows())
+        issued = [row.decode().event for row in log_.rows(type_="InventoryIssued")]
+    assert [e.inventory_id for e in issued if isinstance(e, InventoryIssued)] == [
+        inventory_id(n) for n in range(1, len(issued) + 1)
+    ]
     orders = {f"order-{n:03d}" for n in range(cell.orders)}
     assert accepted == dict.fromkeys(orders, 1)
     assert ended == dict.fromkeys(orders, 1)
