@@ -17,7 +17,7 @@ from typing import BinaryIO
 
 import orjson
 
-from edge_agent.files import private_dir, write_atomically
+from edge_agent.files import OS_FILES, FileSystem, private_dir, write_atomically
 from edge_agent.log.store import OUTBOX_CURSOR, EventLog, Row
 
 
@@ -50,8 +50,9 @@ def published(log_: EventLog) -> int:
     return log_.cursor(OUTBOX_CURSOR) or 0
 
 
-def compact(log_: EventLog, retention: Retention, archive_dir: Path) -> Compaction:
-    """Remove the events before the newest intact snapshot, per `retention`."""
+def compact(log_: EventLog, retention: Retention, archive_dir: Path, *, files: FileSystem = OS_FILES) -> Compaction:
+    """Remove the events before the newest intact snapshot, per `retention`; `files`: how
+    the archive is made durable."""
     base = log_.base()
     # Never remove what the broker has not acknowledged: the log is the outbox. A log
     # whose outbox never saved a cursor has had nothing acknowledged at all.
@@ -61,12 +62,12 @@ def compact(log_: EventLog, retention: Retention, archive_dir: Path) -> Compacti
     archive = None
     if retention is Retention.archive:
         archive = archive_dir / f"events-{base.seq + 1:09d}-{snapshot.seq:09d}.jsonl.gz"
-        _write_archive(log_, base.seq + 1, snapshot.seq, archive)
+        _write_archive(log_, base.seq + 1, snapshot.seq, archive, files)
     removed = log_.cut(snapshot.seq, str(archive) if archive else None)
     return Compaction(retention, removed, snapshot.seq, archive)
 
 
-def _write_archive(log_: EventLog, from_seq: int, to_seq: int, path: Path) -> None:
+def _write_archive(log_: EventLog, from_seq: int, to_seq: int, path: Path, files: FileSystem) -> None:
     """The archive, complete under its name before any event is deleted (or not there at
     all). An archive of the same range left by a compaction that stopped before its
     deletion holds the same events: it is replaced."""
@@ -77,4 +78,4 @@ def _write_archive(log_: EventLog, from_seq: int, to_seq: int, path: Path) -> No
                 archive.write(row_json(row, with_hash=True) + b"\n")
 
     private_dir(path.parent)
-    write_atomically(path, write, force=True, option="archive")
+    write_atomically(path, write, force=True, option="archive", files=files)
