@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable
-from contextlib import closing
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -32,19 +30,15 @@ from tests.support.agents import subprocess_env
 from tests.support.brokers import Mosquitto
 from tests.support.configs import agent_config, config_file
 from tests.support.peer import on, peer, status_topic
-from tests.support.plant import make_log
+from tests.support.plant import damage_newest_event, make_log
 
 DEVICE_ID = "refused-cell"
 UNIT = ROOT / "systemd" / "edge-agent.service"
 
 
 def damage_an_event(data_dir: Path) -> None:
-    """A log whose newest event had a byte flipped on disk (after its last snapshot)."""
-    db = make_log(data_dir / "events.db", orders=3, snapshot_every=1000)
-    with closing(sqlite3.connect(db)) as conn, conn:
-        seq, data = conn.execute("SELECT seq, data FROM events ORDER BY seq DESC LIMIT 1").fetchone()
-        flipped = data.replace('"', "'", 1)
-        conn.execute("UPDATE events SET data = ? WHERE seq = ?", (flipped, seq))
+    """A log whose newest event (after its last snapshot) was damaged on disk."""
+    damage_newest_event(make_log(data_dir / "events.db", orders=3, snapshot_every=1000))
 
 
 def record_other_steps(data_dir: Path) -> None:
