@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -26,9 +27,10 @@ from edge_agent.lock import DataDirLock
 from edge_agent.log.journal import Journal
 from edge_agent.service import serve
 from tests.support import ROOT
-from tests.support.agents import subprocess_env
+from tests.support.agents import subprocess_env, wait_for_log
 from tests.support.brokers import Mosquitto
 from tests.support.configs import agent_config, config_file
+from tests.support.orders import order, order_payload
 from tests.support.peer import on, peer, status_topic
 from tests.support.plant import damage_newest_event, make_log
 
@@ -102,6 +104,19 @@ def case(request: pytest.FixtureRequest) -> tuple[Case, Path]:
     return chosen, data_dir
 
 
+def run_agent(config: Path) -> subprocess.CompletedProcess[str]:
+    """`edge-agent run` as systemd starts it, until it exits."""
+    return subprocess.run(
+        [sys.executable, "-m", "edge_agent", "run", "--config", str(config)],
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 def retained_status(broker: Mosquitto) -> dict[str, Any]:
     """What a client subscribing now is told of the device."""
     topic = status_topic(DEVICE_ID)
@@ -118,15 +133,7 @@ def test_a_start_that_cannot_proceed_says_why_in_one_line_on_the_status_topic_an
     expected, data_dir = case
     config = config_file(tmp_path / "etc", device_id=DEVICE_ID, data_dir=data_dir, mqtt={"port": mosquitto_broker.port})
 
-    started = subprocess.run(
-        [sys.executable, "-m", "edge_agent", "run", "--config", str(config)],
-        cwd=ROOT,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    started = run_agent(config)
 
     assert started.returncode == expected.exit_code, started.stdout + started.stderr
     lines = started.stderr.strip().splitlines()
@@ -167,6 +174,34 @@ def test_every_output_is_created_off_before_the_log_is_opened_and_none_comes_on(
         assert pins == {}
     for name, pin in pins.items():
         assert [bool(s.state) for s in pin.states] == [False], name  # created off, never on
+
+
+def test_an_order_sent_while_the_start_is_refused_is_taken_once_the_log_is_mended(
+    tmp_path: Path, mosquitto_broker: Mosquitto, children: list[subprocess.Popen[str]]
+) -> None:
+    """The refused start tells the broker why as the device itself: what the broker holds for
+    the device meanwhile is not acknowledged, so the next start still gets it."""
+    config = config_file(tmp_path, device_id=DEVICE_ID, speed=50, mqtt={"port": mosquitto_broker.port})
+    data_dir = tmp_path / "data"
+    topic = status_topic(DEVICE_ID)
+    command = [sys.executable, "-m", "edge_agent", "run", "--config", str(config)]
+    with peer(mosquitto_broker.port, "5", topic) as watcher:  # once, so that the broker keeps its session
+        first = subprocess.Popen(command, cwd=ROOT, env=subprocess_env(), text=True)
+        children.append(first)
+        watcher.wait_for(on(topic, state="online"))
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=10) == 0
+    record_other_steps(data_dir)
+    with peer(mosquitto_broker.port, "5", name="office") as office:
+        office.publish("factory/orders", order_payload(order("while-refused")))
+
+    assert run_agent(config).returncode == EXIT_LOG_REFUSED
+    assert retained_status(mosquitto_broker)["state"] == "offline"
+
+    (data_dir / "events.db").rename(data_dir / "events.db.refused")  # what the operator does next
+    second = subprocess.Popen(command, cwd=ROOT, env=subprocess_env(), text=True, stdout=subprocess.PIPE)
+    children.append(second)
+    wait_for_log(data_dir / "events.db", "OrderAccepted", second)
 
 
 def test_systemd_does_not_restart_what_a_restart_cannot_mend() -> None:
