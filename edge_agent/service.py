@@ -15,13 +15,13 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
 
 from edge_agent import __version__
 from edge_agent.agent import Agent
+from edge_agent.clock import SystemClock
 from edge_agent.config import Config, changed_keys, check_files, load_config
 from edge_agent.demo import demo_orders
 from edge_agent.devices.profile import load_profile
@@ -154,7 +154,7 @@ def announce(config: Config, reason: str, timeout_s: float = ANNOUNCE_TIMEOUT_S)
     `timeout_s`. As the device itself (its client id, its session kept): what the broker
     delivers meanwhile is not acknowledged, so it comes again to the next start."""
     topics = Topics(config.mqtt.topic_prefix, config.device_id, config.mqtt.shared_group)
-    status = {"state": "offline", "since": iso(datetime.now(UTC)), "version": __version__, "error": reason}
+    status = {"state": "offline", "since": iso(SystemClock().now()), "version": __version__, "error": reason}
     payload = orjson.dumps(status)
     connected = threading.Event()
     link = Link(
