@@ -150,6 +150,7 @@ class Agent:
         # First thing: every output exists and is off, before the log says anything.
         self.devices = Devices(self.profile, pin_factory, loop, self._on_edge)
         self._stack.callback(self.devices.close)
+        self._hooks.devices(self.devices)
         _check_own_file(self.config.events_db)
         self.journal = Journal.open(
             self.config.events_db,
