@@ -147,6 +147,16 @@ def test_over_tls_the_configured_ca_is_trusted_and_no_other(tmp_path: Path) -> N
         assert "certificate verify failed" in line
 
 
+def test_a_tls_broker_that_wants_a_client_certificate_is_named_as_such(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    wanting = tls_listener(pki) + "require_certificate true\nallow_anonymous true"
+    with mosquitto(tmp_path / "mosquitto", wanting) as broker:
+        config = config_for(tmp_path / "cli", broker.port, tls={"ca_file": str(pki[0])})
+        refused = order_cli(config, *SUBMIT)
+    assert refused.returncode == 1, refused.stdout
+    assert "does it want one? mqtt.tls.cert_file and key_file" in the_error(refused)
+
+
 # -- the broker misbehaves ---------------------------------------------------------------
 
 

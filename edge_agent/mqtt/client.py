@@ -191,7 +191,11 @@ class Session:
         except (_Lost, aiomqtt.MqttCodeError):  # a CONNACK that refuses (and hangs up), or the connection lost
             if client.connack is not None and client.connack.is_failure:
                 raise BrokerUnreachable(f"the broker at {self._where} refused: {client.connack}") from None
-            raise BrokerUnreachable(f"the broker at {self._where} closed the connection") from None
+            hint = ""
+            if self._tls is not None and self._config.tls.cert_file is None:
+                # TLS 1.3: a broker that wants a client certificate says so only by hanging up.
+                hint = " (over TLS with no client certificate: does it want one? mqtt.tls.cert_file and key_file)"
+            raise BrokerUnreachable(f"the broker at {self._where} closed the connection{hint}") from None
         except aiomqtt.MqttError as error:  # the socket could not be opened (paho's OSError)
             raise BrokerUnreachable(f"cannot reach the broker at {self._where}: {error}") from None
         for reason in granted:
