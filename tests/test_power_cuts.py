@@ -23,7 +23,6 @@ turn: the log's old events are never gone without their archive, complete.
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import shutil
 import sqlite3
@@ -50,7 +49,7 @@ from edge_agent.log.journal import Commit, Journal, replay
 from edge_agent.log.store import OUTBOX_CURSOR, EventLog, Synchronous
 from edge_agent.log.verify import verify
 from edge_agent.workflow.engine import Workflow
-from tests.support import PROFILE, WAIT_S
+from tests.support import PROFILE, WAIT_S, chaos_seed
 from tests.support.agents import running
 from tests.support.configs import agent_config
 from tests.support.orders import order
@@ -212,13 +211,6 @@ def checkpointing(power: Power, path: Path) -> sqlite3.Connection:
     db = power.connect(path)
     db.execute(f"PRAGMA wal_autocheckpoint = {CHECKPOINT_PAGES}")
     return db
-
-
-def chaos_seed() -> int:
-    """The run's random seed, printed (CHAOS_SEED=... runs it again, as in the other chaos tests)."""
-    seed = int(os.environ.get("CHAOS_SEED") or random.SystemRandom().randrange(2**32))
-    print(f"chaos seed {seed} (CHAOS_SEED={seed} to run it again)")
-    return seed
 
 
 def new_cell(tmp_path: Path, synchronous: Synchronous, seed: int) -> Cell:
