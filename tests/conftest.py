@@ -12,6 +12,12 @@ import pytest
 from tests.support.agent_process import MQTT_AGENT, AgentProcess, Agents
 from tests.support.brokers import Mosquitto, mosquitto
 
+# The CLI's consoles take COLUMNS as their fixed width when they are made (at import): a
+# width the test runner passes on (pytest-xdist's workers) would hold for every test, and
+# the tests that set COLUMNS for one command would not get theirs.
+for _size in ("COLUMNS", "LINES"):
+    os.environ.pop(_size, None)
+
 
 @pytest.fixture
 def mosquitto_broker(tmp_path: Path) -> Iterator[Mosquitto]:
