@@ -22,9 +22,9 @@ run: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest
 
-# Everything but the slow and chaos tests: under a minute, for every change.
+# Everything but the slow and chaos tests, on two workers: under a minute, for every change.
 test-fast: $(VENV)/.installed
-	$(BIN)/python -m pytest -m "not slow and not chaos"
+	$(BIN)/python -m pytest -n 2 -m "not slow and not chaos"
 
 bench: $(VENV)/.installed
 	$(BIN)/python -m benchmarks.bench

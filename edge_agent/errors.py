@@ -1,6 +1,16 @@
-"""The agent's error tree: one base, data in attributes, an exit code each."""
+"""The agent's error tree: one base, data in attributes, an exit code each.
+
+Exit codes: 0 ok, 1 a failure found (or an unexpected error), 2 usage or config,
+and for `edge-agent run` only: 3 the log cannot be taken over (damaged, from a
+newer release, another workflow: a restart cannot help, so systemd does not
+restart on it) and 4 the data folder cannot be written at start (a full disk, a
+read-only file system, I/O errors).
+"""
 
 from __future__ import annotations
+
+EXIT_LOG_REFUSED = 3
+EXIT_STORAGE_FAULT = 4
 
 
 class EdgeAgentError(Exception):
@@ -45,3 +55,19 @@ class LogCorrupted(LogError):
     def __init__(self, seq: int, message: str) -> None:
         super().__init__(f"seq {seq}: {message}")
         self.seq = seq
+
+
+class StartRefused(EdgeAgentError):
+    """The agent cannot start; the error that stopped it is the cause."""
+
+
+class LogRefused(StartRefused):
+    """The log cannot be taken over: damaged, written by a newer release or another workflow."""
+
+    exit_code = EXIT_LOG_REFUSED
+
+
+class StorageFault(StartRefused):
+    """The data folder cannot be written at start: full, read-only or failing."""
+
+    exit_code = EXIT_STORAGE_FAULT

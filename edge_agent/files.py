@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -55,6 +56,19 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@dataclass(frozen=True, slots=True)
+class FileSystem:
+    """The steps that make a written file durable, in the order `write_atomically` takes
+    them; injectable so that the power-cut tests can cut the power between them."""
+
+    fsync: Callable[[int], None] = os.fsync
+    replace: Callable[[Path, Path], object] = Path.replace
+    fsync_dir: Callable[[Path], None] = fsync_dir
+
+
+OS_FILES = FileSystem()
+
+
 def write_atomically(
     path: Path,
     write: Callable[[BinaryIO], None],
@@ -63,6 +77,7 @@ def write_atomically(
     option: str = "--output",
     protected: tuple[Path, ...] = (),
     replaceable: Callable[[Path], str | None] = lambda path: None,
+    files: FileSystem = OS_FILES,
 ) -> None:
     """Write a new file at `path` with `write(stream)`: complete under its name or not there.
 
@@ -71,7 +86,8 @@ def write_atomically(
     being read, say). With `force`, an existing file is replaced (never written through)
     only if it is a regular file that `replaceable` finds nothing against (it returns what
     the file is, e.g. "an SQLite database", to refuse it): `--force` is for a file the
-    command wrote before, never for a device, a lock or another program's data."""
+    command wrote before, never for a device, a lock or another program's data.
+    `files`: how it is made durable (fsync, rename, folder fsync)."""
     folder = path.parent
     if not folder.is_dir():
         raise ConfigError(f"{option}: folder {folder} does not exist", key=option)
@@ -97,12 +113,12 @@ def write_atomically(
         with os.fdopen(fd, "wb") as stream:
             write(stream)
             stream.flush()
-            os.fsync(stream.fileno())
-        temporary.replace(path)
+            files.fsync(stream.fileno())
+        files.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-    fsync_dir(folder)
+    files.fsync_dir(folder)
 
 
 def _kind(path: Path) -> str | None:

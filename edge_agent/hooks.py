@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from edge_agent.devices.gpio import Devices
 from edge_agent.domain import commands as cmd
 from edge_agent.mqtt.link import Inbound
 
@@ -27,6 +28,8 @@ class Hooks:
     acking: Callable[[Inbound], None] = _nothing
     # Inbound orders about to be decided and committed as one group.
     deciding: Callable[[Sequence[cmd.SubmitOrder | cmd.RejectOrder]], None] = _nothing
+    # The cell's devices, just created (every output off), before the log is opened.
+    devices: Callable[[Devices], None] = _nothing
 
 
 NO_HOOKS = Hooks()

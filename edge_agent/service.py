@@ -9,24 +9,34 @@ import errno
 import logging
 import signal
 import socket
+import sqlite3
+import threading
 import time
 from collections import Counter
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
+import orjson
+
+from edge_agent import __version__
 from edge_agent.agent import Agent
+from edge_agent.clock import SystemClock
 from edge_agent.config import Config, changed_keys, check_files, load_config
 from edge_agent.demo import demo_orders
 from edge_agent.devices.profile import load_profile
+from edge_agent.domain.moments import iso
 from edge_agent.domain.state import Stage
-from edge_agent.errors import ConfigError
+from edge_agent.errors import ConfigError, LogError, LogRefused, StartRefused, StorageFault
 from edge_agent.gateway import Gateway
 from edge_agent.health import HealthServer, Metrics
 from edge_agent.hooks import NO_HOOKS, Hooks
 from edge_agent.lock import DataDirLock
 from edge_agent.mqtt.broker import EmbeddedBroker
-from edge_agent.mqtt.link import check_credentials
+from edge_agent.mqtt.link import Inbound, Link, check_credentials
+from edge_agent.mqtt.topics import Topics
 from edge_agent.sdnotify import Notifier
+from edge_agent.workflow.engine import WorkflowMismatch
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +66,14 @@ async def serve(config: Config, demo: int = 0, config_path: Path | None = None, 
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     async with AsyncExitStack() as stack:
-        # Before anything else: a second agent on this data folder stops here, having
-        # touched no pin, no port and no log; then a taken port, before the log is opened.
-        lock = stack.enter_context(DataDirLock(config.data_dir))
-        check_ports(config)
-        if config.mqtt.embedded:
-            await stack.enter_async_context(EmbeddedBroker(config.mqtt.port, config.mqtt.host))
-        agent = await stack.enter_async_context(Agent(config, profile=profile, lock=lock, hooks=hooks))
+        async with refusing_start(config):
+            # Before anything else: a second agent on this data folder stops here, having
+            # touched no pin, no port and no log; then a taken port, before the log is opened.
+            lock = stack.enter_context(DataDirLock(config.data_dir))
+            check_ports(config)
+            if config.mqtt.embedded:
+                await stack.enter_async_context(EmbeddedBroker(config.mqtt.port, config.mqtt.host))
+            agent = await stack.enter_async_context(Agent(config, profile=profile, lock=lock, hooks=hooks))
         gateway = Gateway(agent, config, hooks)
         if config.http.enabled:
             health = HealthServer(
@@ -87,6 +98,87 @@ async def serve(config: Config, demo: int = 0, config_path: Path | None = None, 
             await asyncio.wait([online])
             for task in background:
                 task.cancel()
+
+
+# A start-up that cannot proceed ------------------------------------------------------
+
+# What a restart does not mend by itself but an operator can: the disk is full, the
+# file system was remounted read-only after errors, the card fails.
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
+STORAGE_SQLITE = frozenset(
+    {sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN}
+)
+ANNOUNCE_TIMEOUT_S = 5.0  # to reach the broker and say why, before exiting
+
+
+@asynccontextmanager
+async def refusing_start(config: Config) -> AsyncIterator[None]:
+    """Start-up: a log that cannot be taken over or a disk that cannot be written becomes a
+    StartRefused (its own exit code), said on the retained `status` topic first. The
+    outputs are off by then: the agent creates them off before it opens the log, and
+    closes them when its start fails."""
+    try:
+        yield
+    except (OSError, ConfigError, LogError, WorkflowMismatch) as error:
+        refusal = start_refusal(error, config)
+        if refusal is None:
+            raise
+        if not config.mqtt.embedded:  # an embedded broker ends with this process: nobody would hear
+            await asyncio.to_thread(announce, config, str(refusal))
+        raise refusal from error
+
+
+def start_refusal(error: BaseException, config: Config) -> StartRefused | None:
+    """What a start-up error means to the operator (None: a config error, as it was)."""
+    if _storage_cause(error):
+        if isinstance(error, OSError):  # not yet put in words (the lock file's first write)
+            return StorageFault(f"data_dir: cannot use {config.data_dir}: {error.strerror or error}")
+        return StorageFault(str(error))
+    if isinstance(error, LogError | WorkflowMismatch):
+        return LogRefused(f"cannot take over the log {config.events_db}: {error}")
+    return None
+
+
+def _storage_cause(error: BaseException | None) -> bool:
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS:
+            return True
+        if isinstance(error, sqlite3.Error) and error.sqlite_errorcode & 0xFF in STORAGE_SQLITE:
+            return True  # the primary code, whatever the extended one (SQLITE_IOERR_WRITE ...)
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def announce(config: Config, reason: str, timeout_s: float = ANNOUNCE_TIMEOUT_S) -> None:
+    """`offline` with `reason` on the retained status topic, if the broker answers within
+    `timeout_s`. As the device itself (its client id, its session kept): what the broker
+    delivers meanwhile is not acknowledged, so it comes again to the next start."""
+    topics = Topics(config.mqtt.topic_prefix, config.device_id, config.mqtt.shared_group)
+    status = {"state": "offline", "since": iso(SystemClock().now()), "version": __version__, "error": reason}
+    payload = orjson.dumps(status)
+    connected = threading.Event()
+    link = Link(
+        config.mqtt,
+        config.device_id,
+        topics,
+        will=payload,
+        on_message=_unheard,
+        on_connection=lambda up: connected.set() if up else None,
+        on_published=lambda mid, refusal: None,
+    )
+    chatter = logging.getLogger(Link.__module__)
+    level = chatter.level
+    chatter.setLevel(logging.ERROR)  # retries and connections: the journal's line is the reason
+    try:
+        link.start()
+        connected.wait(timeout_s)
+        link.stop((topics.status, payload))
+    finally:
+        chatter.setLevel(level)
+
+
+def _unheard(message: Inbound) -> None:
+    """An order for an agent that is not starting: left unacknowledged, so it is redelivered."""
 
 
 def check_ports(config: Config) -> None:

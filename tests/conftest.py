@@ -12,6 +12,12 @@ import pytest
 from tests.support.agent_process import MQTT_AGENT, AgentProcess, Agents
 from tests.support.brokers import Mosquitto, mosquitto
 
+# The CLI's consoles take COLUMNS as their fixed width when they are made (at import): a
+# width the test runner passes on (pytest-xdist's workers) would hold for every test, and
+# the tests that set COLUMNS for one command would not get theirs.
+for _size in ("COLUMNS", "LINES"):
+    os.environ.pop(_size, None)
+
 
 @pytest.fixture
 def mosquitto_broker(tmp_path: Path) -> Iterator[Mosquitto]:
@@ -59,3 +65,17 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("EDGE_AGENT_"):
             monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 3 MB file system of its own, where the machine allows mounting one."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small file system here: {mounted.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)

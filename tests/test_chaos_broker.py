@@ -36,7 +36,6 @@ passes.
 from __future__ import annotations
 
 import json
-import os
 import random
 import threading
 import time
@@ -46,6 +45,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import chaos_seed
 from tests.support.agent_process import Agents
 from tests.support.brokers import mosquitto
 from tests.support.mqtt_rig import (
@@ -76,10 +76,6 @@ BROKERS = {  # what a restarted Mosquitto remembers, as settings added to the ri
     "saved-every-second": "allow_anonymous true",
     "remembers-nothing": "allow_anonymous true\npersistence false",  # the last `persistence` line wins
 }
-
-
-def chaos_seed() -> int:
-    return int(os.environ.get("CHAOS_SEED") or random.SystemRandom().randrange(2**32))
 
 
 class Sender:
@@ -161,7 +157,6 @@ def test_broker_killed_every_few_seconds_loses_no_order_and_repeats_no_work(
     """300 orders while Mosquitto is SIGKILLed and restarted every 1-3 s: each is done
     exactly once and its inventory record reaches the sender; the log is intact."""
     seed = chaos_seed()
-    print(f"chaos seed {seed} (CHAOS_SEED={seed} to run it again)")
     rng = random.Random(seed)
     with mosquitto(tmp_path / "mosquitto", BROKERS[memory]) as broker:
         port = broker.port

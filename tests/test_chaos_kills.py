@@ -47,7 +47,7 @@ from edge_agent.domain.view import state_view
 from edge_agent.log.journal import replay
 from edge_agent.log.store import EventLog, Row
 from edge_agent.log.verify import verify
-from tests.support import ROOT
+from tests.support import ROOT, chaos_seed
 from tests.support.agent_process import AgentProcess, Agents
 from tests.support.brokers import Mosquitto
 from tests.support.crash_writer import canonical
@@ -81,10 +81,6 @@ ONCE_PER_ORDER = ("OrderAccepted", "StationAssigned", "BuildComplete", "Inventor
 # Where the cell was when a kill landed; each must have been hit at least MIN_HITS times.
 PHASES = ("ingest", "waiting", "mid-build", "mid-shipment")
 MIN_HITS = 3
-
-
-def chaos_seed() -> int:
-    return int(os.environ.get("CHAOS_SEED") or random.SystemRandom().randrange(2**32))
 
 
 # -- the plan: what is published when, and when each run is killed --------------------------
@@ -252,7 +248,6 @@ def test_agent_killed_a_hundred_times_does_every_order_exactly_once(
     """105 SIGKILLs at random moments across 310 orders arriving over MQTT: no order lost
     or done twice, the log intact and equal to its replay after every kill and at the end."""
     seed = chaos_seed()
-    print(f"chaos seed {seed} (CHAOS_SEED={seed} to run it again)")
     rng = random.Random(seed)
     runs, leftover = plan(rng)
     port = mosquitto_broker.port

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 
 import orjson
-import pytest
 
 from edge_agent.agent import Agent
 from edge_agent.config import Config
@@ -97,20 +95,6 @@ def test_free_space_below_the_floor_stops_orders_until_there_is_room(tmp_path: P
                 await agent.wait_until(lambda s: s.inventory_seq == 1)
 
     asyncio.run(scenario())
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 3 MB file system of its own, where the machine allows mounting one."""
-    folder = tmp_path / "small"
-    folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(folder)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small file system here: {mounted.stderr.decode().strip()}")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
 def test_a_really_full_disk_is_survived_and_work_resumes_when_space_returns(small_disk: Path) -> None:

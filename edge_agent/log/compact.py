@@ -25,7 +25,7 @@ from typing import BinaryIO
 
 import orjson
 
-from edge_agent.files import fsync_dir, private_dir, write_atomically
+from edge_agent.files import OS_FILES, FileSystem, fsync_dir, private_dir, write_atomically
 from edge_agent.log.store import OUTBOX_CURSOR, EventLog, Row
 
 log = logging.getLogger(__name__)
@@ -101,21 +101,22 @@ def plan(log_: EventLog, retention: Retention, archive_dir: Path, up_to: int | N
     return Plan(base.seq + 1, snapshot.seq, archive)
 
 
-def compact(log_: EventLog, retention: Retention, archive_dir: Path) -> Compaction:
-    """Remove the events before the newest intact snapshot, per `retention`."""
+def compact(log_: EventLog, retention: Retention, archive_dir: Path, *, files: FileSystem = OS_FILES) -> Compaction:
+    """Remove the events before the newest intact snapshot, per `retention`; `files`: how
+    the archive is made durable."""
     planned = plan(log_, retention, archive_dir)
     if planned is None:
         return Compaction(retention, 0, None, None)
     if planned.archive is not None and not planned.resumed:
-        write_archive(log_, planned)
+        write_archive(log_, planned, files=files)
     removed = log_.cut(planned.to_seq, str(planned.archive) if planned.archive else None)
     return Compaction(retention, removed, planned.to_seq, planned.archive)
 
 
-def write_archive(log_: EventLog, planned: Plan) -> None:
+def write_archive(log_: EventLog, planned: Plan, *, files: FileSystem = OS_FILES) -> None:
     """Write the archive of `planned` from `log_` (any connection to the log: a reader's will do)."""
     if planned.archive is not None:
-        _write_archive(log_, planned.from_seq, planned.to_seq, planned.archive)
+        _write_archive(log_, planned.from_seq, planned.to_seq, planned.archive, files)
 
 
 def archives(archive_dir: Path) -> list[tuple[Path, int]]:
@@ -152,7 +153,7 @@ def prune_archives(archive_dir: Path, max_bytes: int) -> list[Path]:
     return removed
 
 
-def _write_archive(log_: EventLog, from_seq: int, to_seq: int, path: Path) -> None:
+def _write_archive(log_: EventLog, from_seq: int, to_seq: int, path: Path, files: FileSystem) -> None:
     """The archive, complete under its name before any event is deleted (or not there at
     all). An archive of the same range left by a compaction that stopped before its
     deletion holds the same events: it is replaced."""
@@ -163,4 +164,4 @@ def _write_archive(log_: EventLog, from_seq: int, to_seq: int, path: Path) -> No
                 archive.write(row_json(row, with_hash=True) + b"\n")
 
     private_dir(path.parent)
-    write_atomically(path, write, force=True, option="archive")
+    write_atomically(path, write, force=True, option="archive", files=files)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from functools import cache
@@ -39,6 +39,9 @@ from edge_agent.log.schema import CANCELLED, FAILED, MIGRATIONS, migrate
 GENESIS_HASH = "0" * 64
 OUTBOX_CURSOR = "outbox"  # the MQTT outbox: events up to here are acknowledged by the broker
 Synchronous = Literal["full", "normal"]
+# How the writer's connection is made: any SQLite library behind `sqlite3.Connection`'s
+# interface, in autocommit mode (transactions are opened explicitly with BEGIN IMMEDIATE).
+Connect = Callable[[Path], sqlite3.Connection]
 _READ_BATCH = 5000
 WAL_LIMIT_BYTES = 1 << 20  # the WAL file is truncated to this whenever a checkpoint lets it start over
 CUT_SLICE_EVENTS = 1000  # a cut removes at most this many events per transaction (or one snapshot interval)
@@ -148,10 +151,14 @@ class EventLog:
         synchronous: Synchronous = "full",
         clock: Clock | None = None,
         readonly: bool = False,
+        connect: Connect | None = None,
     ) -> None:
+        """`connect`: how the writer's connection is made (by default the standard library's
+        `sqlite3`; the power-cut tests give one through a VFS that loses unsynced writes)."""
         self.path = path
         self.readonly = readonly
         self._clock = clock or SystemClock()
+        self._open = connect or connect_sqlite3
         try:
             self._db = self._connect(path, synchronous, readonly)
         except (sqlite3.Error, OSError) as error:  # OSError: creating the log or its folder
@@ -169,8 +176,7 @@ class EventLog:
         else:
             self._create(path)
             labelled = True
-        # Autocommit mode: transactions are opened explicitly with BEGIN IMMEDIATE.
-        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        db = self._open(path)
         try:
             db.execute("PRAGMA busy_timeout = 5000")
             if db.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
@@ -487,6 +493,11 @@ def _size(path: Path) -> int:
         return 0
 
 
+def connect_sqlite3(path: Path) -> sqlite3.Connection:
+    """The writer's connection through the standard library, in autocommit mode."""
+    return sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+
+
 _COLUMNS = 6
 _MAX_ROWS_PER_INSERT = 128  # 768 parameters: below SQLite's oldest limit of 999
 
@@ -525,10 +536,12 @@ __all__ = [
     "MIGRATIONS",
     "OUTBOX_CURSOR",
     "Base",
+    "Connect",
     "EventLog",
     "OrderRecord",
     "Row",
     "Snapshot",
     "Synchronous",
     "chain_hash",
+    "connect_sqlite3",
 ]

@@ -3,6 +3,8 @@ journal, for tests that need a log."""
 
 from __future__ import annotations
 
+import sqlite3
+from contextlib import closing
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -71,3 +73,10 @@ def make_log(path: Path, orders: int = 10, *, snapshot_every: int = 10, qty: int
         if published:
             journal.log.save_cursor(OUTBOX_CURSOR, journal.state.last_seq)
     return path
+
+
+def damage_newest_event(path: Path) -> None:
+    """Flip a byte of the newest event's data on disk, as a bad card or an edit would."""
+    with closing(sqlite3.connect(path)) as conn, conn:
+        seq, data = conn.execute("SELECT seq, data FROM events ORDER BY seq DESC LIMIT 1").fetchone()
+        conn.execute("UPDATE events SET data = ? WHERE seq = ?", (data.replace('"', "'", 1), seq))
