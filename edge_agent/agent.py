@@ -16,7 +16,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
-from edge_agent import __version__, cell
+from edge_agent import __version__, cell, formats
 from edge_agent.clock import Clock, SystemClock
 from edge_agent.config import Config
 from edge_agent.devices.gpio import Devices, Edge, make_pin_factory
@@ -137,6 +137,7 @@ class Agent:
         # First thing: every output exists and is off, before the log says anything.
         self.devices = Devices(self.profile, pin_factory, loop, self._on_edge)
         self._stack.callback(self.devices.close)
+        formats.prepare(self.config.events_db)  # a newer release's log is refused, unchanged
         self.journal = Journal.open(
             self.config.events_db,
             synchronous=self.config.log.synchronous,

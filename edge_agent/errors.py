@@ -45,3 +45,11 @@ class LogCorrupted(LogError):
     def __init__(self, seq: int, message: str) -> None:
         super().__init__(f"seq {seq}: {message}")
         self.seq = seq
+
+
+class NewerLog(EdgeAgentError):
+    """The log holds a format a newer release wrote (a migration, an event type or payload
+    version, a snapshot format, a workflow version) that this release does not know: it
+    is left exactly as it is."""
+
+    exit_code = 2
