@@ -49,8 +49,9 @@ def newer_parts(migrations: frozenset[str] | set[str], writers: Mapping[str, str
             found.append((release, f"snapshot format {formats['snapshot']}"))
         if formats.get("workflow", 1) > WORKFLOW_VERSION:
             found.append((release, f"workflow v{formats['workflow']}"))
-    newest = max(writers, default=None, key=_release_key)
-    found += [(newest, f"migration {name}") for name in sorted(migrations - known)]
+    newest = max(writers, default=__version__, key=_release_key)
+    by = newest if _release_key(newest) > _release_key(__version__) else None  # else: not recorded
+    found += [(by, f"migration {name}") for name in sorted(migrations - known)]
     return found
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from edge_agent import __version__
 from tests.support import ROOT
 from tests.support.agents import wait_for_log
 from tests.support.ports import free_port
@@ -26,7 +27,7 @@ def test_install_lays_out_the_service_and_the_agent_runs_from_it(tmp_path: Path)
         check=False,
     )
     assert installed.returncode == 0, installed.stdout + installed.stderr
-    assert "installed edge-agent 0.1.0" in installed.stdout
+    assert f"installed edge-agent {__version__}" in installed.stdout
     agent = target / "opt/edge-agent/venv/bin/edge-agent"
     unit = (target / "etc/systemd/system/edge-agent.service").read_text(encoding="utf-8")
     assert "ExecStart=/opt/edge-agent/venv/bin/edge-agent run --config /etc/edge-agent/config.yaml" in unit

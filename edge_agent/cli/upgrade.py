@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import orjson
 import typer
 
 from edge_agent import __version__
@@ -26,7 +27,8 @@ def check(config: ConfigOption = None, db: DbOption = None, as_json: JsonOption 
     with open_log(config, db) as log_:
         found = survey(log_)
     if as_json:
-        display.print_json({"ok": found.ok, **dataclasses.asdict(found)})
+        view = {"ok": found.ok, **dataclasses.asdict(found)}
+        display.print_json(orjson.loads(orjson.dumps(view, option=orjson.OPT_NON_STR_KEYS)))  # versions as keys
     else:
         _print(found)
     if not found.ok:
