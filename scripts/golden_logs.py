@@ -12,8 +12,8 @@ AgentStopped: the file is copied while the agent runs):
   of everything before its base lives only in a snapshot.
 
 Only the API every release shares is used (`Config`, `Agent(config)`,
-`agent.submit`, `agent.wait_until`, `EventLog`, `compact`), so any release can
-run this script. Every later release keeps these logs and must take them over
+`agent.submit`, `agent.wait_until`, `EventLog`, `compact`), so any release from
+0.1.0 on can run this script. Every later release keeps these logs and must take them over
 (tests/test_golden_logs.py).
 """
 
@@ -32,10 +32,9 @@ from edge_agent.config import Config
 from edge_agent.domain import commands as cmd
 from edge_agent.domain.state import Stage, State
 from edge_agent.log.compact import Retention, compact
-from edge_agent.log.store import EventLog
+from edge_agent.log.store import OUTBOX_CURSOR, EventLog
 
 SPEED = 10.0  # the simulated machine 10x faster: one unit in 0.1 s, a transit in 0.3 s
-OUTBOX = "outbox"  # the MQTT outbox's cursor: compaction never passes it
 # Three quick orders (built at once, then queued for the one lane), two long ones that
 # keep two stations busy, and more than the third station can build meanwhile.
 ORDERS = [("A", 3, 1), ("B", 2, 40), ("C", 6, 3)]  # (prefix, how many, qty)
@@ -99,7 +98,8 @@ def write(folder: Path) -> None:
         compacted = folder / "compacted.db"
         asyncio.run(_run_until_every_stage(_config(work / "b", snapshot_every=10), compacted))
         with EventLog(compacted) as log_:
-            log_.save_cursor(OUTBOX, log_.head().seq)  # as if the broker had acknowledged every event
+            # Compaction never passes the outbox's cursor: as if the broker had acknowledged every event.
+            log_.save_cursor(OUTBOX_CURSOR, log_.head().seq)
             done = compact(log_, Retention.drop, work / "archive")
         if not done.removed:
             raise SystemExit(f"{compacted}: nothing was compacted")
