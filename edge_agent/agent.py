@@ -14,6 +14,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from edge_agent import __version__, cell, formats
@@ -26,7 +27,7 @@ from edge_agent.domain import commands as cmd
 from edge_agent.domain.events import Recorded
 from edge_agent.domain.outputs import desired_outputs
 from edge_agent.domain.state import Policy, State
-from edge_agent.errors import LogError
+from edge_agent.errors import ConfigError, LogError
 from edge_agent.hooks import NO_HOOKS, Hooks
 from edge_agent.lock import DataDirLock
 from edge_agent.log.journal import Commit, CommitObserver, Journal
@@ -86,6 +87,18 @@ def _edge_command(edge: Edge) -> cmd.Command | None:
     raise ValueError(f"no command for the input {edge.name!r}")  # Devices creates no other inputs
 
 
+def _check_own_file(db: Path) -> None:
+    """The log must be a file of its own in data_dir, where its lock is: a link to another
+    data_dir's log would let a second agent write it past that folder's lock."""
+    if db.is_symlink() or (db.exists() and db.stat().st_nlink > 1):
+        link = f"is a symbolic link to {db.resolve()}" if db.is_symlink() else "has other hard links"
+        raise ConfigError(
+            f"{db} {link}: the log must be a file of its own in data_dir, which its lock guards "
+            "(set data_dir to the folder the log is in)",
+            key="data_dir",
+        )
+
+
 class Agent:
     """One running cell. Use `async with Agent(config) as agent:` then `await agent.run()`."""
 
@@ -137,6 +150,7 @@ class Agent:
         # First thing: every output exists and is off, before the log says anything.
         self.devices = Devices(self.profile, pin_factory, loop, self._on_edge)
         self._stack.callback(self.devices.close)
+        _check_own_file(self.config.events_db)
         formats.prepare(self.config.events_db)  # a newer release's log is refused, unchanged
         self.journal = Journal.open(
             self.config.events_db,

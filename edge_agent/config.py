@@ -71,6 +71,14 @@ class MqttConfig(_Section):
     keepalive_s: int = Field(30, ge=5, le=65535)
     session_expiry_s: int = Field(86400, ge=0)
 
+    @field_validator("topic_prefix")
+    @classmethod
+    def _prefix_names_plain_topics(cls, value: str) -> str:
+        # `$` topics are the broker's own ($SYS, $share): a prefix there is refused or shared.
+        if value.startswith("$") or any(c.isspace() or not c.isprintable() for c in value):
+            raise ValueError("must not start with $ or contain spaces or control characters")
+        return value
+
     @field_validator("password_file")
     @classmethod
     def _password_has_a_user(cls, value: Path | None, info: ValidationInfo) -> Path | None:
@@ -115,6 +123,14 @@ class Config(BaseSettings):
     device_id: str = Field(default_factory=socket.gethostname, min_length=1, pattern=r"^[A-Za-z0-9._:-]{1,64}$")
     data_dir: Path = Path("./var")
     profile: Path = Path("device_profiles/simulated.yaml")
+
+    @field_validator("profile")
+    @classmethod
+    def _profile_names_a_file(cls, value: Path) -> Path:
+        if value == Path():  # "" or ".": the config's own folder
+            raise ValueError("must name a profile file")
+        return value
+
     speed: float = Field(1.0, gt=0, le=10_000)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     telemetry_interval_s: float = Field(5.0, gt=0)
@@ -161,7 +177,7 @@ def find_config(path: Path | None) -> Path | None:
     if path is not None:
         if path.is_dir():
             raise ConfigError(f"--config: {path} is a folder, not a file; name the config file in it", key="--config")
-        if not path.is_file():
+        if not path.exists():
             raise ConfigError(f"config file {path} not found", key="--config")
         return path
     return next((p for p in DEFAULT_PATHS if p.is_file()), None)
@@ -224,18 +240,7 @@ def _yaml_problem(error: yaml.MarkedYAMLError) -> str:
 def load_config(path: Path | None) -> Config:
     """Read and validate the config; a ConfigError names the offending key."""
     found = find_config(path)
-    values: dict[str, Any] = {}
-    if found is not None:
-        try:
-            text = found.read_text(encoding="utf-8")
-            refuse_repeated_keys(found, yaml.compose(text, Loader=yaml.SafeLoader))
-            values = yaml.safe_load(text) or {}
-        except yaml.MarkedYAMLError as error:
-            raise ConfigError(f"{found}: not valid YAML: {_yaml_problem(error)}") from error
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
-            raise ConfigError(f"{found}: cannot read the config: {error}") from error
-        if not isinstance(values, dict):
-            raise ConfigError(f"{found}: the config must be a mapping of keys to values")
+    values = read_yaml(found, "config", "--config") if found is not None else {}
     overrides = environment_overrides(os.environ)
     for key_path, (_, value) in overrides.items():
         _merge(values, key_path, value)
@@ -249,12 +254,41 @@ def load_config(path: Path | None) -> Config:
     return config if found is None else _resolved(config, found.parent)
 
 
-def refuse_repeated_keys(path: Path, node: yaml.Node | None, prefix: str = "") -> None:
+MAX_YAML_BYTES = 1_000_000  # far more than any config or profile; a bigger file is not one
+MAX_YAML_VALUES = 100_000  # values once aliases are expanded: a few aliases, not an alias bomb
+
+
+def read_yaml(path: Path, what: str, key: str) -> dict[str, Any]:
+    """The mapping a config or profile file holds; a ConfigError for a file that is not a
+    regular file, is too big, is not YAML, repeats a key or expands past MAX_YAML_VALUES."""
+    if not path.is_file():  # a FIFO would block the read, a device never end it
+        raise ConfigError(f"{path}: the {what} is not a regular file", key=key)
+    try:
+        size = path.stat().st_size
+        if size > MAX_YAML_BYTES:
+            raise ConfigError(f"{path}: {size} bytes is too big for a {what} ({MAX_YAML_BYTES} at most)", key=key)
+        text = path.read_text(encoding="utf-8")
+        refuse_repeated_keys(path, yaml.compose(text, Loader=yaml.SafeLoader), budget=[MAX_YAML_VALUES])
+        values = yaml.safe_load(text) or {}
+    except yaml.MarkedYAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(error)}", key=key) from error
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise ConfigError(f"{path}: cannot read the {what}: {error}", key=key) from error
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: the {what} must be a mapping of keys to values", key=key)
+    return values
+
+
+def refuse_repeated_keys(path: Path, node: yaml.Node | None, prefix: str = "", *, budget: list[int]) -> None:
     """A key given twice in one mapping (at any depth) is a ConfigError naming it: YAML
-    loaders keep the last one, so a fix made higher up in the file would silently not count."""
+    loaders keep the last one, so a fix made higher up in the file would silently not count.
+    Every value met counts against `budget` (aliases each time they are met)."""
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise ConfigError(f"{path}: more than {MAX_YAML_VALUES} values once its aliases are expanded")
     if isinstance(node, yaml.SequenceNode):
         for item in node.value:
-            refuse_repeated_keys(path, item, prefix)
+            refuse_repeated_keys(path, item, prefix, budget=budget)
     if not isinstance(node, yaml.MappingNode):
         return
     seen: dict[str, int] = {}
@@ -265,7 +299,7 @@ def refuse_repeated_keys(path: Path, node: yaml.Node | None, prefix: str = "") -
             if key in seen:
                 raise ConfigError(f"{path}: {key}: given twice (lines {seen[key]} and {line})", key=key)
             seen[key] = line
-        refuse_repeated_keys(path, value_node, f"{key}." if key is not None else prefix)
+        refuse_repeated_keys(path, value_node, f"{key}." if key is not None else prefix, budget=budget)
 
 
 def _section(config: Config, path: tuple[str, ...]) -> _Section | Config:

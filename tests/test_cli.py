@@ -715,6 +715,21 @@ def test_log_verify_ok(cell: Cell) -> None:
     assert text.stdout.startswith("ok:")
 
 
+def test_log_verify_of_a_log_or_archive_with_no_events_says_so(tmp_path: Path) -> None:
+    """Not "events 1..0 (0)": an empty log (e.g. a `cp` of a running log without its -wal)
+    is named as empty."""
+    empty = tmp_path / "events.db"
+    EventLog(empty).close()
+    done = cli("log", "verify", "--db", empty)
+    assert done.exit_code == 0
+    assert done.stdout.startswith("ok: the log holds no events")
+    archive = tmp_path / "empty.jsonl.gz"
+    with gzip.open(archive, "wb"):
+        pass
+    done = cli("log", "verify", "--db", archive)
+    assert (done.exit_code, done.stdout.strip()) == (0, "ok: the archive holds no events")
+
+
 def test_log_verify_names_the_edited_event(cell: Cell) -> None:
     with EventLog(cell.path, readonly=True) as log_:
         (edited,) = (r.seq for r in log_.rows(type_="OrderAccepted", subject="o4"))

@@ -6,6 +6,7 @@ import os
 import pwd
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -237,6 +238,38 @@ def test_an_invalid_environment_override_names_its_key(tmp_path: Path, monkeypat
 def test_a_file_that_is_not_a_yaml_mapping_is_an_error(tmp_path: Path, text: str) -> None:
     with pytest.raises(ConfigError, match="config"):
         load_config(write(tmp_path, text))
+
+
+def test_an_alias_bomb_is_refused_at_once_not_expanded(tmp_path: Path) -> None:
+    """Nine levels of nine aliases each would be 387 million values: refused while counting."""
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    levels += [f"a{n}: &a{n} [{', '.join([f'*a{n - 1}'] * 9)}]" for n in range(1, 9)]
+    path = write(tmp_path, "\n".join(levels) + "\n")
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match="values once its aliases are expanded"):
+        load_config(path)
+    assert time.monotonic() - started < 5
+
+
+def test_a_config_that_is_not_a_regular_file_is_one_line(tmp_path: Path) -> None:
+    fifo = tmp_path / "config.yaml"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match="the config is not a regular file"):
+        load_config(fifo)
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ('profile: ""\n', "profile"),
+        ("mqtt: {topic_prefix: $SYS}\n", "mqtt.topic_prefix"),
+        ("mqtt: {topic_prefix: 'plant 1'}\n", "mqtt.topic_prefix"),
+    ],
+)
+def test_a_profile_or_topic_prefix_that_names_nothing_usable_is_refused(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text))
+    assert caught.value.key == key
 
 
 def test_a_missing_config_file_is_an_error(tmp_path: Path) -> None:

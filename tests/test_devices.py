@@ -4,6 +4,7 @@ and the machine simulator, on real gpiozero devices over MockFactory pins."""
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import threading
@@ -106,6 +107,9 @@ products: [{product_id: w, max_qty: 3}]
         (("run: {pin: 5}", "run: {pin: 5}\n    build: {z: {seconds_per_unit: 1}}"), "unknown product 'z'"),
         (("estop: {pin: 9, pull_up: true}", "estop: {pin: 9, pull_up: null}"), "needs active_high"),
         (("pin: 9", "pin: 99"), "estop.pin"),
+        (("name: x", "name: x\nname: y"), "name: given twice"),
+        (("estop: {pin: 9, pull_up: true}", "estop: {pin: 9, pin: 10, pull_up: true}"), "estop.pin: given twice"),
+        (("run: {pin: 5}", "run: {pin: 5}\n    on_fault: retry"), "retry needs a fault input"),
     ],
 )
 def test_a_bad_profile_is_a_clear_error(tmp_path: Path, change: tuple[str, str], message: str) -> None:
@@ -138,6 +142,16 @@ def test_profile_check_exits_2_with_one_line_and_0_when_valid(tmp_path: Path) ->
     )
     assert good.returncode == 0
     assert '"stations":["s1","s2","s3"]' in good.stdout
+
+
+def test_a_profile_that_is_not_a_regular_file_is_one_line_not_a_hang(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)  # opening it to read would wait for a writer forever
+    with pytest.raises(ConfigError, match="the profile is not a regular file"):
+        load_profile(fifo)
+    (tmp_path / "zero.yaml").symlink_to("/dev/zero")  # reading it would never end
+    with pytest.raises(ConfigError, match="the profile is not a regular file"):
+        load_profile(tmp_path / "zero.yaml")
 
 
 def test_profile_check_without_a_file_checks_the_configs_profile(tmp_path: Path) -> None:

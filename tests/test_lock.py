@@ -21,6 +21,7 @@ import pytest
 
 from edge_agent.agent import Agent
 from edge_agent.config import load_config
+from edge_agent.errors import ConfigError
 from edge_agent.lock import DataDirLocked
 from edge_agent.log.store import EventLog
 from tests.support.agents import wait_for_log
@@ -132,6 +133,33 @@ def test_two_agents_in_one_process_cannot_share_a_data_dir(tmp_path: Path) -> No
     types = event_types(tmp_path / "data" / "events.db")
     assert types.count("AgentStarted") == 1
     assert types.count("AgentStopped") == 1
+
+
+@pytest.mark.parametrize("link", ["symlink", "hard link"])
+def test_an_agent_whose_log_is_a_link_to_another_data_dirs_log_refuses_to_start(tmp_path: Path, link: str) -> None:
+    """Each data_dir's lock guards the log in it: a second agent given a link to a running
+    agent's log would write it past that lock."""
+    first = load_config(write_config(tmp_path / "first"))
+    second = load_config(write_config(tmp_path / "second"))
+    second.data_dir.mkdir(parents=True)
+
+    async def scenario() -> None:
+        async with Agent(first) as running_agent:
+            seq = running_agent.state.last_seq
+            if link == "symlink":
+                second.events_db.symlink_to(first.events_db)
+            else:
+                os.link(first.events_db, second.events_db)
+            with pytest.raises(ConfigError) as refused:
+                async with Agent(second):
+                    pass
+            assert refused.value.exit_code == 2
+            said = "is a symbolic link to" if link == "symlink" else "has other hard links"
+            assert str(refused.value).startswith(f"{second.events_db} {said}")
+            assert running_agent.state.last_seq == seq
+
+    asyncio.run(scenario())
+    assert event_types(first.events_db).count("AgentStarted") == 1
 
 
 def test_a_status_probe_at_the_moment_the_agent_starts_does_not_stop_it(tmp_path: Path) -> None:

@@ -138,7 +138,9 @@ def verify(config: ConfigOption = None, db: DbOption = None, as_json: JsonOption
         },
         verdict.fault,
         f"ok: events {verdict.first_seq}..{verdict.last_seq} ({verdict.events}) chained and contiguous; "
-        f"{verdict.snapshots} snapshot(s) equal replay",
+        f"{verdict.snapshots} snapshot(s) equal replay"
+        if verdict.events
+        else "ok: the log holds no events (yet: a copy made without its -wal file holds none of a running log's)",
     )
 
 
@@ -160,7 +162,9 @@ def _verify_archive(path: Path, as_json: bool) -> None:
         },
         verdict.fault,
         f"ok: archived events {verdict.first_seq}..{verdict.last_seq} ({verdict.events}) "
-        f"chained and contiguous{'' if unchecked is None else '; ' + unchecked}",
+        f"chained and contiguous{'' if unchecked is None else '; ' + unchecked}"
+        if verdict.events
+        else "ok: the archive holds no events",
     )
 
 

@@ -54,7 +54,7 @@ def open_log(config: Path | None, db: Path | None, *, write: bool = False) -> It
         # guards nothing here).
         raise ConfigError(
             f"{given} has other hard links (it may be a running agent's log under another name); "
-            "open it by its own name, or read a copy (cp)",
+            "open it by its own name (reading a running agent's log is safe)",
             key="--db",
         )
     with EventLog(path, readonly=not write) as log_:

@@ -10,6 +10,7 @@ import sqlite3
 import uuid
 from typing import Annotated, Any
 
+import msgspec
 import orjson
 import typer
 from pydantic import ValidationError
@@ -23,7 +24,7 @@ from edge_agent.domain.decide import CONFLICT_REASON
 from edge_agent.errors import ConfigError, EdgeAgentError
 from edge_agent.log.schema import CANCELLED, FAILED
 from edge_agent.log.store import EventLog
-from edge_agent.mqtt.client import CONNECT_TIMEOUT_S, Session, session
+from edge_agent.mqtt.client import CONNECT_TIMEOUT_S, PublishUnconfirmed, Session, session
 from edge_agent.mqtt.inbound import CancelPayload, OrderPayload, describe
 from edge_agent.mqtt.topics import Topics
 
@@ -54,11 +55,35 @@ def checked_device(device: str | None) -> str | None:
     return device
 
 
-def _milestone(event: dict[str, Any]) -> str | None:
+class _Event(msgspec.Struct):
+    """An `events` message as the agent sends it (other keys are passed over)."""
+
+    device_id: str
+    seq: int
+    type: str
+    subject: str
+    data: dict[str, Any]
+
+
+def _event(body: object) -> _Event | None:
+    """The message as an event, or None for anything an agent does not send."""
+    try:
+        return msgspec.convert(body, _Event)
+    except msgspec.ValidationError:
+        return None
+
+
+def _message_bytes(settings: Config) -> int:
+    """The largest message an agent sends about an order: its body, twice over, plus room
+    for the event's own fields; anything bigger is not an agent's (MQTT 5 drops it unread)."""
+    return 2 * settings.limits.max_payload_bytes + 65536
+
+
+def _milestone(event: _Event) -> str | None:
     """What a person wants to see of one of the order's events (None: not worth a line)."""
-    data = event["data"]
+    data = event.data
     return {
-        ev.OrderAccepted.__name__: f"accepted by {event['device_id']}",
+        ev.OrderAccepted.__name__: f"accepted by {event.device_id}",
         ev.OrderQueued.__name__: "waiting for a station",
         ev.StationAssigned.__name__: f"building on {data.get('station')}",
         ev.UnitBuilt.__name__: "unit built",
@@ -66,7 +91,7 @@ def _milestone(event: dict[str, Any]) -> str | None:
         ev.ShipmentStarted.__name__: "moving to the warehouse",
         ev.RetryScheduled.__name__: f"retrying: {data.get('reason')}",
         ev.InventoryIssued.__name__: f"inventory {data.get('inventory_id')} in {data.get('warehouse')}",
-    }.get(event["type"])
+    }.get(event.type)
 
 
 @order_app.command()
@@ -105,8 +130,12 @@ async def _submit(
     settings: Config, topic: str, follow: list[str], body: dict[str, Any], device: str | None, timeout: float
 ) -> None:
     """Publish the order; if `follow` names topics (--wait), follow it there."""
-    async with session(settings.mqtt, follow, min(timeout, CONNECT_TIMEOUT_S)) as client:
-        await client.publish(topic, orjson.dumps(body), timeout_s=min(timeout, 30.0))
+    async with session(settings.mqtt, follow, _message_bytes(settings), min(timeout, CONNECT_TIMEOUT_S)) as client:
+        try:
+            await client.publish(topic, orjson.dumps(body), timeout_s=min(timeout, 30.0))
+        except PublishUnconfirmed as error:
+            again = f"send it again with --order-id {body['order_id']}: a repeat of the same order is not built twice"
+            raise PublishUnconfirmed(f"{error}; it may have been delivered: {again}") from None
         display.out.print(f"submitted {body['order_id']} to {topic}", markup=False)
         # A device answers nothing to an order id it has taken: if its log is here, ask it.
         if follow and not _answered_by_the_log(settings, device, body):
@@ -150,18 +179,22 @@ def _answered_by_the_log(settings: Config, device: str | None, body: dict[str, A
 
 async def _follow(client: Session, order_id: str, timeout: float) -> None:
     heard = False
-    async for _, event in client.received(timeout):
-        if not isinstance(event, dict) or event.get("subject") != order_id:
+    seen: set[tuple[str, int]] = set()  # (device_id, seq): an event sent again after a restart is one event
+    async for _, body in client.received(timeout):
+        event = _event(body)
+        if event is None or event.subject != order_id or (event.device_id, event.seq) in seen:
             continue
+        seen.add((event.device_id, event.seq))
         heard = True
-        kind = event.get("type")
+        kind = event.type
         if kind in (ev.OrderRejected.__name__, ev.OrderFailed.__name__):
-            raise OrderNotCompleted(f"order {order_id} {kind.removeprefix('Order').lower()}: {event['data']['reason']}")
+            outcome = kind.removeprefix("Order").lower()
+            raise OrderNotCompleted(f"order {order_id} {outcome}: {event.data.get('reason')}")
         if kind == ev.OrderCancelled.__name__:
             raise OrderNotCompleted(f"order {order_id} was cancelled")
         line = _milestone(event)
         if line:
-            display.out.print(line, markup=False)
+            display.out.print(display.printable(line), markup=False)
         if kind == ev.InventoryIssued.__name__:
             return
     advice = (
@@ -199,9 +232,12 @@ def cancel(
 
 async def _cancel(settings: Config, topics: Topics, follow: list[str], order_id: str, timeout: float) -> None:
     """Publish the cancel; if `follow` names topics (--wait), wait for the device's answer there."""
-    async with session(settings.mqtt, follow, min(timeout, CONNECT_TIMEOUT_S)) as client:
+    async with session(settings.mqtt, follow, _message_bytes(settings), min(timeout, CONNECT_TIMEOUT_S)) as client:
         cancel = orjson.dumps({"order_id": order_id})
-        await client.publish(topics.cancel, cancel, timeout_s=min(timeout, 30.0), what="cancel")
+        try:
+            await client.publish(topics.cancel, cancel, timeout_s=min(timeout, 30.0), what="cancel")
+        except PublishUnconfirmed as error:
+            raise PublishUnconfirmed(f"{error}; it may have been delivered: asking again is safe") from None
         display.out.print(f"asked {topics.device_id} to cancel {order_id}", markup=False)
         if follow:
             await _follow_cancel(client, topics, order_id, timeout)

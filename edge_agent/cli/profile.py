@@ -26,6 +26,8 @@ def _summary(profile: Profile) -> dict[str, object]:
         "stations": [s.id for s in profile.stations],
         "products": profile.max_qty(),
         "pins": dict(profile.pins()),
+        "on_fault": {s.id: s.on_fault for s in profile.stations if s.fault is not None},
+        "timeouts": profile.timeouts.model_dump(),
     }
 
 

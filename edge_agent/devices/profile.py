@@ -14,11 +14,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edge_agent.cell import ARRIVED, CONVEYOR, ESTOP, FAULT, STATUS_LED, UNIT_DONE, run_output, station_input
-from edge_agent.config import invalid
+from edge_agent.config import invalid, read_yaml
 from edge_agent.errors import ConfigError
 
 PinNumber = int  # BCM numbering
@@ -61,6 +60,12 @@ class Station(_Strict):
     fault: InputPin | None = None
     on_fault: Literal["fail", "retry"] = "fail"  # what a pulse on `fault` does to the item being built
     build: dict[str, BuildHint] = Field(default_factory=dict)  # per product
+
+    @model_validator(mode="after")
+    def _retry_needs_a_fault_input(self) -> Station:
+        if self.on_fault == "retry" and self.fault is None:
+            raise ValueError("on_fault: retry needs a fault input (`fault`) to retry on")
+        return self
 
 
 class Lane(_Strict):
@@ -140,14 +145,9 @@ def _no_repeats(what: str, values: list[object]) -> None:
 
 def load_profile(path: Path) -> Profile:
     """Read and validate a profile; a ConfigError says what is wrong and where."""
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as error:
-        raise ConfigError(f"profile {path} not found", key="profile") from error
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
-        raise ConfigError(f"{path}: cannot read the profile: {error}", key="profile") from error
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a profile must be a mapping of keys to values", key="profile")
+    if not path.exists():
+        raise ConfigError(f"profile {path} not found", key="profile")
+    data = read_yaml(path, "profile", "profile")
     try:
         return Profile.model_validate(data)
     except ValidationError as error:

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import aiomqtt
 import orjson
 import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
@@ -48,6 +49,11 @@ log.addHandler(logging.NullHandler())
 
 class BrokerUnreachable(EdgeAgentError):
     """The broker could not be reached, refused us or closed the connection."""
+
+
+class PublishUnconfirmed(BrokerUnreachable):
+    """The connection went, or the time ran out, before the broker acknowledged a publish:
+    the message may or may not have reached it."""
 
 
 class PublishRefused(EdgeAgentError):
@@ -125,9 +131,12 @@ class Session:
     """A connection (made again if lost while following) whose followed topics the caller
     reads with `received`."""
 
-    def __init__(self, config: MqttConfig, subscribe: list[str]) -> None:
+    def __init__(self, config: MqttConfig, subscribe: list[str], max_message_bytes: int) -> None:
+        """`max_message_bytes`: the largest message the broker may send us (MQTT 5 only: a
+        3.1.1 broker sends whatever comes); bigger ones are not for us and are dropped by it."""
         check_files(config, "mqtt.")
         self._config = config
+        self._max_message_bytes = max_message_bytes
         self._password = read_password(config) if config.username is not None else None
         self._tls = tls_context(config)  # verifies the broker's certificate and host name
         self._subscribe = subscribe
@@ -135,10 +144,14 @@ class Session:
         self._connection = contextlib.AsyncExitStack()
         self._client: _Client | None = None
 
-    def _new_client(self) -> _Client:
+    def _new_client(self, timeout_s: float) -> _Client:
         """A new aiomqtt client for each connection: clean session, a throwaway client id."""
         v5 = self._config.protocol == "5"
-        return _Client(
+        properties = None
+        if v5:
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho leaves it untyped
+            properties.MaximumPacketSize = self._max_message_bytes
+        client = _Client(
             self._config.host,
             self._config.port,
             identifier=f"edge-agent-cli-{uuid.uuid4().hex[:12]}",
@@ -150,8 +163,13 @@ class Session:
             tls_context=self._tls,
             keepalive=self._config.keepalive_s,
             timeout=math.inf,  # every wait is bounded here, each with its own message
+            properties=properties,
             logger=log,
         )
+        # paho opens the socket and does the TLS handshake in one blocking call on the loop,
+        # which no asyncio timeout can interrupt: it gets the command's time of its own.
+        client._client.connect_timeout = timeout_s
+        return client
 
     @property
     def client(self) -> _Client:
@@ -161,7 +179,7 @@ class Session:
     async def connect(self, timeout_s: float) -> None:
         """Connect and subscribe, both within `timeout_s`: nothing is published before what
         answers it is followed."""
-        self._client = client = self._new_client()
+        self._client = client = self._new_client(timeout_s)
         granted: list[ReasonCode] | tuple[int, ...] = []
         try:
             async with asyncio.timeout(timeout_s):
@@ -213,9 +231,9 @@ class Session:
             await self._unless_lost(client.publish(topic, payload, qos=1, timeout=timeout_s))
         except (_Lost, aiomqtt.MqttCodeError):  # gone before the PUBACK, or (paho) before it was sent
             closed = f"the broker at {self._where} closed the connection"
-            raise BrokerUnreachable(f"{closed} before acknowledging the {what}") from None
+            raise PublishUnconfirmed(f"{closed} before acknowledging the {what}") from None
         except aiomqtt.MqttError:
-            raise BrokerUnreachable(f"the broker did not acknowledge the {what} within {timeout_s:g} s") from None
+            raise PublishUnconfirmed(f"the broker did not acknowledge the {what} within {timeout_s:g} s") from None
         if client.puback is not None and client.puback.is_failure:
             raise PublishRefused(what, topic, describe(client.puback))
 
@@ -259,14 +277,14 @@ class Session:
 
 @asynccontextmanager
 async def session(
-    config: MqttConfig, subscribe: list[str], timeout_s: float = CONNECT_TIMEOUT_S
+    config: MqttConfig, subscribe: list[str], max_message_bytes: int, timeout_s: float = CONNECT_TIMEOUT_S
 ) -> AsyncIterator[Session]:
     """Connect (clean session, a throwaway client id) and subscribe before anything is
-    published, within `timeout_s`."""
+    published, within `timeout_s`; see `Session` for `max_message_bytes`."""
     # The loop is the command's own (`asyncio.run`): what aiomqtt leaves unawaited after a
     # lost connection may surface until the loop is gone, so the handler stays.
     asyncio.get_running_loop().set_exception_handler(_quietly)
-    result = Session(config, subscribe)
+    result = Session(config, subscribe, max_message_bytes)
     try:
         await result.connect(timeout_s)
         yield result
