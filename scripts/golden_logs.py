@@ -94,7 +94,7 @@ def write(folder: Path) -> None:
         (folder / name).unlink(missing_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
-        asyncio.run(_run_until_every_stage(_config(work / "a", snapshot_every=1000), folder / "inflight.db"))
+        asyncio.run(_run_until_every_stage(_config(work / "a", snapshot_every=20), folder / "inflight.db"))
         compacted = folder / "compacted.db"
         asyncio.run(_run_until_every_stage(_config(work / "b", snapshot_every=10), compacted))
         with EventLog(compacted) as log_:
