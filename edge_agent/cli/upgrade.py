@@ -20,8 +20,7 @@ upgrade_app = typer.Typer(
 
 @upgrade_app.command()
 def check(config: ConfigOption = None, db: DbOption = None, as_json: JsonOption = False) -> None:
-    """Read the log (read-only) as this release would take it over: the versions it holds,
-    each live work item and what will happen to it. Exit 0 ok, 1 not safe (and why)."""
+    """Say (read-only) whether this release can take the log over, and what it does with each live item."""
     if config is not None and db is not None:
         raise ConfigError("give --config or --db, not both", key="--db")
     with open_log(config, db) as log_:
