@@ -81,3 +81,7 @@ def test_a_golden_log_is_replayed_verified_and_taken_over(golden: Path, tmp_path
     assert [e.inventory_id for e in issued] == expected_ids  # the next ids: none repeated, none skipped
     assert cli("log", "verify", "--db", log).exit_code == 0
     assert replayed(log, head) == before  # the old part still replays as it did
+    # The log now says this release wrote to it too (what an older release reads to refuse it).
+    check = cli("upgrade", "check", "--db", log, "--json")
+    assert check.exit_code == 0, check.output
+    assert __version__ in json.loads(check.stdout)["releases"]  # (0.1.0 said so only in AgentStarted events)
