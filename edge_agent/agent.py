@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_agent import __version__, cell
+from edge_agent import __version__, cell, formats
 from edge_agent.clock import Clock, SystemClock
 from edge_agent.config import Config
 from edge_agent.devices.gpio import Devices, Edge, make_pin_factory
@@ -155,6 +155,7 @@ class Agent:
         self._stack.callback(self.devices.close)
         self._hooks.devices(self.devices)
         _check_own_file(self.config.events_db)
+        formats.prepare(self.config.events_db)  # a newer release's log is refused, unchanged
         self.journal = Journal.open(
             self.config.events_db,
             synchronous=self.config.log.synchronous,

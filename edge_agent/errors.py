@@ -71,3 +71,11 @@ class StorageFault(StartRefused):
     """The data folder cannot be written at start: full, read-only or failing."""
 
     exit_code = EXIT_STORAGE_FAULT
+
+
+class NewerLog(EdgeAgentError):
+    """The log holds a format a newer release wrote (a migration, an event type or payload
+    version, a snapshot format, a workflow version) that this release does not know: it
+    is left exactly as it is."""
+
+    exit_code = 2

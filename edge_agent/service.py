@@ -27,7 +27,7 @@ from edge_agent.demo import demo_orders
 from edge_agent.devices.profile import load_profile
 from edge_agent.domain.moments import iso
 from edge_agent.domain.state import Stage
-from edge_agent.errors import ConfigError, LogError, LogRefused, StartRefused, StorageFault
+from edge_agent.errors import ConfigError, LogError, LogRefused, NewerLog, StartRefused, StorageFault
 from edge_agent.gateway import Gateway
 from edge_agent.health import HealthServer, Metrics
 from edge_agent.hooks import NO_HOOKS, Hooks
@@ -119,7 +119,13 @@ async def refusing_start(config: Config) -> AsyncIterator[None]:
     closes them when its start fails."""
     try:
         yield
-    except (OSError, ConfigError, LogError, WorkflowMismatch) as error:
+    except (NewerLog, WorkflowMismatch) as error:
+        # A newer release's log, left as it is: exit 2 as the contract says, and said on
+        # the status topic too, as every start that cannot proceed is.
+        if not config.mqtt.embedded:
+            await asyncio.to_thread(announce, config, str(error))
+        raise
+    except (OSError, ConfigError, LogError) as error:
         refusal = start_refusal(error, config)
         if refusal is None:
             raise
@@ -134,7 +140,7 @@ def start_refusal(error: BaseException, config: Config) -> StartRefused | None:
         if isinstance(error, OSError):  # not yet put in words (the lock file's first write)
             return StorageFault(f"data_dir: cannot use {config.data_dir}: {error.strerror or error}")
         return StorageFault(str(error))
-    if isinstance(error, LogError | WorkflowMismatch):
+    if isinstance(error, LogError):
         return LogRefused(f"cannot take over the log {config.events_db}: {error}")
     return None
 

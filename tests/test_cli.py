@@ -28,7 +28,6 @@ from typing import IO, Any
 import pytest
 import typer
 from typer.core import TyperGroup
-from typer.testing import CliRunner, Result
 
 import edge_agent.cli.log as cli_log
 from edge_agent import __version__
@@ -44,6 +43,8 @@ from edge_agent.log.journal import Journal, replay
 from edge_agent.log.store import OUTBOX_CURSOR, Base, EventLog
 from tests.support import PROFILE, WAIT_S
 from tests.support.agents import subprocess_env
+from tests.support.cli import RUNNER, cli
+from tests.support.cli import edge_agent as agent
 from tests.support.orders import order
 from tests.support.plant import PRODUCTS, STATIONS, make_log, run
 
@@ -54,9 +55,6 @@ STATE_KEYS = {"last_seq", "estop", "inventory_seq", "stations", "lane", "work_it
 ITEM_KEYS = {"order_id", "product_id", "qty", "warehouse", "stage", "station", "progress", "units_done", "reason"}
 EVENT_KEYS = {"seq", "ts", "type", "subject", "data"}
 CLOCK_KEYS = ("wait_s", "build_s")  # durations `status` measures up to the real "now"
-
-RUNNER = CliRunner()
-
 
 # -- the log under test ----------------------------------------------------------------------------------------------
 
@@ -140,23 +138,6 @@ def cell(tmp_path: Path) -> Cell:
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------------
-
-
-def cli(*args: str | Path, env: dict[str, str | None] | None = None) -> Result:
-    """The app in-process (exceptions propagate, so a crash shows its traceback)."""
-    return RUNNER.invoke(app, [str(a) for a in args], env=env, catch_exceptions=False)
-
-
-def agent(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """`edge-agent ARGS` as the console script runs it, in the test's own directory."""
-    return subprocess.run(
-        [sys.executable, "-m", "edge_agent", *(str(a) for a in args)],
-        capture_output=True,
-        text=True,
-        env=env or subprocess_env(),
-        timeout=60,
-        check=False,
-    )
 
 
 def log_ts(moment: datetime) -> str:

@@ -168,7 +168,9 @@ def legacy(path: Path) -> None:
     with sqlite3.connect(path) as db:
         for seq, text in db.execute("SELECT seq, state FROM snapshots").fetchall():
             state = orjson.loads(text)
-            del state["accepted"]
+            del state["accepted"], state["format"]  # snapshot format 1: items by position, no workflow
+            workflow = state.pop("item_fields").index("workflow")
+            state["work_items"] = [row[:workflow] for row in state["work_items"]]
             rejected = state.pop("rejected")
             ids = db.execute("SELECT order_id, digest FROM orders WHERE accepted_seq <= ?", (seq,)).fetchall()
             state |= {"orders": dict(ids), "rejected": rejected}

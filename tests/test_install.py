@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from edge_agent import __version__
 from tests.support import ROOT
 from tests.support.agents import subprocess_env, wait_for_log
 from tests.support.plant import damage_newest_event, make_log
@@ -58,9 +59,9 @@ def version(target: Path) -> str:
 def test_install_lays_out_the_service_and_the_agent_runs_from_it(tmp_path: Path) -> None:
     target = tmp_path / "root"
     first = installed(target)
-    assert "installed edge-agent 0.1.0" in first.stdout
+    assert f"installed edge-agent {__version__}" in first.stdout
     venv, previous = in_use(target)
-    assert venv.startswith("venvs/0.1.0-")
+    assert venv.startswith(f"venvs/{__version__}-")
     assert previous is None  # a first install has nothing to go back to
     agent = target / "opt/edge-agent/venv/bin/edge-agent"
     unit = (target / "etc/systemd/system/edge-agent.service").read_text(encoding="utf-8")
@@ -108,13 +109,13 @@ def test_an_upgrade_that_cannot_take_over_the_log_switches_nothing(tmp_path: Pat
     upgrade = install(target)
 
     assert upgrade.returncode == 1, upgrade.stdout + upgrade.stderr
-    assert "upgrade check by edge-agent 0.1.0" in upgrade.stdout  # asked before anything was switched
+    assert f"upgrade check by edge-agent {__version__}" in upgrade.stdout  # asked before anything was switched
     line = upgrade.stderr.strip().splitlines()[-1]
-    assert line.startswith("install.sh: edge-agent 0.1.0 ")
+    assert line.startswith(f"install.sh: edge-agent {__version__} ")
     assert "nothing was switched" in line
     assert in_use(target) == before
     assert venvs(target) == [before[0]]  # the new one is gone
-    assert version(target) == "edge-agent 0.1.0"
+    assert version(target) == f"edge-agent {__version__}"
 
 
 def test_rollback_switches_back_to_the_previous_venv_and_forth_again(tmp_path: Path) -> None:
@@ -134,9 +135,9 @@ def test_rollback_switches_back_to_the_previous_venv_and_forth_again(tmp_path: P
     assert kept == first
 
     back = installed(target, "--rollback")
-    assert "rolled back from edge-agent 0.1.0 to 0.1.0" in back.stdout
+    assert f"rolled back from edge-agent {__version__} to {__version__}" in back.stdout
     assert in_use(target) == (first, second)
-    assert version(target) == "edge-agent 0.1.0"
+    assert version(target) == f"edge-agent {__version__}"
     installed(target, "--rollback")  # and forth again
     assert in_use(target) == (second, first)
 
@@ -154,8 +155,8 @@ def test_a_venv_from_before_versioned_venvs_is_kept_for_a_rollback_and_still_run
 
     installed(target, "--no-check")
     _, kept = in_use(target)
-    assert kept == "venvs/0.1.0-installed-before"
+    assert kept == f"venvs/{__version__}-installed-before"
 
     installed(target, "--rollback")
-    assert in_use(target)[0] == "venvs/0.1.0-installed-before"
-    assert version(target) == "edge-agent 0.1.0"  # its scripts name .../venv/bin/python: the link
+    assert in_use(target)[0] == f"venvs/{__version__}-installed-before"
+    assert version(target) == f"edge-agent {__version__}"  # its scripts name .../venv/bin/python: the link

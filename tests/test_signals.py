@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 from queue import Empty, Queue
 
+from edge_agent import __version__
 from tests.support import WAIT_S
 from tests.support.configs import config_file
 from tests.support.ports import free_port
@@ -64,7 +65,7 @@ def test_sighup_reloads_the_log_level_and_telemetry_interval_and_names_what_need
     config = write_config(tmp_path, "info", 5, port)
     process, output = start(config)
     try:
-        output.wait_for("edge-agent 0.1.0 on signal-test")
+        output.wait_for(f"edge-agent {__version__} on signal-test")
         write_config(tmp_path, "debug", 2, port, speed=3)
         process.send_signal(signal.SIGHUP)
         output.wait_for("DEBUG edge_agent.service: logging at debug")  # the new level is in force
@@ -89,7 +90,7 @@ def test_one_line_per_event_with_no_timestamp_of_our_own_under_journald(tmp_path
     for journald in (False, True):
         process, output = start(config, **({"JOURNAL_STREAM": "8:12345"} if journald else {}))
         try:
-            line = output.wait_for("edge-agent 0.1.0 on signal-test")
+            line = output.wait_for(f"edge-agent {__version__} on signal-test")
             assert line.startswith("INFO edge_agent.agent: ") == journald, line
             assert line.count("\n") == 1
         finally:
@@ -114,7 +115,7 @@ def test_sighup_names_every_changed_key_dotted_not_its_section(tmp_path: Path) -
     config = write_config(tmp_path, "info", 5, port)
     process, output = start(config)
     try:
-        output.wait_for("edge-agent 0.1.0 on signal-test")
+        output.wait_for(f"edge-agent {__version__} on signal-test")
         text = config.read_text(encoding="utf-8").replace(f"port: {port}", f"port: {free_port()}")
         config.write_text(text + "log: {snapshot_every: 500}\n", encoding="utf-8")
         process.send_signal(signal.SIGHUP)

@@ -20,6 +20,7 @@ from edge_agent.cli.log import log_app
 from edge_agent.cli.options import ConfigOption, DbOption, JsonOption, db_path, open_log
 from edge_agent.cli.order import order_app
 from edge_agent.cli.profile import profile_app
+from edge_agent.cli.upgrade import upgrade_app
 from edge_agent.clock import SystemClock
 from edge_agent.config import load_config
 from edge_agent.domain.view import state_view
@@ -39,6 +40,7 @@ app = typer.Typer(
 app.add_typer(log_app, name="log")
 app.add_typer(profile_app, name="profile")
 app.add_typer(order_app, name="order")
+app.add_typer(upgrade_app, name="upgrade")
 
 
 def _version(value: bool) -> None:

@@ -3,6 +3,11 @@
 Every state change of the cell is one of these, appended to the log before it
 takes effect. The class name is the event's `type` in the log and on MQTT, so
 renaming a class or a field is a breaking change of the contract.
+
+Payloads are versioned. A type whose fields change gets the next version as its
+msgspec tag (`tag_field="_v", tag=N`), and `upcast.py` an upcaster from the
+version before; the fold only ever sees the current shape. Version 1 carries no
+tag: every row written before versions existed keeps its bytes, and so its hash.
 """
 
 from __future__ import annotations
@@ -11,6 +16,18 @@ import msgspec
 
 from edge_agent.cell import ESTOP
 from edge_agent.domain.state import Frozen, Policy
+
+# The key of the payload version in an event's stored JSON, present only from version 2 on.
+# Inside `data`, not a column of its own: a row written before versions existed (all of
+# them version 1) is hashed over exactly the bytes it always was, the MQTT `events`
+# message keeps its keys, and an archive or export carries the version with the payload.
+PAYLOAD_VERSION = "_v"
+
+
+def payload_version(cls: type[msgspec.Struct]) -> int:
+    """The payload version this release writes for an event type (1: no tag)."""
+    tag = cls.__struct_config__.tag
+    return tag if isinstance(tag, int) else 1
 
 
 class _Fact(Frozen, frozen=True, forbid_unknown_fields=True):
@@ -91,11 +108,14 @@ class OrderCancelled(_OrderEvent, frozen=True):
     """The item was cancelled before it was complete (stage `Cancelled`)."""
 
 
-class StepCompleted(_OrderEvent, frozen=True):
-    """The item's workflow finished step number `step`, called `name`."""
+class StepCompleted(_OrderEvent, frozen=True, tag_field=PAYLOAD_VERSION, tag=2):
+    """The item's workflow finished step number `step`, called `name`, of the step list
+    `workflow` (its version: an item finishes under the step list it started with).
+    Version 2; version 1 had no `workflow` (always 1 then)."""
 
     step: int
     name: str
+    workflow: int = 1
 
 
 class TimerArmed(_OrderEvent, frozen=True):

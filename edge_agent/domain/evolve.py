@@ -216,6 +216,7 @@ def _step_completed(d: _Draft, e: ev.StepCompleted, r: ev.Recorded) -> None:
     if e.step != len(done):
         raise ValueError(f"step {e.step} ({e.name}) completed after {len(done)} steps")
     item["steps_done"] = (*done, e.name)
+    item["workflow"] = e.workflow
 
 
 def _timer_armed(d: _Draft, e: ev.TimerArmed, r: ev.Recorded) -> None:

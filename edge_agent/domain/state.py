@@ -89,6 +89,10 @@ class WorkItem(Frozen, frozen=True):
     deadline: str | None = None  # when it runs out (UTC); None while paused or idle
     attempt: int = 0  # retries used in the current stage
     paused_until: str | None = None  # output held off until then, before a retry
+    # The version of the step list the item follows, from its first completed step on
+    # (None before: it takes the current one). Items started under an older step list
+    # finish under it.
+    workflow: int | None = None
 
     @property
     def progress(self) -> int:

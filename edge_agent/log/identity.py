@@ -9,6 +9,7 @@ nothing written, not even a -wal or -shm beside it.
 from __future__ import annotations
 
 import sqlite3
+from dataclasses import dataclass
 from pathlib import Path
 
 from edge_agent.errors import ConfigError, LogError
@@ -27,6 +28,30 @@ def open_readonly(path: Path, *, immutable: bool = False) -> sqlite3.Connection:
     db = sqlite3.connect(f"{path.resolve().as_uri()}?{query}", uri=True, isolation_level=None)
     db.execute("PRAGMA busy_timeout = 5000")
     return db
+
+
+@dataclass(frozen=True, slots=True)
+class Provenance:
+    """What a log says about the releases that wrote it: its applied migrations, and per
+    release (from 0.2.0 on) the formats that release writes, as JSON."""
+
+    migrations: frozenset[str]
+    writers: dict[str, str]  # release -> formats
+
+
+def provenance(path: Path) -> Provenance:
+    """Read, without writing anything (not even a -wal or -shm beside it), which migrations
+    and releases the existing log `path` records (identify it first)."""
+    db = open_readonly(path, immutable=not path.with_name(f"{path.name}-wal").exists())
+    try:
+        tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        migrations = frozenset(name for (name,) in db.execute("SELECT name FROM schema_migrations"))
+        writers = dict(db.execute("SELECT release, formats FROM writers")) if "writers" in tables else {}
+    except sqlite3.Error as error:
+        raise LogError(f"cannot read the log {path}: {error}") from error
+    finally:
+        db.close()
+    return Provenance(migrations, writers)
 
 
 def identify(path: Path) -> bool:

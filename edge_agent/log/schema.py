@@ -135,6 +135,17 @@ MIGRATIONS: tuple[tuple[str, Migration], ...] = (
         """,
     ),
     ("0005_orders", _orders),
+    (
+        "0006_writers",
+        """
+        CREATE TABLE writers (  -- every release whose agent wrote to this log, with the formats it writes
+            release  TEXT PRIMARY KEY,  -- edge_agent.__version__
+            formats  TEXT NOT NULL,     -- JSON: event payload versions, snapshot format, workflow version
+            first_at TEXT NOT NULL,
+            last_at  TEXT NOT NULL
+        )
+        """,
+    ),
 )
 
 

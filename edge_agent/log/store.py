@@ -28,9 +28,19 @@ from edge_agent.domain.codec import (
     state_from_dict,
     state_to_dict,
 )
-from edge_agent.domain.events import Event, InventoryIssued, OrderAccepted, OrderCancelled, OrderFailed, Recorded
+from edge_agent.domain.events import (
+    PAYLOAD_VERSION,
+    AgentStarted,
+    Event,
+    InventoryIssued,
+    OrderAccepted,
+    OrderCancelled,
+    OrderFailed,
+    Recorded,
+)
 from edge_agent.domain.moments import iso
 from edge_agent.domain.state import State
+from edge_agent.domain.upcast import SNAPSHOT_FORMAT_KEY
 from edge_agent.errors import ConfigError, LogCorrupted, LogError
 from edge_agent.files import create_private_file, fsync_dir, private_dir
 from edge_agent.log.identity import APPLICATION_ID, identify, open_readonly
@@ -403,6 +413,49 @@ class EventLog:
 
     def migrations(self) -> list[str]:
         return [name for (name,) in self._db.execute("SELECT name FROM schema_migrations ORDER BY name")]
+
+    # -- which releases wrote it ---------------------------------------------------
+
+    def writers(self) -> dict[str, str]:
+        """Every release that wrote to this log (from 0.2.0 on) -> the formats it writes (JSON)."""
+        if not self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'writers'").fetchone():
+            return {}  # a log no agent has opened since before the table (read-only here)
+        return dict(self._db.execute("SELECT release, formats FROM writers"))
+
+    def releases_started(self) -> list[str]:
+        """The releases named by the stored AgentStarted events, oldest first (a full scan)."""
+        rows = self._db.execute(
+            "SELECT json_extract(data, '$.version') FROM events WHERE type = ? GROUP BY 1 ORDER BY min(seq)",
+            (AgentStarted.__name__,),
+        )
+        return [str(release) for (release,) in rows]
+
+    def payload_versions(self) -> dict[str, dict[int, int]]:
+        """Per stored event type, how many events of each payload version (a full scan)."""
+        found: dict[str, dict[int, int]] = {}
+        rows = self._db.execute(
+            f"SELECT type, coalesce(json_extract(data, '$.{PAYLOAD_VERSION}'), 1), count(*) FROM events GROUP BY 1, 2"
+        )
+        for type_, version, count in rows:
+            found.setdefault(type_, {})[int(version)] = int(count)
+        return found
+
+    def snapshot_formats(self) -> dict[int, int]:
+        """Per snapshot format, how many stored snapshots have it."""
+        rows = self._db.execute(
+            f"SELECT coalesce(json_extract(state, '$.{SNAPSHOT_FORMAT_KEY}'), 1), count(*) FROM snapshots GROUP BY 1"
+        )
+        return {int(version): int(count) for version, count in rows}
+
+    def record_writer(self, release: str, formats: str) -> None:
+        """Record that `release`, which writes `formats`, writes to this log."""
+        now = iso(self._clock.now())
+        with self.transaction():
+            self._db.execute(
+                "INSERT INTO writers (release, formats, first_at, last_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (release) DO UPDATE SET formats = excluded.formats, last_at = excluded.last_at",
+                (release, formats, now, now),
+            )
 
     # -- compaction --------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Protocol
 
+from edge_agent import __version__
 from edge_agent.clock import Clock
 from edge_agent.domain import commands as cmd
 from edge_agent.domain import events as ev
@@ -26,7 +27,7 @@ from edge_agent.domain.evolve import fold
 from edge_agent.domain.moments import iso, parse
 from edge_agent.domain.state import Stage, State, WorkItem
 from edge_agent.errors import EdgeAgentError
-from edge_agent.workflow.steps import STEP_NAMES, STEPS
+from edge_agent.workflow.steps import WORKFLOW_VERSION, WORKFLOWS, steps_of
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,10 @@ def _ahead(state: State, events: Sequence[ev.Event], now: datetime) -> State:
 
 
 class WorkflowMismatch(EdgeAgentError):
-    """The log records workflow steps that this version of the code does not have."""
+    """The log records a workflow this release does not have: a newer release's step list
+    (or steps that match none of this release's lists)."""
+
+    exit_code = 2
 
 
 class Ledger(Protocol):
@@ -75,16 +79,24 @@ class Workflow:
         return self.journal.state
 
     def check(self) -> None:
-        """Refuse to resume items whose recorded steps differ from the code's steps."""
+        """Refuse to resume items that follow a step list this release does not have."""
         for item in self.state.work_items.values():
-            for number, (recorded, expected) in enumerate(zip(item.steps_done, STEP_NAMES, strict=False)):
+            steps = steps_of(item)
+            if steps is None:
+                raise WorkflowMismatch(
+                    f"order {item.order_id} follows workflow v{item.workflow}, written by a newer release; "
+                    f"this is edge-agent {__version__}, whose workflows are v1..v{WORKFLOW_VERSION}"
+                )
+            names = tuple(step.name for step in steps)
+            for number, (recorded, expected) in enumerate(zip(item.steps_done, names, strict=False)):
                 if recorded != expected:
                     raise WorkflowMismatch(
-                        f"order {item.order_id}: step {number} is recorded as {recorded!r} but this agent's "
-                        f"step {number} is {expected!r}; the log was written by another workflow version"
+                        f"order {item.order_id}: step {number} is recorded as {recorded!r} but step {number} "
+                        f"of workflow v{item.workflow or WORKFLOW_VERSION} is {expected!r}; "
+                        "the log was written by another workflow"
                     )
-            if len(item.steps_done) > len(STEP_NAMES):
-                raise WorkflowMismatch(f"order {item.order_id}: more steps recorded than this agent's workflow has")
+            if len(item.steps_done) > len(names):
+                raise WorkflowMismatch(f"order {item.order_id}: more steps recorded than its workflow has")
 
     def _commit(self, events: Sequence[ev.Event]) -> list[Recorded]:
         records = self.journal.append(events)
@@ -157,10 +169,11 @@ class Workflow:
     def _step(self, state: State, item: WorkItem, now: datetime) -> list[ev.Event]:
         if item.stage in _ENDED:  # failed or cancelled: the workflow ends; only the tidy-up is left
             return decide(state, cmd.TidyUp(item.order_id), now)
+        version = item.workflow if item.workflow is not None else WORKFLOW_VERSION
         step_number = len(item.steps_done)
-        step = STEPS[step_number]
+        step = WORKFLOWS[version][step_number]  # known: `check` refused any other at start
         if step.done(item):
-            completed: list[ev.Event] = [ev.StepCompleted(item.order_id, step_number, step.name)]
+            completed: list[ev.Event] = [ev.StepCompleted(item.order_id, step_number, step.name, version)]
             return [*completed, ev.TidiedUp(item.order_id)] if step.removes_item else completed
         if step.act is not None:
             return decide(state, step.act(item), now)
