@@ -122,9 +122,14 @@ async def refusing_start(config: Config) -> AsyncIterator[None]:
     except (NewerLog, WorkflowMismatch) as error:
         # A newer release's log, left as it is: exit 2 as the contract says, and said on
         # the status topic too, as every start that cannot proceed is.
+        newer = error
+        if isinstance(error, WorkflowMismatch):
+            newer = NewerLog(f"cannot take over the log {config.events_db}: {error}")
         if not config.mqtt.embedded:
-            await asyncio.to_thread(announce, config, str(error))
-        raise
+            await asyncio.to_thread(announce, config, str(newer))
+        if newer is error:
+            raise
+        raise newer from error
     except (OSError, ConfigError, LogError) as error:
         refusal = start_refusal(error, config)
         if refusal is None:

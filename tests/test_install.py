@@ -118,6 +118,21 @@ def test_an_upgrade_that_cannot_take_over_the_log_switches_nothing(tmp_path: Pat
     assert version(target) == f"edge-agent {__version__}"
 
 
+def test_an_upgrade_whose_check_passes_switches_and_keeps_the_previous_venv(tmp_path: Path) -> None:
+    target = tmp_path / "root"
+    installed(target)
+    before, _ = in_use(target)
+    make_log(target / "var/lib/edge-agent/events.db", orders=2)  # what the installed agent wrote
+
+    upgrade = installed(target)
+
+    assert f"upgrade check by edge-agent {__version__}" in upgrade.stdout
+    after, kept = in_use(target)
+    assert after != before
+    assert kept == before  # for a rollback
+    assert version(target) == f"edge-agent {__version__}"
+
+
 def test_rollback_switches_back_to_the_previous_venv_and_forth_again(tmp_path: Path) -> None:
     target = tmp_path / "root"
     nothing = install(target, "--rollback")

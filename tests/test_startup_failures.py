@@ -21,7 +21,7 @@ import pytest
 from edge_agent import __version__
 from edge_agent.devices.gpio import Devices
 from edge_agent.domain import events as ev
-from edge_agent.errors import EXIT_LOG_REFUSED, EXIT_STORAGE_FAULT, StartRefused
+from edge_agent.errors import EXIT_LOG_REFUSED, EXIT_STORAGE_FAULT, EdgeAgentError
 from edge_agent.hooks import Hooks
 from edge_agent.lock import DataDirLock
 from edge_agent.log.journal import Journal
@@ -163,7 +163,7 @@ def test_every_output_is_created_off_before_the_log_is_opened_and_none_comes_on(
         pins.update({name: devices.pin(name) for name in devices.outputs})
         log_open_at_creation.append(wal.exists())  # an open log in WAL mode has its -wal file
 
-    with pytest.raises(StartRefused) as refused:
+    with pytest.raises(EdgeAgentError) as refused:  # StartRefused, or NewerLog (exit 2)
         asyncio.run(serve(config, hooks=Hooks(devices=created)))
 
     assert refused.value.exit_code == expected.exit_code
@@ -195,7 +195,7 @@ def test_an_order_sent_while_the_start_is_refused_is_taken_once_the_log_is_mende
     with peer(mosquitto_broker.port, "5", name="office") as office:
         office.publish("factory/orders", order_payload(order("while-refused")))
 
-    assert run_agent(config).returncode == EXIT_LOG_REFUSED
+    assert run_agent(config).returncode == 2  # a step list this release does not have: a newer one's
     assert retained_status(mosquitto_broker)["state"] == "offline"
 
     (data_dir / "events.db").rename(data_dir / "events.db.refused")  # what the operator does next
