@@ -155,14 +155,15 @@ class Agent:
         self._stack.callback(self.devices.close)
         self._hooks.devices(self.devices)
         _check_own_file(self.config.events_db)
-        formats.prepare(self.config.events_db)  # a newer release's log is refused, unchanged
-        self.journal = Journal.open(
+        formats.refuse_newer(self.config.events_db)  # by what the log says of its writers, unchanged
+        self.journal = Journal.open(  # a damaged log, or a newer shape in it, refused unchanged too
             self.config.events_db,
             synchronous=self.config.log.synchronous,
             snapshot_every=self.config.log.snapshot_every,
             clock=self.clock,
         )
         self._stack.callback(self.journal.close)
+        self.journal.log.record_writer(__version__, formats.formats_json())
         kept = self.config.log
         budget = Budget(Retention(kept.retention), kept.max_mb, kept.keep_days, kept.archive_max_mb)
         self.retention = Keeper(

@@ -79,14 +79,6 @@ def refuse_newer(path: Path) -> None:
         raise NewerLog(refusal(path, parts))
 
 
-def prepare(path: Path) -> None:
-    """Before the agent opens its log: refuse a newer one with nothing changed, else record
-    this release among its writers (migrating it first, as any open for writing does)."""
-    refuse_newer(path)
-    with EventLog(path) as log_:
-        log_.record_writer(__version__, formats_json())
-
-
 # -- upgrade check -------------------------------------------------------------------
 
 

@@ -7,9 +7,11 @@ migration of its own, or a step list of its own).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -21,6 +23,7 @@ from edge_agent.log.journal import Journal
 from tests.support import ROOT
 from tests.support.cli import cli, edge_agent
 from tests.support.configs import config_file
+from tests.support.plant import damage_newest_event
 
 GOLDEN = ROOT / "tests" / "golden"
 NEWER = "9.0.0"
@@ -150,3 +153,48 @@ def test_upgrade_check_takes_a_config_or_a_log_not_both(tmp_path: Path) -> None:
     both = edge_agent("upgrade", "check", "--config", config, "--db", log)
     assert both.returncode == 2
     assert both.stderr.startswith("error: give --config or --db, not both")
+
+
+def newest_snapshot_in_a_newer_format(log: Path) -> None:
+    """A newer release's snapshot, and nothing else of it (no writers row, no migration)."""
+    with sqlite3.connect(log) as db:
+        seq, text = db.execute("SELECT seq, state FROM snapshots ORDER BY seq DESC LIMIT 1").fetchone()
+        text = text.replace('"format":2', '"format":99', 1)
+        db.execute(
+            "UPDATE snapshots SET state = ?, checksum = ? WHERE seq = ?",
+            (text, hashlib.sha256(text.encode()).hexdigest(), seq),
+        )
+    db.close()
+
+
+def damaged_where_replay_reads(log: Path) -> None:
+    """An event edited after the newest snapshot (here: with the snapshots gone, any)."""
+    with sqlite3.connect(log) as db:
+        db.execute("DELETE FROM snapshots")
+    db.close()
+    damage_newest_event(log)
+
+
+@pytest.mark.parametrize(
+    ("release", "change", "exit_code"),
+    [
+        (__version__, newest_snapshot_in_a_newer_format, 2),
+        (__version__, damaged_where_replay_reads, 3),
+        ("0.1.0", damaged_where_replay_reads, 3),  # an older log: not even this release's migration is applied
+    ],
+)
+def test_a_log_refused_for_what_its_events_or_snapshots_hold_is_left_unchanged(
+    tmp_path: Path, release: str, change: Callable[[Path], None], exit_code: int
+) -> None:
+    """Found only by reading the log, not by what it says of its writers: the log is still
+    evidence, and no migration or writer's record is written into it."""
+    log = golden_copy(tmp_path, release)
+    change(log)
+    config = config_file(tmp_path / "etc", data_dir=log.parent)
+    before = log.read_bytes()
+
+    started = edge_agent("run", "--config", config)
+
+    assert started.returncode == exit_code, started.stderr
+    assert len(started.stderr.strip().splitlines()) == 1, started.stderr
+    assert log.read_bytes() == before

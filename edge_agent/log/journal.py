@@ -9,6 +9,7 @@ the events after it, with the hash chain of that tail checked on the way.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -121,10 +122,21 @@ class Journal:
         snapshot_every: int = 1000,
         clock: Clock | None = None,
     ) -> Journal:
-        """Open (or create) the log at `path` and recover the state from it."""
+        """Open (or create) the log at `path` and recover the state from it. An existing log
+        is replayed read-only first: one that is damaged, or holds a shape of a newer release,
+        is refused before anything (a migration, a writer's record) changes it. The state is
+        that replay's: opening for writing adds tables, never events."""
+        state: State | None = None
+        if path.exists():
+            try:
+                with EventLog(path, readonly=True, clock=clock) as reader:
+                    state = replay(reader)
+            except sqlite3.Error as error:  # the file could not be read (a failing or full disk)
+                raise LogError(f"cannot open the log {path}: {error}") from error
         log_ = EventLog(path, synchronous=synchronous, clock=clock)
         try:
-            state = replay(log_)
+            if state is None or log_.head().seq != state.last_seq:
+                state = replay(log_)
         except BaseException:
             log_.close()
             raise
