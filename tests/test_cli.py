@@ -566,11 +566,18 @@ def test_log_show_follow_does_not_skip_events_logged_between_two_reads(
     """An event committed while the follower is between two reads is printed on the next poll at the latest.
     The writer commits exactly in that window (deterministically, by hooking the reader's head lookup)."""
     late: list[ev.Recorded] = []
+    committing = False  # the writer's own reads (it replays read-only first) are not the follower's
 
     def commit_late_event() -> None:
-        if not late:
+        nonlocal committing
+        if late or committing:
+            return
+        committing = True
+        try:
             with Journal.open(cell.path, synchronous="normal", snapshot_every=10) as journal:
                 late.extend(journal.append([ev.OrderRejected("late-1", "arrived while the CLI was reading")]))
+        finally:
+            committing = False
 
     real_head = EventLog.head
 
